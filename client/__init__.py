@@ -1,0 +1,1 @@
+"""embps trainer-side client."""

@@ -1,0 +1,55 @@
+"""The ``embps`` command line: one entry point, one module per subcommand.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so ``embps --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("embps.server.main", "start N local shard processes (gRPC + metrics)"),
+}
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "engine": ("embps.server.bench_engine", "hash map and table throughput beside khash, typed.Dict, dict"),
+    "service": ("embps.client.bench_service", "gRPC pull/push throughput beside a raw echo and Redis"),
+}
+
+
+def _load(module: str):  # type: ignore[no-untyped-def]
+    return importlib.import_module(module)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Parser with the selected subcommand's arguments loaded (others only listed)."""
+    parser = argparse.ArgumentParser(prog="embps", description="embps: an embedding parameter server")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if argv[:1] == [name]:
+            _load(module).add_arguments(p)
+            p.set_defaults(_module=module)
+    bench = sub.add_parser("bench", help="run a benchmark beside its baseline and print the ratios")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for name, (module, help_) in BENCHMARKS.items():
+        p = bsub.add_parser(name, help=help_, description=help_)
+        if argv[:2] == ["bench", name]:
+            _load(module).add_arguments(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``embps`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    rc: int = _load(args._module).run(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""embps storage engine and shard service."""
