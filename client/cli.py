@@ -15,18 +15,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("embps.server.main", "start N local shard processes (gRPC + metrics)"),
 }
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "engine": ("embps.server.bench_engine", "hash map and table throughput beside khash, typed.Dict, dict"),
-    "service": ("embps.client.bench_service", "gRPC pull/push throughput beside a raw echo and Redis"),
+    "engine": (
+        "embps.server.bench_engine",
+        "hash map and table throughput beside khash, typed.Dict, dict",
+    ),
+    "service": (
+        "embps.client.bench_service",
+        "gRPC pull/push throughput beside a raw echo and Redis",
+    ),
 }
 
 
-def _load(module: str):  # type: ignore[no-untyped-def]
+def _load(module: str):
     return importlib.import_module(module)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """Parser with the selected subcommand's arguments loaded (others only listed)."""
-    parser = argparse.ArgumentParser(prog="embps", description="embps: an embedding parameter server")
+    parser = argparse.ArgumentParser(
+        prog="embps", description="embps: an embedding parameter server"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -9,7 +9,6 @@ message that says what is wrong; the server maps it to INVALID_ARGUMENT.
 from __future__ import annotations
 
 import numpy as np
-
 from embps.v1 import embps_pb2 as pb
 
 _LE_I8 = np.dtype("<i8")
@@ -19,7 +18,11 @@ _LE_U2 = np.dtype("<u2")
 _LE_U4 = np.dtype("<u4")
 
 ITEMSIZE = {pb.DTYPE_UNSPECIFIED: 4, pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
-DTYPE_NAMES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16}
+DTYPE_NAMES = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+}
 
 
 class CodecError(ValueError):
@@ -42,7 +45,9 @@ def encode_keys(keys: np.ndarray) -> bytes:
 def decode_keys(data: bytes) -> np.ndarray:
     """bytes (8n) -> int64 (n,) (a read-only view, no copy)."""
     if len(data) % 8:
-        raise CodecError(f"keys must be little-endian int64 (8 bytes each); got {len(data)} bytes, not a multiple of 8")
+        raise CodecError(
+            f"keys must be little-endian int64 (8 bytes each); got {len(data)} bytes, not a multiple of 8"
+        )
     return np.frombuffer(data, dtype=_LE_I8)
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from embps.v1 import embps_pb2 as pb
@@ -26,7 +26,7 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 MAX_DIM = 65536
 
 
-class TableKind(str, Enum):
+class TableKind(StrEnum):
     """How keys map to rows."""
 
     DYNAMIC = "dynamic"  # collision-free hash map: one row per admitted key
@@ -35,7 +35,7 @@ class TableKind(str, Enum):
     QR = "qr"  # quotient-remainder: two small tables combined per key
 
 
-class Eviction(str, Enum):
+class Eviction(StrEnum):
     """What a table at max_rows does with a new key."""
 
     NONE = "none"  # refuse it (RESOURCE_EXHAUSTED)
@@ -43,7 +43,7 @@ class Eviction(str, Enum):
     LRU = "lru"  # evict the least recently touched rows
 
 
-class Combiner(str, Enum):
+class Combiner(StrEnum):
     """How a qr table combines its quotient and remainder rows."""
 
     MULT = "mult"  # elementwise product
@@ -51,7 +51,7 @@ class Combiner(str, Enum):
     CONCAT = "concat"  # [quotient row (dim/2), remainder row (dim/2)]
 
 
-class Norm(str, Enum):
+class Norm(StrEnum):
     """Row norm used by prune and by L2-threshold eviction."""
 
     L2 = "l2"
@@ -59,7 +59,7 @@ class Norm(str, Enum):
     LINF = "linf"
 
 
-class InitKind(str, Enum):
+class InitKind(StrEnum):
     """Distribution of a new row (seeded by key and table seed: deterministic)."""
 
     ZEROS = "zeros"
@@ -218,7 +218,9 @@ class TableConfig:
                 "[A-Za-z0-9_.-], starting with a letter or underscore"
             )
         if not isinstance(self.dim, int) or not 1 <= self.dim <= MAX_DIM:
-            raise ValueError(f"table {self.name!r}: dim must be an integer in [1, {MAX_DIM}], got {self.dim!r}")
+            raise ValueError(
+                f"table {self.name!r}: dim must be an integer in [1, {MAX_DIM}], got {self.dim!r}"
+            )
         if type(self.optimizer) not in SLOTS_PER_OPTIMIZER:
             raise ValueError(f"table {self.name!r}: optimizer must be SGD, Adagrad, Adam or FTRL")
         ints = ("seed", "initial_capacity", "admission_threshold", "max_rows", "steps_to_live",
@@ -227,16 +229,24 @@ class TableConfig:
         for name in ints:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 2**63:
-                raise ValueError(f"table {self.name!r}: {name} must be an integer in [0, 2**63), got {v!r}")
+                raise ValueError(
+                    f"table {self.name!r}: {name} must be an integer in [0, 2**63), got {v!r}"
+                )
         _non_negative(f"table {self.name!r}: l2_evict_threshold", self.l2_evict_threshold)
         if not math.isfinite(self.default_value):
             raise ValueError(f"table {self.name!r}: default_value must be finite")
         if self.sketch_width and self.sketch_width & (self.sketch_width - 1):
-            raise ValueError(f"table {self.name!r}: sketch_width must be a power of two, got {self.sketch_width}")
+            raise ValueError(
+                f"table {self.name!r}: sketch_width must be a power of two, got {self.sketch_width}"
+            )
         if self.sketch_depth > 16:
-            raise ValueError(f"table {self.name!r}: sketch_depth must be <= 16, got {self.sketch_depth}")
+            raise ValueError(
+                f"table {self.name!r}: sketch_depth must be <= 16, got {self.sketch_depth}"
+            )
         if self.max_rows == 0 and self.eviction != Eviction.NONE:
-            raise ValueError(f"table {self.name!r}: eviction={self.eviction.value} needs max_rows > 0")
+            raise ValueError(
+                f"table {self.name!r}: eviction={self.eviction.value} needs max_rows > 0"
+            )
         self._check_kind_options()
 
     def _check_kind_options(self) -> None:
@@ -255,18 +265,26 @@ class TableConfig:
                      "l2_evict_threshold", "hash_bucket_size", "promote_threshold", "sketch_width",
                      "sketch_depth", "qr_quotient_buckets", "qr_remainder_buckets", "qr_combiner"):  # fmt: skip
             if name not in uses and getattr(self, name) != defaults[name]:
-                raise ValueError(f"table {self.name!r}: option {name} does not apply to kind {kind.value}")
+                raise ValueError(
+                    f"table {self.name!r}: option {name} does not apply to kind {kind.value}"
+                )
         if kind in (TableKind.STATIC, TableKind.ADAPTIVE) and self.hash_bucket_size < 1:
             raise ValueError(f"table {self.name!r}: kind {kind.value} needs hash_bucket_size >= 1")
         if kind == TableKind.ADAPTIVE and self.promote_threshold < 1:
             raise ValueError(f"table {self.name!r}: kind adaptive needs promote_threshold >= 1")
         if kind == TableKind.QR:
             if self.qr_quotient_buckets < 1 or self.qr_remainder_buckets < 1:
-                raise ValueError(f"table {self.name!r}: kind qr needs qr_quotient_buckets >= 1 and qr_remainder_buckets >= 1")
+                raise ValueError(
+                    f"table {self.name!r}: kind qr needs qr_quotient_buckets >= 1 and qr_remainder_buckets >= 1"
+                )
             if self.qr_quotient_buckets * self.qr_remainder_buckets >= 2**62:
-                raise ValueError(f"table {self.name!r}: qr_quotient_buckets * qr_remainder_buckets must be < 2**62")
+                raise ValueError(
+                    f"table {self.name!r}: qr_quotient_buckets * qr_remainder_buckets must be < 2**62"
+                )
             if self.qr_combiner == Combiner.CONCAT and self.dim % 2:
-                raise ValueError(f"table {self.name!r}: qr combiner concat needs an even dim, got {self.dim}")
+                raise ValueError(
+                    f"table {self.name!r}: qr combiner concat needs an even dim, got {self.dim}"
+                )
 
     # ---------------------------------------------------------------- wire
     def to_proto(self) -> pb.TableConfig:
@@ -299,14 +317,23 @@ class TableConfig:
             msg.optimizer.sgd.CopyFrom(pb.Sgd(lr=opt.lr))
         elif isinstance(opt, Adagrad):
             msg.optimizer.adagrad.CopyFrom(
-                pb.Adagrad(lr=opt.lr, initial_accumulator_value=opt.initial_accumulator_value, eps=opt.eps)
+                pb.Adagrad(
+                    lr=opt.lr, initial_accumulator_value=opt.initial_accumulator_value, eps=opt.eps
+                )
             )
         elif isinstance(opt, Adam):
-            msg.optimizer.adam.CopyFrom(pb.Adam(lr=opt.lr, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps))
+            msg.optimizer.adam.CopyFrom(
+                pb.Adam(lr=opt.lr, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps)
+            )
         else:
             msg.optimizer.ftrl.CopyFrom(
-                pb.Ftrl(alpha=opt.alpha, beta=opt.beta, l1=opt.l1, l2=opt.l2,
-                        initial_accumulator_value=opt.initial_accumulator_value)  # fmt: skip
+                pb.Ftrl(
+                    alpha=opt.alpha,
+                    beta=opt.beta,
+                    l1=opt.l1,
+                    l2=opt.l2,
+                    initial_accumulator_value=opt.initial_accumulator_value,
+                )
             )
         return msg
 
@@ -316,7 +343,9 @@ class TableConfig:
         which = msg.optimizer.WhichOneof("kind")
         opt: OptimizerConfig
         if which is None:
-            raise ValueError(f"table {msg.name!r}: optimizer is missing (set sgd, adagrad, adam or ftrl)")
+            raise ValueError(
+                f"table {msg.name!r}: optimizer is missing (set sgd, adagrad, adam or ftrl)"
+            )
         if which == "sgd":
             opt = SGD(lr=msg.optimizer.sgd.lr)
         elif which == "adagrad":
@@ -371,13 +400,17 @@ class TableConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"table {d.get('name')!r}: unknown options {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"table {d.get('name')!r}: unknown options {sorted(unknown)}; known: {sorted(known)}"
+            )
         if "optimizer" in d and isinstance(d["optimizer"], dict):
             o = dict(d["optimizer"])
             name = str(o.pop("name", "sgd")).lower()
             types = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam, "ftrl": FTRL}
             if name not in types:
-                raise ValueError(f"table {d.get('name')!r}: unknown optimizer {name!r}; use one of {sorted(types)}")
+                raise ValueError(
+                    f"table {d.get('name')!r}: unknown optimizer {name!r}; use one of {sorted(types)}"
+                )
             d["optimizer"] = types[name](**o)
         if "initializer" in d and isinstance(d["initializer"], dict):
             d["initializer"] = Initializer(**d["initializer"])
@@ -396,9 +429,17 @@ _KIND_TO_PB = {
     TableKind.QR: pb.TABLE_KIND_QR,
 }
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
-_EVICTION_TO_PB = {Eviction.NONE: pb.EVICTION_NONE, Eviction.LFU: pb.EVICTION_LFU, Eviction.LRU: pb.EVICTION_LRU}
+_EVICTION_TO_PB = {
+    Eviction.NONE: pb.EVICTION_NONE,
+    Eviction.LFU: pb.EVICTION_LFU,
+    Eviction.LRU: pb.EVICTION_LRU,
+}
 _EVICTION_FROM_PB = {v: k for k, v in _EVICTION_TO_PB.items()}
-_COMBINER_TO_PB = {Combiner.MULT: pb.COMBINER_MULT, Combiner.ADD: pb.COMBINER_ADD, Combiner.CONCAT: pb.COMBINER_CONCAT}
+_COMBINER_TO_PB = {
+    Combiner.MULT: pb.COMBINER_MULT,
+    Combiner.ADD: pb.COMBINER_ADD,
+    Combiner.CONCAT: pb.COMBINER_CONCAT,
+}
 _COMBINER_FROM_PB = {v: k for k, v in _COMBINER_TO_PB.items()}
 _INIT_TO_PB = {
     InitKind.ZEROS: pb.INITIALIZER_ZEROS,

@@ -84,11 +84,11 @@ _SLOT_SEED = np.uint64(0x2545F4914F6CDD1D)
 
 
 @intrinsic
-def _prefetch(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+def _prefetch(typingctx, arr, idx):
     """Hint the CPU to load ``arr[idx]`` into cache (llvm.prefetch, read, high locality)."""
     sig = types.void(arr, idx)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
@@ -98,7 +98,12 @@ def _prefetch(typingctx, arr, idx):  # type: ignore[no-untyped-def]
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         builder.call(
             fn,
-            [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)],
+            [
+                builder.bitcast(ptr, i8p),
+                ir.Constant(i32, 0),
+                ir.Constant(i32, 3),
+                ir.Constant(i32, 1),
+            ],
         )
         return context.get_dummy_value()
 
@@ -123,7 +128,7 @@ def slot_hash(key: np.int64) -> np.uint64:
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _alloc_row(meta, free_list):  # type: ignore[no-untyped-def]
+def _alloc_row(meta, free_list):
     """Pop a free row, else bump; -1 when the arena is full."""
     top = meta[M_FREE_TOP]
     if top > 0:
@@ -173,7 +178,7 @@ def new_meta(cap: int, row_cap: int) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def find(slots, meta, keys, rows_out):  # type: ignore[no-untyped-def]
+def find(slots, meta, keys, rows_out):
     """Look keys up; no writes to the map.
 
     slots: int64 (2*cap,), meta: int64 (META_LEN,), keys: int64 (n,),
@@ -185,7 +190,7 @@ def find(slots, meta, keys, rows_out):  # type: ignore[no-untyped-def]
     found = 0
     for i in range(n):
         if i + PREFETCH < n:
-            _prefetch(slots, np.int64(slot_hash(keys[i + PREFETCH]) & mask) * 2)
+            _prefetch(slots, np.int64(slot_hash(keys[i + PREFETCH]) & mask) * 2)  # type: ignore[call-arg]
         k = keys[i]
         if k == EMPTY:
             r = meta[M_SENTINEL_ROW]
@@ -207,7 +212,7 @@ def find(slots, meta, keys, rows_out):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def find_or_insert(slots, meta, free_list, keys, start, rows_out, inserted_out):  # type: ignore[no-untyped-def]
+def find_or_insert(slots, meta, free_list, keys, start, rows_out, inserted_out):
     """Find each key, inserting the missing ones with a newly allocated row.
 
     slots: int64 (2*cap,), meta: int64 (META_LEN,), free_list: int64 (>= free_top,),
@@ -223,7 +228,7 @@ def find_or_insert(slots, meta, free_list, keys, start, rows_out, inserted_out):
     mask = np.int64(umask)
     for i in range(start, n):
         if i + PREFETCH < n:
-            _prefetch(slots, np.int64(slot_hash(keys[i + PREFETCH]) & umask) * 2)
+            _prefetch(slots, np.int64(slot_hash(keys[i + PREFETCH]) & umask) * 2)  # type: ignore[call-arg]
         k = keys[i]
         if k == EMPTY:
             r = meta[M_SENTINEL_ROW]
@@ -262,7 +267,7 @@ def find_or_insert(slots, meta, free_list, keys, start, rows_out, inserted_out):
 
 
 @njit(nogil=True, cache=True)
-def erase(slots, meta, free_list, keys, rows_out):  # type: ignore[no-untyped-def]
+def erase(slots, meta, free_list, keys, rows_out):
     """Delete keys (backward-shift deletion) and push their rows on the free list.
 
     free_list must have room for ``free_top + n`` rows. rows_out: int64 (n,) <- the
@@ -290,7 +295,7 @@ def erase(slots, meta, free_list, keys, rows_out):  # type: ignore[no-untyped-de
         while True:
             sk = slots[2 * j]
             if sk == EMPTY:
-                j = -1
+                j = np.int64(-1)
                 break
             if sk == k:
                 break
@@ -327,7 +332,7 @@ def erase(slots, meta, free_list, keys, rows_out):  # type: ignore[no-untyped-de
 
 
 @njit(nogil=True, cache=True)
-def rehash(old_slots, new_slots_):  # type: ignore[no-untyped-def]
+def rehash(old_slots, new_slots_):
     """Insert every entry of old_slots into the empty new_slots_ (power-of-two, larger).
 
     Returns the number of entries moved. The sentinel key is not in slots and needs
@@ -351,7 +356,7 @@ def rehash(old_slots, new_slots_):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def export_page(slots, meta, cursor, keys_out, rows_out):  # type: ignore[no-untyped-def]
+def export_page(slots, meta, cursor, keys_out, rows_out):
     """Copy up to ``len(keys_out)`` entries, starting at ``cursor``, into the outputs.
 
     Cursor protocol (Redis SCAN style): start with 0; each call returns

@@ -1,0 +1,278 @@
+"""Server-side optimizers and row kernels (numba): dedup-sum, initializers, gathers.
+
+Every optimizer kernel updates the rows named in ``rows`` (unique; the caller
+dedups with ``dedup_sum`` first, so duplicate keys in a push are summed) and
+the slots stored beside them:
+
+    values: float32 (cap, dim)           the embedding rows
+    slots:  float32 (cap, n_slots * dim) slot s of row r is slots[r, s*dim:(s+1)*dim]
+    rows:   int64 (m,)                   unique row indices
+    grads:  float32 (m, dim)             summed gradient of each row
+
+Formulas (arithmetic in float64, stored as float32):
+  SGD      w -= lr * g
+  Adagrad  a += g^2; w -= lr * g / (sqrt(a) + eps)                    (torch.optim.Adagrad)
+  Adam     m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+           w -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)     (lazy: only pushed rows;
+           torch.optim.SparseAdam / TF LazyAdam)
+  FTRL     n' = n + g^2; z += g - (sqrt(n') - sqrt(n))/alpha * w; n = n';
+           w = 0 if |z| <= l1 else (sign(z) l1 - z) / ((beta + sqrt(n))/alpha + 2 l2)
+           (TensorFlow Ftrl, learning_rate_power = -0.5)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from embps.protos.config import FTRL, SGD, Adagrad, Adam, InitKind, OptimizerConfig
+from numba import njit
+
+from .hashmap import PREFETCH, _prefetch, fmix64
+
+# --------------------------------------------------------------------------
+# Duplicate handling
+# --------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def dedup_sum(rows, grads):
+    """Sum the gradients of equal rows; drop rows < 0.
+
+    rows: int64 (n,), grads: float32 (n, dim) ->
+    (urows: int64 (m,) in first-seen order, ugrads: float32 (m, dim)).
+    """
+    n = rows.shape[0]
+    dim = grads.shape[1]
+    cap = 16
+    while cap < 2 * n:
+        cap *= 2
+    mask = cap - 1
+    tkeys = np.full(cap, -1, dtype=np.int64)
+    tpos = np.empty(cap, dtype=np.int64)
+    urows = np.empty(n, dtype=np.int64)
+    ugrads = np.zeros((n, dim), dtype=np.float32)
+    m = 0
+    for i in range(n):
+        r = rows[i]
+        if r < 0:
+            continue
+        j = np.int64(fmix64(np.uint64(r)) & np.uint64(mask))
+        while True:
+            if tkeys[j] == r:
+                p = tpos[j]
+                break
+            if tkeys[j] == -1:
+                tkeys[j] = r
+                tpos[j] = m
+                urows[m] = r
+                p = m
+                m += 1
+                break
+            j = (j + 1) & mask
+        for d in range(dim):
+            ugrads[p, d] += grads[i, d]
+    return urows[:m].copy(), ugrads[:m].copy()
+
+
+# --------------------------------------------------------------------------
+# Optimizer kernels
+# --------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def sgd_update(values, rows, grads, lr):
+    """w -= lr * g for each (row, grad)."""
+    dim = values.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for d in range(dim):
+            values[r, d] = values[r, d] - lr * grads[i, d]
+
+
+@njit(nogil=True, cache=True)
+def adagrad_update(values, slots, rows, grads, lr, eps):
+    """Adagrad; slot 0 is the squared-gradient accumulator."""
+    dim = values.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for d in range(dim):
+            g = np.float64(grads[i, d])
+            a = np.float32(slots[r, d] + g * g)
+            slots[r, d] = a
+            values[r, d] = values[r, d] - lr * g / (math.sqrt(a) + eps)
+
+
+@njit(nogil=True, cache=True)
+def adam_update(values, slots, rows, grads, lr, beta1, beta2, eps, t):
+    """Lazy Adam at step t >= 1; slot 0 = m, slot 1 = v."""
+    dim = values.shape[1]
+    step = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for d in range(dim):
+            g = np.float64(grads[i, d])
+            m = np.float32(beta1 * slots[r, d] + (1.0 - beta1) * g)
+            v = np.float32(beta2 * slots[r, dim + d] + (1.0 - beta2) * g * g)
+            slots[r, d] = m
+            slots[r, dim + d] = v
+            values[r, d] = values[r, d] - step * m / (math.sqrt(v) + eps)
+
+
+@njit(nogil=True, cache=True)
+def ftrl_update(values, slots, rows, grads, alpha, beta, l1, l2):
+    """FTRL-Proximal; slot 0 = n (accumulator), slot 1 = z (linear)."""
+    dim = values.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for d in range(dim):
+            g = np.float64(grads[i, d])
+            n = np.float64(slots[r, d])
+            n_new = n + g * g
+            z = (
+                np.float64(slots[r, dim + d])
+                + g
+                - (math.sqrt(n_new) - math.sqrt(n)) / alpha * values[r, d]
+            )
+            slots[r, d] = n_new
+            slots[r, dim + d] = z
+            if abs(z) <= l1:
+                values[r, d] = 0.0
+            else:
+                sign = 1.0 if z > 0 else -1.0
+                quad = (beta + math.sqrt(n_new)) / alpha + 2.0 * l2
+                values[r, d] = (sign * l1 - z) / quad
+
+
+def apply_optimizer(
+    opt: OptimizerConfig,
+    values: np.ndarray,
+    slots: np.ndarray,
+    rows: np.ndarray,
+    grads: np.ndarray,
+    t: int,
+) -> None:
+    """Run ``opt``'s kernel on unique ``rows`` (int64 (m,)) with ``grads`` float32 (m, dim)."""
+    if rows.shape[0] == 0:
+        return
+    if isinstance(opt, SGD):
+        sgd_update(values, rows, grads, opt.lr)
+    elif isinstance(opt, Adagrad):
+        adagrad_update(values, slots, rows, grads, opt.lr, opt.eps)
+    elif isinstance(opt, Adam):
+        adam_update(
+            values, slots, rows, grads, opt.lr, opt.beta1, opt.beta2, opt.eps, float(max(t, 1))
+        )
+    else:
+        ftrl_update(values, slots, rows, grads, opt.alpha, opt.beta, opt.l1, opt.l2)
+
+
+def initial_slot_values(opt: OptimizerConfig) -> tuple[float, ...]:
+    """Initial value of each slot vector of a new row."""
+    if isinstance(opt, Adagrad):
+        return (opt.initial_accumulator_value,)
+    if isinstance(opt, Adam):
+        return (0.0, 0.0)
+    if isinstance(opt, FTRL):
+        return (opt.initial_accumulator_value, 0.0)
+    return ()
+
+
+# --------------------------------------------------------------------------
+# Initializers: deterministic per (seed, key, column)
+# --------------------------------------------------------------------------
+
+INIT_CODES = {InitKind.ZEROS: 0, InitKind.CONSTANT: 1, InitKind.UNIFORM: 2, InitKind.NORMAL: 3}
+_COL = np.uint64(0x9E3779B97F4A7C15)
+_SECOND = np.uint64(0xD6E8FEB86659FD93)
+_TWO_PI = 2.0 * math.pi
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unit(h):
+    """uint64 -> float64 in [0, 1)."""
+    return np.float64(h >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(nogil=True, cache=True)
+def init_rows(values, rows, keys, kind, a, b, seed):
+    """values[rows[i]] <- the initial row of keys[i] (same key + seed: same row, always).
+
+    values: float32 (cap, dim), rows: int64 (n,), keys: int64 (n,), kind: INIT_CODES value.
+    """
+    dim = values.shape[1]
+    s = fmix64(np.uint64(seed) ^ np.uint64(0x5851F42D4C957F2D))
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        base = fmix64(np.uint64(keys[i]) ^ s)
+        for d in range(dim):
+            if kind == 0:
+                values[r, d] = 0.0
+            elif kind == 1:
+                values[r, d] = a
+            else:
+                h = fmix64(base + np.uint64(d + 1) * _COL)
+                u = _unit(h)
+                if kind == 2:
+                    values[r, d] = a + (b - a) * u
+                else:
+                    u2 = _unit(fmix64(h ^ _SECOND))
+                    z = math.sqrt(-2.0 * math.log(1.0 - u)) * math.cos(_TWO_PI * u2)
+                    values[r, d] = a + b * z
+
+
+@njit(nogil=True, cache=True)
+def fill_slots(slots, rows, dim, init):
+    """slots[rows[i], s*dim:(s+1)*dim] <- init[s] for every slot s. init: float64 (n_slots,)."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for s in range(init.shape[0]):
+            v = init[s]
+            for d in range(dim):
+                slots[r, s * dim + d] = v
+
+
+# --------------------------------------------------------------------------
+# Gathers and norms
+# --------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def gather(values, rows, default, out):
+    """out[i] <- values[rows[i]], or ``default`` where rows[i] < 0.
+
+    values: float32 (cap, dim), rows: int64 (n,), out: float32 (n, dim).
+    """
+    n = rows.shape[0]
+    dim = values.shape[1]
+    for i in range(n):
+        if i + PREFETCH < n and rows[i + PREFETCH] >= 0:
+            _prefetch(values, rows[i + PREFETCH] * dim)  # type: ignore[call-arg]
+        r = rows[i]
+        if r < 0:
+            for d in range(dim):
+                out[i, d] = default
+        else:
+            for d in range(dim):
+                out[i, d] = values[r, d]
+
+
+@njit(nogil=True, cache=True)
+def row_norms(values, rows, kind):
+    """Norm of values[rows[i]]: kind 0 = L2, 1 = L1, 2 = Linf. -> float64 (n,)."""
+    n = rows.shape[0]
+    dim = values.shape[1]
+    out = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        r = rows[i]
+        acc = 0.0
+        for d in range(dim):
+            x = abs(np.float64(values[r, d]))
+            if kind == 0:
+                acc += x * x
+            elif kind == 1:
+                acc += x
+            elif x > acc:
+                acc = x
+        out[i] = math.sqrt(acc) if kind == 0 else acc
+    return out

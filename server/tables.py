@@ -1,0 +1,877 @@
+"""Embedding tables: each owns its arrays, a lock, growth and memory accounting.
+
+Kinds (``embps.protos.config.TableKind``):
+  dynamic   one collision-free row per admitted key (``DynamicPart``)
+  static    ``hash_bucket_size`` rows; row = h(key) % B, colliding keys share
+  adaptive  static part for rare keys + dynamic rows for frequent keys + a
+            count-min sketch; promotion copies the static row *and its
+            optimizer slots* into the new dynamic row, so learning carries over;
+            eviction demotes a key back to the static part
+  qr        quotient-remainder: rows Q[h // m] and R[h % m] (h = key mod Q*m)
+            combined by mult, add or concat; both parts get their gradient
+
+Lock discipline. Every public method validates and converts its input *before*
+taking the table's lock (nothing is changed by a bad request), then holds the
+lock for the whole operation, so a pull or push is atomic with respect to
+every other. Kernels release the GIL: other tables, and the gRPC threads
+(de)serialising other requests, run in parallel.
+
+Steps. ``push(step=s)`` records the trainer's 0-based global step; without it
+the table counts its own pushes. The table's step is the largest seen; pulls
+stamp rows with it (LRU, steps-to-live). Adam's bias correction uses t = s + 1.
+
+Memory. ``stats().bytes`` is the sum of ``nbytes`` of every array the table
+owns (index, arena, slots, metadata, free list, sketch): exact, not estimated.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, fields
+
+import numpy as np
+from embps.protos.config import (
+    Combiner,
+    Eviction,
+    Norm,
+    TableConfig,
+    TableKind,
+)
+from numba import njit
+
+from . import hashmap as hm
+from .errors import InvalidArgument, ResourceExhausted
+from .optimizers import (
+    INIT_CODES,
+    apply_optimizer,
+    dedup_sum,
+    fill_slots,
+    gather,
+    init_rows,
+    initial_slot_values,
+    row_norms,
+)
+from .sketch import DEFAULT_DEPTH, FrequencySketch
+
+DEFAULT_SKETCH_WIDTH = 1 << 18
+ROW_GROWTH = 1.5
+_NORM_CODE = {Norm.L2: 0, Norm.L1: 1, Norm.LINF: 2}
+_STATIC_SEED = np.uint64(0x94D049BB133111EB)
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """applied: keys whose gradient reached a row; dropped: keys with no row (ignored)."""
+
+    applied: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """Rows deleted and bytes returned (memory before minus memory after)."""
+
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """A snapshot of a table's size and counters (field names equal the proto's)."""
+
+    name: str
+    keys: int
+    dynamic_rows: int
+    static_rows: int
+    bytes: int
+    dynamic_bytes: int
+    static_bytes: int
+    load_factor: float
+    promotions: int
+    admissions_rejected: int
+    evictions: int
+    pruned_rows: int
+    pulled_rows: int
+    pushed_rows: int
+    pulled_static: int
+    pulled_dynamic: int
+    step: int
+
+    @property
+    def bytes_per_key(self) -> float:
+        """Table bytes per key with its own row (inf for a table without keys)."""
+        return self.bytes / self.keys if self.keys else float("inf")
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain mapping of every field."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# --------------------------------------------------------------------------
+# Row kernels
+# --------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def touch_rows(freq, last_step, rows, step):
+    """freq[r] += 1 and last_step[r] = step for each r in rows (int64 (n,)) with r >= 0."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if r >= 0:
+            freq[r] += 1
+            last_step[r] = step
+
+
+@njit(nogil=True, cache=True)
+def static_rows(keys, buckets, seed):
+    """Shared row of each key in a static table: h(key, seed) % buckets -> int64 (n,)."""
+    out = np.empty(keys.shape[0], dtype=np.int64)
+    s = hm.fmix64(np.uint64(seed) ^ _STATIC_SEED)
+    b = np.uint64(buckets)
+    for i in range(keys.shape[0]):
+        out[i] = np.int64(hm.fmix64(np.uint64(keys[i]) ^ s) % b)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Storage parts
+# --------------------------------------------------------------------------
+
+
+class Block:
+    """Dense rows with optimizer slots and per-row metadata.
+
+    values: float32 (rows, dim); slots: float32 (rows, n_slots * dim);
+    freq, last_step, version: int64 (rows,).
+    """
+
+    def __init__(self, rows: int, dim: int, n_slots: int) -> None:
+        self.dim = dim
+        self.n_slots = n_slots
+        self.values = np.zeros((rows, dim), dtype=np.float32)
+        self.slots = np.zeros((rows, n_slots * dim), dtype=np.float32)
+        self.freq = np.zeros(rows, dtype=np.int64)
+        self.last_step = np.zeros(rows, dtype=np.int64)
+        self.version = np.zeros(rows, dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        """Row capacity."""
+        return int(self.values.shape[0])
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one row costs in this block."""
+        return 4 * self.dim * (1 + self.n_slots) + 24
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array of the block."""
+        return sum(
+            int(a.nbytes)
+            for a in (self.values, self.slots, self.freq, self.last_step, self.version)
+        )
+
+    def resize(self, rows: int) -> None:
+        """Grow or shrink to ``rows`` rows, keeping the prefix."""
+        keep = min(rows, self.rows)
+        for name in ("values", "slots", "freq", "last_step", "version"):
+            old = getattr(self, name)
+            new = np.zeros((rows, *old.shape[1:]), dtype=old.dtype)
+            new[:keep] = old[:keep]
+            setattr(self, name, new)
+
+    def take(self, rows: np.ndarray) -> Block:
+        """A new block holding copies of ``rows`` (int64 (k,)) in that order."""
+        out = Block(0, self.dim, self.n_slots)
+        out.values = self.values[rows]
+        out.slots = self.slots[rows]
+        out.freq = self.freq[rows]
+        out.last_step = self.last_step[rows]
+        out.version = self.version[rows]
+        return out
+
+    def init(self, rows: np.ndarray, keys: np.ndarray, cfg: TableConfig, seed: int) -> None:
+        """Fresh rows: values from the initializer (seeded by key), slots at their initial values."""
+        ini = cfg.initializer
+        init_rows(self.values, rows, keys, INIT_CODES[ini.kind], ini.a, ini.b, seed)
+        if self.n_slots:
+            fill_slots(
+                self.slots,
+                rows,
+                self.dim,
+                np.asarray(initial_slot_values(cfg.optimizer), dtype=np.float64),
+            )
+        self.freq[rows] = 0
+        self.last_step[rows] = 0
+        self.version[rows] = 0
+
+
+class DynamicPart:
+    """Hash map int64 key -> row of a growable Block, with a free list.
+
+    The arena grows by ROW_GROWTH (never past ``max_rows`` when set); buckets
+    double before the load factor passes hashmap.MAX_LOAD.
+    """
+
+    def __init__(self, dim: int, n_slots: int, initial_capacity: int, max_rows: int = 0) -> None:
+        row_cap = max(int(initial_capacity), 16)
+        if max_rows:
+            row_cap = min(row_cap, max_rows)
+        self.max_rows = max_rows
+        self.block = Block(row_cap, dim, n_slots)
+        self.row_keys = np.full(row_cap, hm.EMPTY, dtype=np.int64)
+        cap = hm.capacity_for(row_cap)
+        self.slots = hm.new_slots(cap)
+        self.meta = hm.new_meta(cap, row_cap)
+        self.free = np.empty(0, dtype=np.int64)
+
+    # ---------------------------------------------------------------- sizes
+    @property
+    def size(self) -> int:
+        """Keys stored (the sentinel key included)."""
+        return int(self.meta[hm.M_SIZE]) + int(self.meta[hm.M_SENTINEL_ROW] >= 0)
+
+    @property
+    def buckets(self) -> int:
+        """Bucket count (a power of two)."""
+        return int(self.slots.shape[0] // 2)
+
+    @property
+    def load_factor(self) -> float:
+        """Stored keys per bucket."""
+        return float(self.meta[hm.M_SIZE]) / self.buckets
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the index, the arena and the free list."""
+        return int(
+            self.block.nbytes
+            + self.row_keys.nbytes
+            + self.slots.nbytes
+            + self.meta.nbytes
+            + self.free.nbytes
+        )
+
+    # ---------------------------------------------------------------- map
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Row of each key, -1 where absent: int64 (n,)."""
+        rows = np.empty(keys.shape[0], dtype=np.int64)
+        hm.find(self.slots, self.meta, keys, rows)
+        return rows
+
+    def insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """find_or_insert with growth in the middle of the batch.
+
+        Returns (rows int64 (n,), inserted bool (n,)). New rows are *not* initialised.
+        """
+        n = keys.shape[0]
+        rows = np.empty(n, dtype=np.int64)
+        inserted = np.zeros(n, dtype=np.bool_)
+        start = 0
+        while True:
+            start = hm.find_or_insert(self.slots, self.meta, self.free, keys, start, rows, inserted)
+            if start == n:
+                break
+            if keys[start] != hm.EMPTY and self.meta[hm.M_SIZE] >= self.meta[hm.M_GROW_AT]:
+                self._rehash(self.buckets * 2)
+            else:
+                self._grow_rows(n - start)
+        new = rows[inserted]
+        self.row_keys[new] = keys[inserted]
+        return rows, inserted
+
+    def erase_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Delete keys; their rows go to the free list. Returns the freed rows (-1: absent)."""
+        need = int(self.meta[hm.M_FREE_TOP]) + keys.shape[0]
+        if self.free.shape[0] < need:
+            grown = np.empty(max(need, 2 * self.free.shape[0]), dtype=np.int64)
+            grown[: self.free.shape[0]] = self.free
+            self.free = grown
+        rows = np.empty(keys.shape[0], dtype=np.int64)
+        hm.erase(self.slots, self.meta, self.free, keys, rows)
+        freed = rows[rows >= 0]
+        self.row_keys[freed] = hm.EMPTY
+        return rows
+
+    def keys_of(self, rows: np.ndarray) -> np.ndarray:
+        """Keys stored in live ``rows`` (int64 (k,))."""
+        keys = self.row_keys[rows].copy()
+        sent = self.meta[hm.M_SENTINEL_ROW]
+        if sent >= 0:
+            keys[rows == sent] = hm.EMPTY
+        return keys
+
+    def live_rows(self) -> np.ndarray:
+        """Rows holding a key, ascending: int64 (size,)."""
+        top = int(self.meta[hm.M_NEXT_ROW])
+        live = self.row_keys[:top] != hm.EMPTY
+        sent = int(self.meta[hm.M_SENTINEL_ROW])
+        if sent >= 0:
+            live[sent] = True
+        return np.flatnonzero(live).astype(np.int64)
+
+    # ---------------------------------------------------------------- growth
+    def _rehash(self, cap: int) -> None:
+        new = hm.new_slots(cap)
+        hm.rehash(self.slots, new)
+        self.slots = new
+        self.meta[hm.M_GROW_AT] = hm.grow_limit(cap)
+
+    def _grow_rows(self, at_least: int) -> None:
+        old = self.block.rows
+        new = max(old + at_least, int(old * ROW_GROWTH))
+        if self.max_rows:
+            new = min(new, self.max_rows)
+        if new <= old:
+            raise AssertionError("arena at max_rows: the table must evict before inserting")
+        self.block.resize(new)
+        keys = np.full(new, hm.EMPTY, dtype=np.int64)
+        keys[:old] = self.row_keys
+        self.row_keys = keys
+        self.meta[hm.M_ROW_CAP] = new
+
+    def compact(self) -> None:
+        """Move live rows into a dense prefix and shrink the arena and buckets to fit.
+
+        Row numbers change; keys, values, slots and metadata move together.
+        """
+        live = self.live_rows()
+        keys = self.keys_of(live)
+        block = self.block.take(live)
+        row_cap = max(16, len(live) + len(live) // 4)
+        if self.max_rows:
+            row_cap = min(row_cap, max(self.max_rows, 16))
+        block.resize(row_cap)
+        cap = hm.capacity_for(row_cap)
+        self.slots = hm.new_slots(cap)
+        self.meta = hm.new_meta(cap, row_cap)
+        self.free = np.empty(0, dtype=np.int64)
+        self.block = block
+        self.row_keys = np.full(row_cap, hm.EMPTY, dtype=np.int64)
+        rows, _ = self.insert(keys)  # the bump allocator hands out 0..k-1 in order
+        assert np.array_equal(rows, np.arange(len(keys))), "compaction must keep row order"
+
+
+# --------------------------------------------------------------------------
+# Validation (at the boundary, before any lock)
+# --------------------------------------------------------------------------
+
+
+def as_keys(keys: object) -> np.ndarray:
+    """Any integer array of any shape -> contiguous int64 (n,). InvalidArgument otherwise."""
+    arr = np.asarray(keys)
+    if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
+        raise InvalidArgument(f"keys must be an integer array, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 2**63:
+        raise InvalidArgument("keys must fit in int64; got uint64 values >= 2**63")
+    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+
+
+def as_grads(grads: object, n: int, dim: int, table: str) -> np.ndarray:
+    """float array (n, dim), finite -> contiguous float32 (n, dim). InvalidArgument otherwise."""
+    arr = np.asarray(grads)
+    if arr.dtype.kind not in "fiu":
+        raise InvalidArgument(f"table {table!r}: gradients must be floats, got dtype {arr.dtype}")
+    if arr.ndim == 1 and n == 0 and arr.size == 0:
+        arr = arr.reshape(0, dim)
+    if arr.shape != (n, dim):
+        raise InvalidArgument(
+            f"table {table!r}: gradients must have shape ({n}, {dim}) (one row of dim {dim} per key), got {arr.shape}"
+        )
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        bad = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
+        raise InvalidArgument(
+            f"table {table!r}: gradients contain NaN or Inf (first at key index {bad}); nothing was applied"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------
+
+
+class Table:
+    """Base of every table kind: locking, steps, counters, validation.
+
+    Subclasses implement ``_pull``, ``_push``, ``_prune``, ``_evict``, ``_sizes``.
+    """
+
+    def __init__(self, config: TableConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.dim = config.dim
+        self.n_slots = config.slots
+        self._lock = threading.Lock()
+        self.step = 0
+        self._auto_step = 0
+        self.version = 0
+        self.counters = dict.fromkeys(
+            ("promotions", "admissions_rejected", "evictions", "pruned_rows", "pulled_rows",
+             "pushed_rows", "pulled_static", "pulled_dynamic"),
+            0,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- API
+    def pull(self, keys: object, train: bool = True, mask: object | None = None) -> np.ndarray:
+        """Rows of ``keys`` (any integer shape, flattened): float32 (n, dim).
+
+        train=True creates rows (dynamic), counts sightings (admission,
+        promotion) and stamps metadata; train=False only reads, and keys
+        without a row read the default value. ``mask`` (adaptive only, bool
+        (n,)): True promotes the key now, False keeps it where it is.
+        """
+        k = as_keys(keys)
+        m = self._as_mask(mask, k.shape[0])
+        with self._lock:
+            out = self._pull(k, bool(train), m)
+            self.counters["pulled_rows"] += k.shape[0]
+            return out
+
+    def push(self, keys: object, grads: object, step: int | None = None) -> PushResult:
+        """Apply the optimizer to the rows of ``keys`` with ``grads`` float32 (n, dim).
+
+        Gradients of duplicate keys (and of keys sharing a row) are summed
+        first. Keys with no row are dropped and counted. A request with a bad
+        shape or a NaN/Inf gradient raises InvalidArgument and changes nothing.
+        """
+        k = as_keys(keys)
+        g = as_grads(grads, k.shape[0], self.dim, self.name)
+        if step is not None and (not isinstance(step, int | np.integer) or step < 0):
+            raise InvalidArgument(
+                f"table {self.name!r}: step must be an integer >= 0, got {step!r}"
+            )
+        with self._lock:
+            if step is None:
+                s = self._auto_step
+            else:
+                s = int(step)
+            self._auto_step = max(self._auto_step, s + 1)
+            self.step = max(self.step, s)
+            self.version += 1
+            res = self._push(k, g, s)
+            self.counters["pushed_rows"] += res.applied
+            return res
+
+    def prune(self, threshold: float, norm: Norm | str = Norm.L2) -> PruneResult:
+        """Delete own rows whose norm is below ``threshold`` (OptEmbed-style) and compact.
+
+        Shared rows (static parts, qr parts) are never deleted. Returns rows
+        deleted and bytes returned.
+        """
+        nm = _as_norm(norm)
+        if not (isinstance(threshold, int | float) and np.isfinite(threshold) and threshold >= 0):
+            raise InvalidArgument(
+                f"prune threshold must be a finite number >= 0, got {threshold!r}"
+            )
+        with self._lock:
+            before = self._sizes()[0]
+            rows = self._prune(float(threshold), nm)
+            self.counters["pruned_rows"] += rows
+            return PruneResult(rows=rows, bytes=max(0, before - self._sizes()[0]))
+
+    def evict(self) -> int:
+        """Run steps-to-live and L2-threshold eviction now; returns rows evicted."""
+        with self._lock:
+            n = self._evict()
+            self.counters["evictions"] += n
+            return n
+
+    def erase(self, keys: object) -> int:
+        """Delete the own rows of ``keys`` (dynamic parts only); returns how many were deleted."""
+        k = as_keys(keys)
+        with self._lock:
+            return self._erase(k)
+
+    def stats(self) -> TableStats:
+        """Sizes and counters, taken under the lock."""
+        with self._lock:
+            total, dyn_bytes, st_bytes, keys, st_rows, lf = self._sizes()
+            return TableStats(
+                name=self.name, keys=keys, dynamic_rows=keys, static_rows=st_rows, bytes=total,
+                dynamic_bytes=dyn_bytes, static_bytes=st_bytes, load_factor=lf, step=self.step,
+                **self.counters,
+            )  # fmt: skip
+
+    def memory_bytes(self) -> int:
+        """Bytes of every array the table owns."""
+        with self._lock:
+            return self._sizes()[0]
+
+    # ---------------------------------------------------------------- hooks
+    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
+        raise NotImplementedError
+
+    def _prune(self, threshold: float, norm: Norm) -> int:
+        return 0
+
+    def _evict(self) -> int:
+        return 0
+
+    def _erase(self, keys: np.ndarray) -> int:
+        return 0
+
+    def _sizes(self) -> tuple[int, int, int, int, int, float]:
+        """(total bytes, dynamic bytes, static bytes, keys with own rows, shared rows, load factor)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- helpers
+    def _as_mask(self, mask: object | None, n: int) -> np.ndarray | None:
+        if mask is None:
+            return None
+        if self.config.kind != TableKind.ADAPTIVE:
+            raise InvalidArgument(
+                f"table {self.name!r} is {self.config.kind.value}: a promotion mask applies to adaptive tables only"
+            )
+        m = np.asarray(mask)
+        if m.dtype != np.bool_ or m.reshape(-1).shape[0] != n:
+            raise InvalidArgument(
+                f"mask must be a bool array with one entry per key ({n}), got {m.dtype} {m.shape}"
+            )
+        return np.ascontiguousarray(m.reshape(-1))
+
+    def _apply(self, block: Block, rows: np.ndarray, grads: np.ndarray, step: int) -> int:
+        """Sum grads per row, run the optimizer, stamp metadata. Returns rows updated."""
+        urows, ugrads = dedup_sum(rows, grads)
+        apply_optimizer(self.config.optimizer, block.values, block.slots, urows, ugrads, step + 1)
+        block.last_step[urows] = step
+        block.version[urows] = self.version
+        return int(urows.shape[0])
+
+
+class _DynamicBase(Table):
+    """Shared logic of tables with a dynamic part: capacity, eviction, pruning."""
+
+    part: DynamicPart
+
+    def _make_room(self, new: int, protect: np.ndarray) -> None:
+        """Ensure ``new`` more keys fit under max_rows, evicting by LFU/LRU if allowed.
+
+        protect: int64 rows not to evict (keys of the current batch).
+        """
+        cfg = self.config
+        if not cfg.max_rows or self.part.size + new <= cfg.max_rows:
+            return
+        over = self.part.size + new - cfg.max_rows
+        if cfg.eviction == Eviction.NONE:
+            raise ResourceExhausted(
+                f"table {self.name!r} is full ({self.part.size} of max_rows={cfg.max_rows} rows) and "
+                f"{new} new keys need rows; raise max_rows, set eviction to lfu or lru, or prune"
+            )
+        if new > cfg.max_rows:
+            raise ResourceExhausted(
+                f"table {self.name!r}: one request brings {new} new keys but max_rows is {cfg.max_rows}; "
+                "send smaller batches or raise max_rows"
+            )
+        live = self.part.live_rows()
+        cand = np.setdiff1d(live, protect, assume_unique=False)
+        if cand.shape[0] < over:
+            raise ResourceExhausted(
+                f"table {self.name!r}: cannot free {over} rows under max_rows={cfg.max_rows}: "
+                "the current request uses them; send smaller batches"
+            )
+        score = (
+            self.part.block.freq if cfg.eviction == Eviction.LFU else self.part.block.last_step
+        )[cand]
+        victims = cand[_smallest(score, over)]
+        self._drop_rows(victims)
+        self.counters["evictions"] += int(victims.shape[0])
+
+    def _drop_rows(self, rows: np.ndarray) -> None:
+        keys = self.part.keys_of(rows)
+        self.part.erase_keys(keys)
+
+    def _evict(self) -> int:
+        cfg = self.config
+        live = self.part.live_rows()
+        dead = np.zeros(live.shape[0], dtype=np.bool_)
+        if cfg.steps_to_live:
+            dead |= self.part.block.last_step[live] + int(cfg.steps_to_live) < self.step
+        if cfg.l2_evict_threshold > 0:
+            dead |= row_norms(self.part.block.values, live, 0) < cfg.l2_evict_threshold
+        victims = live[dead]
+        if victims.shape[0]:
+            self._drop_rows(victims)
+        return int(victims.shape[0])
+
+    def _prune(self, threshold: float, norm: Norm) -> int:
+        live = self.part.live_rows()
+        victims = live[row_norms(self.part.block.values, live, _NORM_CODE[norm]) < threshold]
+        if victims.shape[0]:
+            self._drop_rows(victims)
+            self.part.compact()
+        return int(victims.shape[0])
+
+    def _erase(self, keys: np.ndarray) -> int:
+        rows = self.part.erase_keys(keys)
+        return int((rows >= 0).sum())
+
+
+class DynamicTable(_DynamicBase):
+    """Collision-free rows created on a training pull; optional admission and eviction."""
+
+    def __init__(self, config: TableConfig) -> None:
+        super().__init__(config)
+        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, config.max_rows)
+        self.sketch: FrequencySketch | None = None
+        if config.admission_threshold > 1:
+            self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
+                                          config.sketch_depth or DEFAULT_DEPTH)  # fmt: skip
+
+    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+        part = self.part
+        rows = part.find(keys)
+        if train:
+            miss = np.flatnonzero(rows < 0)
+            if miss.shape[0]:
+                cand = keys[miss]
+                if self.sketch is not None:
+                    admit = self.sketch.add(cand) >= self.config.admission_threshold
+                    self.counters["admissions_rejected"] += int((~admit).sum())
+                    cand = cand[admit]
+                if cand.shape[0]:
+                    new_keys = np.unique(cand)
+                    self._make_room(new_keys.shape[0], rows[rows >= 0])
+                    new_rows, inserted = part.insert(new_keys)
+                    part.block.init(
+                        new_rows[inserted], new_keys[inserted], self.config, self.config.seed
+                    )
+                    self.version += 1
+                    part.block.version[new_rows] = self.version
+                    rows[miss] = part.find(keys[miss])
+            touch_rows(part.block.freq, part.block.last_step, rows, self.step)
+        out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
+        gather(part.block.values, rows, np.float32(self.config.default_value), out)
+        return out
+
+    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
+        rows = self.part.find(keys)
+        found = int((rows >= 0).sum())
+        self._apply(self.part.block, rows, grads, step)
+        return PushResult(applied=found, dropped=keys.shape[0] - found)
+
+    def _sizes(self) -> tuple[int, int, int, int, int, float]:
+        dyn = self.part.nbytes + (self.sketch.nbytes if self.sketch is not None else 0)
+        return dyn, dyn, 0, self.part.size, 0, self.part.load_factor
+
+
+class StaticTable(Table):
+    """``hash_bucket_size`` shared rows; row = h(key) % B (the hashing trick)."""
+
+    def __init__(self, config: TableConfig) -> None:
+        super().__init__(config)
+        b = config.hash_bucket_size
+        self.block = Block(b, config.dim, self.n_slots)
+        self.block.init(
+            np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
+        )
+
+    def rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """Shared row of each key: int64 (n,)."""
+        return static_rows(keys, self.config.hash_bucket_size, self.config.seed)
+
+    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+        rows = self.rows_of(keys)
+        if train:
+            touch_rows(self.block.freq, self.block.last_step, rows, self.step)
+        out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
+        gather(self.block.values, rows, np.float32(0), out)
+        return out
+
+    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
+        self._apply(self.block, self.rows_of(keys), grads, step)
+        return PushResult(applied=keys.shape[0], dropped=0)
+
+    def _sizes(self) -> tuple[int, int, int, int, int, float]:
+        b = self.block.nbytes
+        return b, 0, b, 0, self.block.rows, 0.0
+
+
+class AdaptiveTable(_DynamicBase):
+    """Static part for rare keys, dynamic rows for frequent ones (Adaptive Embedding).
+
+    A training sighting of a key in the static part counts in the sketch; at
+    ``promote_threshold`` (or when the mask says so) the key gets a dynamic row
+    initialised from its static row, optimizer slots included. Eviction and
+    pruning demote keys back to the static part.
+    """
+
+    def __init__(self, config: TableConfig) -> None:
+        super().__init__(config)
+        b = config.hash_bucket_size
+        self.static = Block(b, config.dim, self.n_slots)
+        self.static.init(
+            np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
+        )
+        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, config.max_rows)
+        self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
+                                      config.sketch_depth or DEFAULT_DEPTH)  # fmt: skip
+
+    def static_rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """Static-part row of each key: int64 (n,)."""
+        return static_rows(keys, self.config.hash_bucket_size, self.config.seed)
+
+    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+        part = self.part
+        rows = part.find(keys)
+        if train:
+            miss = np.flatnonzero(rows < 0)
+            if miss.shape[0]:
+                cand = keys[miss]
+                counts = self.sketch.add(cand)
+                promote = (
+                    mask[miss] if mask is not None else counts >= self.config.promote_threshold
+                )
+                cand = cand[promote]
+                if cand.shape[0]:
+                    new_keys = np.unique(cand)
+                    self._make_room(new_keys.shape[0], rows[rows >= 0])
+                    new_rows, inserted = part.insert(new_keys)
+                    self._promote(new_rows[inserted], new_keys[inserted])
+                    rows[miss] = part.find(keys[miss])
+            touch_rows(part.block.freq, part.block.last_step, rows, self.step)
+        out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
+        gather(part.block.values, rows, np.float32(0), out)
+        st = np.flatnonzero(rows < 0)
+        if st.shape[0]:
+            srows = self.static_rows_of(keys[st])
+            if train:
+                touch_rows(self.static.freq, self.static.last_step, srows, self.step)
+            sout = np.empty((st.shape[0], self.dim), dtype=np.float32)
+            gather(self.static.values, srows, np.float32(0), sout)
+            out[st] = sout
+        self.counters["pulled_static"] += int(st.shape[0])
+        self.counters["pulled_dynamic"] += keys.shape[0] - int(st.shape[0])
+        return out
+
+    def _promote(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        """New dynamic rows start as a copy of the key's static row: values, slots, frequency."""
+        src = self.static_rows_of(keys)
+        blk = self.part.block
+        blk.values[rows] = self.static.values[src]
+        blk.slots[rows] = self.static.slots[src]
+        blk.freq[rows] = self.sketch.estimate(keys)
+        blk.last_step[rows] = self.step
+        self.version += 1
+        blk.version[rows] = self.version
+        self.counters["promotions"] += int(rows.shape[0])
+
+    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
+        rows = self.part.find(keys)
+        dyn = rows >= 0
+        self._apply(self.part.block, rows, grads, step)
+        st = np.flatnonzero(~dyn)
+        if st.shape[0]:
+            self._apply(self.static, self.static_rows_of(keys[st]), grads[st], step)
+        return PushResult(applied=keys.shape[0], dropped=0)
+
+    def _sizes(self) -> tuple[int, int, int, int, int, float]:
+        dyn = self.part.nbytes + self.sketch.nbytes
+        st = self.static.nbytes
+        return dyn + st, dyn, st, self.part.size, self.static.rows, self.part.load_factor
+
+
+class QRTable(Table):
+    """Quotient-remainder table: h = key mod (Q*m); row = combine(Q[h // m], R[h % m]).
+
+    Keys in [0, Q*m) get distinct (quotient, remainder) pairs. Gradients:
+    mult: dQ = g * R[r], dR = g * Q[q]; add: dQ = dR = g; concat: the halves of g.
+    """
+
+    def __init__(self, config: TableConfig) -> None:
+        super().__init__(config)
+        self.m = config.qr_remainder_buckets
+        self.q = config.qr_quotient_buckets
+        self.part_dim = config.dim // 2 if config.qr_combiner == Combiner.CONCAT else config.dim
+        self.quotient = Block(self.q, self.part_dim, self.n_slots)
+        self.remainder = Block(self.m, self.part_dim, self.n_slots)
+        self.quotient.init(
+            np.arange(self.q, dtype=np.int64),
+            np.arange(self.q, dtype=np.int64),
+            config,
+            config.seed,
+        )
+        self.remainder.init(np.arange(self.m, dtype=np.int64), np.arange(self.m, dtype=np.int64),
+                            config, config.seed + 1)  # fmt: skip
+
+    def parts_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(quotient rows, remainder rows), each int64 (n,)."""
+        h = np.mod(keys, np.int64(self.q * self.m))
+        return h // self.m, h % self.m
+
+    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+        qr, rr = self.parts_of(keys)
+        if train:
+            touch_rows(self.quotient.freq, self.quotient.last_step, qr, self.step)
+            touch_rows(self.remainder.freq, self.remainder.last_step, rr, self.step)
+        vq = self.quotient.values[qr]
+        vr = self.remainder.values[rr]
+        comb = self.config.qr_combiner
+        if comb == Combiner.MULT:
+            return vq * vr
+        if comb == Combiner.ADD:
+            return vq + vr
+        return np.concatenate([vq, vr], axis=1)
+
+    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
+        qr, rr = self.parts_of(keys)
+        comb = self.config.qr_combiner
+        if comb == Combiner.MULT:
+            gq = grads * self.remainder.values[rr]
+            gr = grads * self.quotient.values[qr]
+        elif comb == Combiner.ADD:
+            gq = gr = grads
+        else:
+            gq = np.ascontiguousarray(grads[:, : self.part_dim])
+            gr = np.ascontiguousarray(grads[:, self.part_dim :])
+        self._apply(self.quotient, qr, gq, step)
+        self._apply(self.remainder, rr, gr, step)
+        return PushResult(applied=keys.shape[0], dropped=0)
+
+    def _sizes(self) -> tuple[int, int, int, int, int, float]:
+        st = self.quotient.nbytes + self.remainder.nbytes
+        return st, 0, st, 0, self.q + self.m, 0.0
+
+
+# --------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------
+
+TABLE_CLASSES: dict[TableKind, type[Table]] = {
+    TableKind.DYNAMIC: DynamicTable,
+    TableKind.STATIC: StaticTable,
+    TableKind.ADAPTIVE: AdaptiveTable,
+    TableKind.QR: QRTable,
+}
+
+
+def make_table(config: TableConfig) -> Table:
+    """A new, empty table of ``config.kind``."""
+    return TABLE_CLASSES[config.kind](config)
+
+
+def _as_norm(norm: Norm | str) -> Norm:
+    try:
+        return Norm(norm)
+    except ValueError:
+        raise InvalidArgument(f"unknown norm {norm!r}; use l2, l1 or linf") from None
+
+
+def _smallest(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k smallest scores, ties broken by index (deterministic), int64 (k,)."""
+    if k >= score.shape[0]:
+        return np.arange(score.shape[0], dtype=np.int64)
+    kth = np.partition(score, k - 1)[k - 1]
+    below = np.flatnonzero(score < kth)
+    ties = np.flatnonzero(score == kth)[: k - below.shape[0]]
+    return np.sort(np.concatenate([below, ties])).astype(np.int64)
