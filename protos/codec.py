@@ -9,6 +9,7 @@ message that says what is wrong; the server maps it to INVALID_ARGUMENT.
 from __future__ import annotations
 
 import numpy as np
+
 from embps.v1 import embps_pb2 as pb
 
 _LE_I8 = np.dtype("<i8")

@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from embps.protos.config import FTRL, SGD, Adagrad, Adam, InitKind, OptimizerConfig
 from numba import njit
+
+from embps.protos.config import FTRL, SGD, Adagrad, Adam, InitKind, OptimizerConfig
 
 from .hashmap import PREFETCH, _prefetch, fmix64
 

@@ -30,6 +30,8 @@ import threading
 from dataclasses import dataclass, fields
 
 import numpy as np
+from numba import njit
+
 from embps.protos.config import (
     Combiner,
     Eviction,
@@ -37,7 +39,6 @@ from embps.protos.config import (
     TableConfig,
     TableKind,
 )
-from numba import njit
 
 from . import hashmap as hm
 from .errors import InvalidArgument, ResourceExhausted
