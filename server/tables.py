@@ -113,19 +113,50 @@ class TableStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+BLOCK_FIELDS = ("values", "slots", "freq", "last_step", "version")
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy of one table: its config, named arrays and scalar state.
+
+    Array names are ``<part>.<field>``: part ``dynamic`` (rows of own keys, with
+    ``dynamic.keys``), ``static``, ``quotient``, ``remainder`` (whole blocks, or
+    only the rows in ``<part>.rows`` for an incremental snapshot), and
+    ``sketch.counters``. ``deleted`` holds keys deleted since ``base_version``
+    (incremental snapshots only). Every array is a private copy.
+    """
+
+    config: TableConfig
+    arrays: dict[str, np.ndarray]
+    state: dict[str, int]
+    base_version: int | None = None
+    deleted: np.ndarray | None = None
+
+    @property
+    def version(self) -> int:
+        """The table version this snapshot shows."""
+        return int(self.state["version"])
+
+
 # --------------------------------------------------------------------------
 # Row kernels
 # --------------------------------------------------------------------------
 
 
 @njit(nogil=True, cache=True)
-def touch_rows(freq, last_step, rows, step):
-    """freq[r] += 1 and last_step[r] = step for each r in rows (int64 (n,)) with r >= 0."""
+def touch_rows(freq, last_step, version, rows, step, ver):
+    """A training sighting: freq[r] += 1, last_step[r] = step, version[r] = ver, for rows r >= 0.
+
+    rows: int64 (n,). The version stamp puts the changed metadata into the next
+    incremental checkpoint.
+    """
     for i in range(rows.shape[0]):
         r = rows[i]
         if r >= 0:
             freq[r] += 1
             last_step[r] = step
+            version[r] = ver
 
 
 @njit(nogil=True, cache=True)
@@ -358,6 +389,12 @@ class DynamicPart:
         rows, _ = self.insert(keys)  # the bump allocator hands out 0..k-1 in order
         assert np.array_equal(rows, np.arange(len(keys))), "compaction must keep row order"
 
+    def upsert_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
+        """Set the rows of ``keys`` (int64 (k,), distinct) from ``fields_`` (BLOCK_FIELDS arrays)."""
+        rows, _ = self.insert(keys)
+        for f in BLOCK_FIELDS:
+            getattr(self.block, f)[rows] = fields_[f]
+
 
 # --------------------------------------------------------------------------
 # Validation (at the boundary, before any lock)
@@ -414,6 +451,7 @@ class Table:
         self.step = 0
         self._auto_step = 0
         self.version = 0
+        self._deleted: list[tuple[int, np.ndarray]] = []  # (version, keys) since the last trim
         self.counters = dict.fromkeys(
             ("promotions", "admissions_rejected", "evictions", "pruned_rows", "pulled_rows",
              "pushed_rows", "pulled_static", "pulled_dynamic"),
@@ -432,6 +470,8 @@ class Table:
         k = as_keys(keys)
         m = self._as_mask(mask, k.shape[0])
         with self._lock:
+            if train:
+                self.version += 1
             out = self._pull(k, bool(train), m)
             self.counters["pulled_rows"] += k.shape[0]
             return out
@@ -506,7 +546,138 @@ class Table:
         with self._lock:
             return self._sizes()[0]
 
+    # ---------------------------------------------------------------- snapshots
+    def snapshot(self, since_version: int | None = None) -> Snapshot:
+        """A consistent copy of the table, taken under its lock.
+
+        since_version=None: everything. since_version=v: only rows changed
+        after version v, plus the keys deleted after v (an increment to apply
+        on top of a snapshot of version v).
+        """
+        with self._lock:
+            arrays: dict[str, np.ndarray] = {}
+            deleted = None
+            for pname, blk in self._blocks().items():
+                rows = None
+                if since_version is not None:
+                    rows = np.flatnonzero(blk.version > since_version).astype(np.int64)
+                    arrays[f"{pname}.rows"] = rows
+                for f in BLOCK_FIELDS:
+                    a = getattr(blk, f)
+                    arrays[f"{pname}.{f}"] = a.copy() if rows is None else a[rows]
+            part: DynamicPart | None = getattr(self, "part", None)
+            if part is not None:
+                live = part.live_rows()
+                if since_version is not None:
+                    live = live[part.block.version[live] > since_version]
+                arrays["dynamic.keys"] = part.keys_of(live)
+                for f in BLOCK_FIELDS:
+                    arrays[f"dynamic.{f}"] = getattr(part.block, f)[live]
+            sketch: FrequencySketch | None = getattr(self, "sketch", None)
+            if sketch is not None:
+                arrays["sketch.counters"] = sketch.counters.copy()
+            if since_version is not None:
+                logged = [k for v, k in self._deleted if v > since_version]
+                deleted = np.concatenate(logged) if logged else np.empty(0, dtype=np.int64)
+            state = {"step": self.step, "auto_step": self._auto_step, "version": self.version}
+            state.update(self.counters)
+            return Snapshot(self.config, arrays, state, since_version, deleted)
+
+    def load(self, snap: Snapshot) -> None:
+        """Apply a snapshot: a full one onto this fresh table, or an increment on top.
+
+        Raises ValueError naming the array when a shape or dtype does not fit
+        this table's config (a corrupt or foreign snapshot); nothing is
+        changed in that case.
+        """
+        self._check_snapshot(snap)
+        with self._lock:
+            part: DynamicPart | None = getattr(self, "part", None)
+            if snap.deleted is not None and part is not None and snap.deleted.shape[0]:
+                part.erase_keys(snap.deleted)
+            for pname, blk in self._blocks().items():
+                rows = snap.arrays.get(f"{pname}.rows")
+                for f in BLOCK_FIELDS:
+                    a = snap.arrays[f"{pname}.{f}"]
+                    if rows is None:
+                        getattr(blk, f)[...] = a
+                    else:
+                        getattr(blk, f)[rows] = a
+            if part is not None:
+                keys = snap.arrays["dynamic.keys"]
+                part.upsert_rows(keys, {f: snap.arrays[f"dynamic.{f}"] for f in BLOCK_FIELDS})
+            sketch: FrequencySketch | None = getattr(self, "sketch", None)
+            if sketch is not None and "sketch.counters" in snap.arrays:
+                sketch.counters[...] = snap.arrays["sketch.counters"]
+            self.step = int(snap.state["step"])
+            self._auto_step = int(snap.state["auto_step"])
+            self.version = max(self.version, int(snap.state["version"]))
+            for name in self.counters:
+                self.counters[name] = int(snap.state.get(name, 0))
+
+    def trim_deleted(self, upto_version: int) -> None:
+        """Forget deletions at or before ``upto_version`` (a checkpoint of it is durable)."""
+        with self._lock:
+            self._deleted = [(v, k) for v, k in self._deleted if v > upto_version]
+
+    def _check_snapshot(self, snap: Snapshot) -> None:
+        if snap.config != self.config:
+            raise ValueError(f"snapshot of table {snap.config.name!r} has a different config")
+        expect: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for pname, blk in self._blocks().items():
+            for f in BLOCK_FIELDS:
+                a = getattr(blk, f)
+                expect[f"{pname}.{f}"] = (a.shape[1:], a.dtype)
+        if getattr(self, "part", None) is not None:
+            blk = self.part.block  # type: ignore[attr-defined]
+            expect["dynamic.keys"] = ((), np.dtype(np.int64))
+            for f in BLOCK_FIELDS:
+                a = getattr(blk, f)
+                expect[f"dynamic.{f}"] = (a.shape[1:], a.dtype)
+        for name, (tail, dtype) in expect.items():
+            a = snap.arrays.get(name)
+            if a is None:
+                raise ValueError(f"snapshot of table {self.name!r} lacks array {name!r}")
+            if a.shape[1:] != tail or a.dtype != dtype:
+                raise ValueError(
+                    f"snapshot array {name!r} of table {self.name!r} has shape {a.shape} "
+                    f"dtype {a.dtype}; expected (*, {tail}) {dtype}"
+                )
+        for pname, blk in self._blocks().items():
+            rows = snap.arrays.get(f"{pname}.rows")
+            n = blk.rows if rows is None else rows.shape[0]
+            if rows is not None and rows.shape[0] and (rows.min() < 0 or rows.max() >= blk.rows):
+                raise ValueError(
+                    f"snapshot array {pname}.rows of table {self.name!r} is out of range"
+                )
+            for f in BLOCK_FIELDS:
+                if snap.arrays[f"{pname}.{f}"].shape[0] != n:
+                    raise ValueError(
+                        f"snapshot array {pname}.{f} of table {self.name!r} has the wrong length"
+                    )
+        if "dynamic.keys" in expect:
+            n = snap.arrays["dynamic.keys"].shape[0]
+            if any(snap.arrays[f"dynamic.{f}"].shape[0] != n for f in BLOCK_FIELDS):
+                raise ValueError(
+                    f"snapshot arrays dynamic.* of table {self.name!r} differ in length"
+                )
+            if np.unique(snap.arrays["dynamic.keys"]).shape[0] != n:
+                raise ValueError(
+                    f"snapshot array dynamic.keys of table {self.name!r} has duplicate keys"
+                )
+        sk = getattr(self, "sketch", None)
+        if sk is not None and "sketch.counters" in snap.arrays:
+            a = snap.arrays["sketch.counters"]
+            if a.shape != sk.counters.shape or a.dtype != sk.counters.dtype:
+                raise ValueError(
+                    f"snapshot array sketch.counters of table {self.name!r} has the wrong shape"
+                )
+
     # ---------------------------------------------------------------- hooks
+    def _blocks(self) -> dict[str, Block]:
+        """Shared blocks by part name (static, quotient, remainder)."""
+        return {}
+
     def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
@@ -584,13 +755,19 @@ class _DynamicBase(Table):
         score = (
             self.part.block.freq if cfg.eviction == Eviction.LFU else self.part.block.last_step
         )[cand]
-        victims = cand[_smallest(score, over)]
+        victims = cand[_smallest(score, self.part.keys_of(cand), over)]
         self._drop_rows(victims)
         self.counters["evictions"] += int(victims.shape[0])
 
     def _drop_rows(self, rows: np.ndarray) -> None:
         keys = self.part.keys_of(rows)
         self.part.erase_keys(keys)
+        self._log_deleted(keys)
+
+    def _log_deleted(self, keys: np.ndarray) -> None:
+        if keys.shape[0]:
+            self.version += 1
+            self._deleted.append((self.version, keys))
 
     def _evict(self) -> int:
         cfg = self.config
@@ -615,6 +792,7 @@ class _DynamicBase(Table):
 
     def _erase(self, keys: np.ndarray) -> int:
         rows = self.part.erase_keys(keys)
+        self._log_deleted(keys[rows >= 0])
         return int((rows >= 0).sum())
 
 
@@ -650,7 +828,14 @@ class DynamicTable(_DynamicBase):
                     self.version += 1
                     part.block.version[new_rows] = self.version
                     rows[miss] = part.find(keys[miss])
-            touch_rows(part.block.freq, part.block.last_step, rows, self.step)
+            touch_rows(
+                part.block.freq,
+                part.block.last_step,
+                part.block.version,
+                rows,
+                self.step,
+                self.version,
+            )
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         gather(part.block.values, rows, np.float32(self.config.default_value), out)
         return out
@@ -677,6 +862,9 @@ class StaticTable(Table):
             np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
         )
 
+    def _blocks(self) -> dict[str, Block]:
+        return {"static": self.block}
+
     def rows_of(self, keys: np.ndarray) -> np.ndarray:
         """Shared row of each key: int64 (n,)."""
         return static_rows(keys, self.config.hash_bucket_size, self.config.seed)
@@ -684,7 +872,14 @@ class StaticTable(Table):
     def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
         rows = self.rows_of(keys)
         if train:
-            touch_rows(self.block.freq, self.block.last_step, rows, self.step)
+            touch_rows(
+                self.block.freq,
+                self.block.last_step,
+                self.block.version,
+                rows,
+                self.step,
+                self.version,
+            )
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         gather(self.block.values, rows, np.float32(0), out)
         return out
@@ -718,6 +913,9 @@ class AdaptiveTable(_DynamicBase):
         self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
                                       config.sketch_depth or DEFAULT_DEPTH)  # fmt: skip
 
+    def _blocks(self) -> dict[str, Block]:
+        return {"static": self.static}
+
     def static_rows_of(self, keys: np.ndarray) -> np.ndarray:
         """Static-part row of each key: int64 (n,)."""
         return static_rows(keys, self.config.hash_bucket_size, self.config.seed)
@@ -740,14 +938,28 @@ class AdaptiveTable(_DynamicBase):
                     new_rows, inserted = part.insert(new_keys)
                     self._promote(new_rows[inserted], new_keys[inserted])
                     rows[miss] = part.find(keys[miss])
-            touch_rows(part.block.freq, part.block.last_step, rows, self.step)
+            touch_rows(
+                part.block.freq,
+                part.block.last_step,
+                part.block.version,
+                rows,
+                self.step,
+                self.version,
+            )
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         gather(part.block.values, rows, np.float32(0), out)
         st = np.flatnonzero(rows < 0)
         if st.shape[0]:
             srows = self.static_rows_of(keys[st])
             if train:
-                touch_rows(self.static.freq, self.static.last_step, srows, self.step)
+                touch_rows(
+                    self.static.freq,
+                    self.static.last_step,
+                    self.static.version,
+                    srows,
+                    self.step,
+                    self.version,
+                )
             sout = np.empty((st.shape[0], self.dim), dtype=np.float32)
             gather(self.static.values, srows, np.float32(0), sout)
             out[st] = sout
@@ -805,6 +1017,9 @@ class QRTable(Table):
         self.remainder.init(np.arange(self.m, dtype=np.int64), np.arange(self.m, dtype=np.int64),
                             config, config.seed + 1)  # fmt: skip
 
+    def _blocks(self) -> dict[str, Block]:
+        return {"quotient": self.quotient, "remainder": self.remainder}
+
     def parts_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(quotient rows, remainder rows), each int64 (n,)."""
         h = np.mod(keys, np.int64(self.q * self.m))
@@ -813,8 +1028,22 @@ class QRTable(Table):
     def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
         qr, rr = self.parts_of(keys)
         if train:
-            touch_rows(self.quotient.freq, self.quotient.last_step, qr, self.step)
-            touch_rows(self.remainder.freq, self.remainder.last_step, rr, self.step)
+            touch_rows(
+                self.quotient.freq,
+                self.quotient.last_step,
+                self.quotient.version,
+                qr,
+                self.step,
+                self.version,
+            )
+            touch_rows(
+                self.remainder.freq,
+                self.remainder.last_step,
+                self.remainder.version,
+                rr,
+                self.step,
+                self.version,
+            )
         vq = self.quotient.values[qr]
         vr = self.remainder.values[rr]
         comb = self.config.qr_combiner
@@ -868,11 +1097,16 @@ def _as_norm(norm: Norm | str) -> Norm:
         raise InvalidArgument(f"unknown norm {norm!r}; use l2, l1 or linf") from None
 
 
-def _smallest(score: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k smallest scores, ties broken by index (deterministic), int64 (k,)."""
+def _smallest(score: np.ndarray, tiebreak: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k smallest scores, ties broken by the smaller ``tiebreak`` (the key).
+
+    Deterministic and independent of row layout, so a restored table evicts
+    exactly what the original would. int64 (k,).
+    """
     if k >= score.shape[0]:
         return np.arange(score.shape[0], dtype=np.int64)
     kth = np.partition(score, k - 1)[k - 1]
     below = np.flatnonzero(score < kth)
-    ties = np.flatnonzero(score == kth)[: k - below.shape[0]]
+    ties = np.flatnonzero(score == kth)
+    ties = ties[np.argsort(tiebreak[ties], kind="stable")][: k - below.shape[0]]
     return np.sort(np.concatenate([below, ties])).astype(np.int64)
