@@ -416,6 +416,20 @@ class TableConfig:
             d["initializer"] = Initializer(**d["initializer"])
         return cls(**d)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (JSON/YAML/TOML-safe); ``from_dict`` inverts it exactly."""
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "optimizer":
+                v = {"name": type(v).__name__.lower(), **dataclasses.asdict(v)}
+            elif f.name == "initializer":
+                v = {"kind": v.kind.value, "a": v.a, "b": v.b}
+            elif isinstance(v, StrEnum):
+                v = v.value
+            d[f.name] = v
+        return d
+
     @property
     def slots(self) -> int:
         """Optimizer slot vectors per row."""

@@ -596,6 +596,8 @@ class Table:
             if snap.deleted is not None and part is not None and snap.deleted.shape[0]:
                 part.erase_keys(snap.deleted)
             for pname, blk in self._blocks().items():
+                if f"{pname}.values" not in snap.arrays:
+                    continue
                 rows = snap.arrays.get(f"{pname}.rows")
                 for f in BLOCK_FIELDS:
                     a = snap.arrays[f"{pname}.{f}"]
@@ -603,7 +605,7 @@ class Table:
                         getattr(blk, f)[...] = a
                     else:
                         getattr(blk, f)[rows] = a
-            if part is not None:
+            if part is not None and "dynamic.keys" in snap.arrays:
                 keys = snap.arrays["dynamic.keys"]
                 part.upsert_rows(keys, {f: snap.arrays[f"dynamic.{f}"] for f in BLOCK_FIELDS})
             sketch: FrequencySketch | None = getattr(self, "sketch", None)
@@ -621,54 +623,57 @@ class Table:
             self._deleted = [(v, k) for v, k in self._deleted if v > upto_version]
 
     def _check_snapshot(self, snap: Snapshot) -> None:
+        """Every part present in ``snap`` must be complete and fit this table's shapes."""
         if snap.config != self.config:
             raise ValueError(f"snapshot of table {snap.config.name!r} has a different config")
-        expect: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-        for pname, blk in self._blocks().items():
-            for f in BLOCK_FIELDS:
-                a = getattr(blk, f)
-                expect[f"{pname}.{f}"] = (a.shape[1:], a.dtype)
-        if getattr(self, "part", None) is not None:
-            blk = self.part.block  # type: ignore[attr-defined]
-            expect["dynamic.keys"] = ((), np.dtype(np.int64))
-            for f in BLOCK_FIELDS:
-                a = getattr(blk, f)
-                expect[f"dynamic.{f}"] = (a.shape[1:], a.dtype)
-        for name, (tail, dtype) in expect.items():
-            a = snap.arrays.get(name)
-            if a is None:
-                raise ValueError(f"snapshot of table {self.name!r} lacks array {name!r}")
-            if a.shape[1:] != tail or a.dtype != dtype:
-                raise ValueError(
-                    f"snapshot array {name!r} of table {self.name!r} has shape {a.shape} "
-                    f"dtype {a.dtype}; expected (*, {tail}) {dtype}"
-                )
-        for pname, blk in self._blocks().items():
+        parts: dict[str, Block] = dict(self._blocks())
+        part: DynamicPart | None = getattr(self, "part", None)
+        if part is not None:
+            parts["dynamic"] = part.block
+        known = {f"{p}.{f}" for p in parts for f in BLOCK_FIELDS}
+        known |= {f"{p}.rows" for p in parts} | {"dynamic.keys", "sketch.counters"}
+        unknown = set(snap.arrays) - known
+        if unknown:
+            raise ValueError(
+                f"snapshot of table {self.name!r} has unknown arrays {sorted(unknown)}"
+            )
+        for pname, blk in parts.items():
+            names = [f"{pname}.{f}" for f in BLOCK_FIELDS]
+            if pname == "dynamic":
+                names.append("dynamic.keys")
+            present = [n for n in names if n in snap.arrays]
+            if not present:
+                continue
+            if len(present) != len(names):
+                missing = sorted(set(names) - set(present))
+                raise ValueError(f"snapshot of table {self.name!r} lacks arrays {missing}")
             rows = snap.arrays.get(f"{pname}.rows")
-            n = blk.rows if rows is None else rows.shape[0]
+            if pname == "dynamic":
+                n = snap.arrays["dynamic.keys"].shape[0]
+            else:
+                n = blk.rows if rows is None else rows.shape[0]
             if rows is not None and rows.shape[0] and (rows.min() < 0 or rows.max() >= blk.rows):
                 raise ValueError(
                     f"snapshot array {pname}.rows of table {self.name!r} is out of range"
                 )
-            for f in BLOCK_FIELDS:
-                if snap.arrays[f"{pname}.{f}"].shape[0] != n:
+            for f in (*BLOCK_FIELDS, "keys"):
+                a = snap.arrays.get(f"{pname}.{f}")
+                if a is None:
+                    continue
+                want = getattr(blk, f) if f != "keys" else np.empty(0, dtype=np.int64)
+                if a.shape != (n, *want.shape[1:]) or a.dtype != want.dtype:
                     raise ValueError(
-                        f"snapshot array {pname}.{f} of table {self.name!r} has the wrong length"
+                        f"snapshot array {pname}.{f} of table {self.name!r} has shape {a.shape} "
+                        f"dtype {a.dtype}; expected {(n, *want.shape[1:])} {want.dtype}"
                     )
-        if "dynamic.keys" in expect:
-            n = snap.arrays["dynamic.keys"].shape[0]
-            if any(snap.arrays[f"dynamic.{f}"].shape[0] != n for f in BLOCK_FIELDS):
-                raise ValueError(
-                    f"snapshot arrays dynamic.* of table {self.name!r} differ in length"
-                )
-            if np.unique(snap.arrays["dynamic.keys"]).shape[0] != n:
+            if pname == "dynamic" and np.unique(snap.arrays["dynamic.keys"]).shape[0] != n:
                 raise ValueError(
                     f"snapshot array dynamic.keys of table {self.name!r} has duplicate keys"
                 )
-        sk = getattr(self, "sketch", None)
-        if sk is not None and "sketch.counters" in snap.arrays:
+        sk: FrequencySketch | None = getattr(self, "sketch", None)
+        if "sketch.counters" in snap.arrays:
             a = snap.arrays["sketch.counters"]
-            if a.shape != sk.counters.shape or a.dtype != sk.counters.dtype:
+            if sk is None or a.shape != sk.counters.shape or a.dtype != sk.counters.dtype:
                 raise ValueError(
                     f"snapshot array sketch.counters of table {self.name!r} has the wrong shape"
                 )
