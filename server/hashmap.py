@@ -65,7 +65,7 @@ from numba.extending import intrinsic
 EMPTY = np.int64(np.iinfo(np.int64).min)
 MAX_LOAD = 0.75
 MIN_CAPACITY = 16
-PREFETCH = 12
+PREFETCH = 24  # keys ahead; measured best at 10M keys (24 beat 12 by 7-30%)
 
 M_SIZE = 0  # keys stored in slots (the sentinel key is not counted here)
 M_SENTINEL_ROW = 1  # row of the key EMPTY, -1 when absent
@@ -105,6 +105,28 @@ def _prefetch(typingctx, arr, idx):
                 ir.Constant(i32, 1),
             ],
         )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_row(typingctx, dst, di, src, si):
+    """memcpy row ``src[si]`` into ``dst[di]`` (2-D C-contiguous arrays of one dtype and width)."""
+    sig = types.void(dst, di, src, si)
+
+    def codegen(context, builder, signature, args):
+        dty, _, sty, _ = signature.args
+        d = context.make_array(dty)(context, builder, args[0])
+        s_ = context.make_array(sty)(context, builder, args[2])
+        zero = context.get_constant(types.intp, 0)
+        dp = cgutils.get_item_pointer(context, builder, dty, d, [args[1], zero], wraparound=False)
+        sp = cgutils.get_item_pointer(context, builder, sty, s_, [args[3], zero], wraparound=False)
+        ncols = cgutils.unpack_tuple(builder, d.shape, 2)[1]
+        itemsize = context.get_constant(
+            types.intp, context.get_abi_sizeof(context.get_data_type(dty.dtype))
+        )
+        cgutils.raw_memcpy(builder, dp, sp, builder.mul(ncols, itemsize), 1)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -29,7 +29,7 @@ from numba import njit
 
 from embps.protos.config import FTRL, SGD, Adagrad, Adam, InitKind, OptimizerConfig
 
-from .hashmap import PREFETCH, _prefetch, fmix64
+from .hashmap import copy_row, fmix64
 
 # --------------------------------------------------------------------------
 # Duplicate handling
@@ -200,26 +200,29 @@ def init_rows(values, rows, keys, kind, a, b, seed):
     """values[rows[i]] <- the initial row of keys[i] (same key + seed: same row, always).
 
     values: float32 (cap, dim), rows: int64 (n,), keys: int64 (n,), kind: INIT_CODES value.
+    Element d of a row is a function of (seed, key, d) alone: a counter-based hash.
     """
     dim = values.shape[1]
     s = fmix64(np.uint64(seed) ^ np.uint64(0x5851F42D4C957F2D))
+    if kind <= 1:
+        v = 0.0 if kind == 0 else a
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            for d in range(dim):
+                values[r, d] = v
+        return
     for i in range(rows.shape[0]):
         r = rows[i]
         base = fmix64(np.uint64(keys[i]) ^ s)
-        for d in range(dim):
-            if kind == 0:
-                values[r, d] = 0.0
-            elif kind == 1:
-                values[r, d] = a
-            else:
+        if kind == 2:
+            for d in range(dim):
+                values[r, d] = a + (b - a) * _unit(fmix64(base + np.uint64(d + 1) * _COL))
+        else:
+            for d in range(dim):
                 h = fmix64(base + np.uint64(d + 1) * _COL)
                 u = _unit(h)
-                if kind == 2:
-                    values[r, d] = a + (b - a) * u
-                else:
-                    u2 = _unit(fmix64(h ^ _SECOND))
-                    z = math.sqrt(-2.0 * math.log(1.0 - u)) * math.cos(_TWO_PI * u2)
-                    values[r, d] = a + b * z
+                u2 = _unit(fmix64(h ^ _SECOND))
+                values[r, d] = a + b * math.sqrt(-2.0 * math.log(1.0 - u)) * math.cos(_TWO_PI * u2)
 
 
 @njit(nogil=True, cache=True)
@@ -247,15 +250,12 @@ def gather(values, rows, default, out):
     n = rows.shape[0]
     dim = values.shape[1]
     for i in range(n):
-        if i + PREFETCH < n and rows[i + PREFETCH] >= 0:
-            _prefetch(values, rows[i + PREFETCH] * dim)  # type: ignore[call-arg]
         r = rows[i]
         if r < 0:
             for d in range(dim):
                 out[i, d] = default
         else:
-            for d in range(dim):
-                out[i, d] = values[r, d]
+            copy_row(out, i, values, r)  # type: ignore[call-arg]
 
 
 @njit(nogil=True, cache=True)
