@@ -105,6 +105,11 @@ class Adagrad:
         _positive("Adagrad.lr", self.lr)
         _non_negative("Adagrad.initial_accumulator_value", self.initial_accumulator_value)
         _non_negative("Adagrad.eps", self.eps)
+        if self.eps == 0 and self.initial_accumulator_value == 0:
+            raise ValueError(
+                "Adagrad needs eps > 0 or initial_accumulator_value > 0 "
+                "(else a zero gradient on a fresh row divides 0 by 0)"
+            )
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ class Adam:
         for name, b in (("Adam.beta1", self.beta1), ("Adam.beta2", self.beta2)):
             if not (0.0 <= b < 1.0):
                 raise ValueError(f"{name} must be in [0, 1), got {b!r}")
-        _non_negative("Adam.eps", self.eps)
+        _positive("Adam.eps", self.eps)
 
 
 @dataclass(frozen=True)

@@ -383,19 +383,20 @@ def export_page(slots, meta, cursor, keys_out, rows_out):
 
     Cursor protocol (Redis SCAN style): start with 0; each call returns
     ``(count, next_cursor)``; ``next_cursor == 0`` means the walk is complete.
+    The page must hold at least one entry; an empty page returns ``(0, -1)``.
     Cursor 0 emits the sentinel key first (if present); cursor c > 0 resumes at
     bucket c - 1. Work per call is bounded by the page size plus the empty
     buckets skipped. Valid only while the map is not rehashed.
     """
     page = keys_out.shape[0]
     cap = slots.shape[0] // 2
+    if page == 0:
+        return 0, -1  # no progress is possible: -1 is not a cursor, so no walk ends by mistake
     count = 0
     b = 0
     if cursor == 0:
         r = meta[M_SENTINEL_ROW]
         if r >= 0:
-            if page == 0:
-                return 0, cursor
             keys_out[0] = EMPTY
             rows_out[0] = r
             count = 1

@@ -65,6 +65,18 @@ def sketch_estimate(counters, keys, out):
         out[i] = lo
 
 
+@njit(nogil=True, cache=True)
+def sketch_cols(counters, keys):
+    """Counter column of each key in each row: int64 (depth, n)."""
+    depth, width = counters.shape
+    mask = np.uint64(width - 1)
+    out = np.empty((depth, keys.shape[0]), dtype=np.int64)
+    for d in range(depth):
+        for i in range(keys.shape[0]):
+            out[d, i] = _col(keys[i], d, mask)
+    return out
+
+
 class FrequencySketch:
     """Count-min sketch over int64 keys. Not thread-safe: the owning table locks."""
 
@@ -80,6 +92,17 @@ class FrequencySketch:
         out = np.empty(keys.shape[0], dtype=np.int64)
         sketch_add(self.counters, keys, out)
         return out
+
+    def add_undoable(self, keys: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """``add`` that can be taken back: returns (estimates, undo) for ``undo(undo)``."""
+        cols = sketch_cols(self.counters, keys)
+        old = np.take_along_axis(self.counters, cols, axis=1)
+        return self.add(keys), (cols, old)
+
+    def undo(self, undo: tuple[np.ndarray, np.ndarray]) -> None:
+        """Restore the counters an ``add_undoable`` call changed."""
+        cols, old = undo
+        np.put_along_axis(self.counters, cols, old, axis=1)
 
     def estimate(self, keys: np.ndarray) -> np.ndarray:
         """Estimated counts, int64 (n,), without counting."""

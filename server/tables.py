@@ -55,6 +55,7 @@ from .optimizers import (
 from .sketch import DEFAULT_DEPTH, FrequencySketch
 
 DEFAULT_SKETCH_WIDTH = 1 << 18
+DELETED_LOG_MAX = 1 << 20  # keys kept for incremental snapshots (or the table size, if larger)
 ROW_GROWTH = 1.5
 _NORM_CODE = {Norm.L2: 0, Norm.L1: 1, Norm.LINF: 2}
 _STATIC_SEED = np.uint64(0x94D049BB133111EB)
@@ -376,11 +377,9 @@ class DynamicPart:
         live = self.live_rows()
         keys = self.keys_of(live)
         block = self.block.take(live)
-        row_cap = max(16, len(live) + len(live) // 4)
-        if self.max_rows:
-            row_cap = min(row_cap, max(self.max_rows, 16))
+        row_cap = min(max(16, len(live) + len(live) // 4), self.block.rows)  # never grows
         block.resize(row_cap)
-        cap = hm.capacity_for(row_cap)
+        cap = min(hm.capacity_for(row_cap), self.buckets)
         self.slots = hm.new_slots(cap)
         self.meta = hm.new_meta(cap, row_cap)
         self.free = np.empty(0, dtype=np.int64)
@@ -434,7 +433,8 @@ def as_grads(grads: object, n: int, dim: int, table: str) -> np.ndarray:
         raise InvalidArgument(
             f"table {table!r}: gradients must have shape ({n}, {dim}) (one row of dim {dim} per key), got {arr.shape}"
         )
-    out = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a float64 too large for float32 becomes Inf: refused below
+        out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(out).all():
         bad = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
         raise InvalidArgument(
@@ -463,7 +463,14 @@ class Table:
         self.step = 0
         self._auto_step = 0
         self.version = 0
-        self._deleted: list[tuple[int, np.ndarray]] = []  # (version, keys) since the last trim
+        # Keys deleted since the last trim, as (version, keys): kept only once a full
+        # snapshot was taken (an incremental chain may follow), bounded by
+        # DELETED_LOG_MAX keys; past it the log is dropped and increments
+        # over older versions are refused (take a full snapshot instead).
+        self._deleted: list[tuple[int, np.ndarray]] = []
+        self._deleted_keys = 0
+        self._deleted_floor = -1
+        self._track_deleted = False
         self.counters = dict.fromkeys(
             ("promotions", "admissions_rejected", "evictions", "pruned_rows", "pulled_rows",
              "pushed_rows", "pulled_static", "pulled_dynamic"),
@@ -528,7 +535,7 @@ class Table:
             before = self._sizes()[0]
             rows = self._prune(float(threshold), nm)
             self.counters["pruned_rows"] += rows
-            return PruneResult(rows=rows, bytes=max(0, before - self._sizes()[0]))
+            return PruneResult(rows=rows, bytes=before - self._sizes()[0])
 
     def evict(self) -> int:
         """Run steps-to-live and L2-threshold eviction now; returns rows evicted."""
@@ -567,6 +574,13 @@ class Table:
         on top of a snapshot of version v).
         """
         with self._lock:
+            if since_version is not None and since_version < self._deleted_floor:
+                raise ValueError(
+                    f"table {self.name!r}: the deletion log since version {since_version} was "
+                    "dropped (it grew past its bound); take a full snapshot"
+                )
+            if since_version is None:
+                self._track_deleted = True
             arrays: dict[str, np.ndarray] = {}
             deleted = None
             for pname, blk in self._blocks().items():
@@ -633,6 +647,10 @@ class Table:
         """Forget deletions at or before ``upto_version`` (a checkpoint of it is durable)."""
         with self._lock:
             self._deleted = [(v, k) for v, k in self._deleted if v > upto_version]
+            self._deleted_keys = sum(int(k.shape[0]) for _, k in self._deleted)
+
+    def _log_bytes(self) -> int:
+        return sum(int(k.nbytes) for _, k in self._deleted)
 
     def _check_snapshot(self, snap: Snapshot) -> None:
         """Every part present in ``snap`` must be complete and fit this table's shapes."""
@@ -776,15 +794,34 @@ class _DynamicBase(Table):
         self._drop_rows(victims)
         self.counters["evictions"] += int(victims.shape[0])
 
+    def _make_room_or_undo(
+        self, new: int, protect: np.ndarray, undo: tuple[np.ndarray, np.ndarray] | None
+    ) -> None:
+        """``_make_room``; on refusal take back this request's sketch sightings first."""
+        try:
+            self._make_room(new, protect)
+        except ResourceExhausted:
+            if undo is not None:
+                self.sketch.undo(undo)  # type: ignore[attr-defined]
+            raise
+
     def _drop_rows(self, rows: np.ndarray) -> None:
         keys = self.part.keys_of(rows)
         self.part.erase_keys(keys)
         self._log_deleted(keys)
 
     def _log_deleted(self, keys: np.ndarray) -> None:
-        if keys.shape[0]:
-            self.version += 1
-            self._deleted.append((self.version, keys))
+        if not keys.shape[0]:
+            return
+        self.version += 1
+        if not self._track_deleted:
+            return
+        if self._deleted_keys + keys.shape[0] > max(DELETED_LOG_MAX, self.part.size):
+            self._deleted, self._deleted_keys = [], 0
+            self._deleted_floor = self.version
+            return
+        self._deleted.append((self.version, keys.copy()))
+        self._deleted_keys += int(keys.shape[0])
 
     def _evict(self) -> int:
         cfg = self.config
@@ -831,13 +868,16 @@ class DynamicTable(_DynamicBase):
             miss = np.flatnonzero(rows < 0)
             if miss.shape[0]:
                 cand = keys[miss]
+                rejected = 0
+                undo = None
                 if self.sketch is not None:
-                    admit = self.sketch.add(cand) >= self.config.admission_threshold
-                    self.counters["admissions_rejected"] += int((~admit).sum())
+                    est, undo = self.sketch.add_undoable(cand)
+                    admit = est >= self.config.admission_threshold
+                    rejected = int((~admit).sum())
                     cand = cand[admit]
                 if cand.shape[0]:
                     new_keys = unique_keys(cand)
-                    self._make_room(new_keys.shape[0], rows[rows >= 0])
+                    self._make_room_or_undo(new_keys.shape[0], rows[rows >= 0], undo)
                     new_rows, inserted = part.insert(new_keys)
                     part.block.init(
                         new_rows[inserted], new_keys[inserted], self.config, self.config.seed
@@ -845,6 +885,7 @@ class DynamicTable(_DynamicBase):
                     self.version += 1
                     part.block.version[new_rows] = self.version
                     rows[miss] = part.find(keys[miss])
+                self.counters["admissions_rejected"] += rejected
             touch_rows(
                 part.block.freq,
                 part.block.last_step,
@@ -865,6 +906,7 @@ class DynamicTable(_DynamicBase):
 
     def _sizes(self) -> tuple[int, int, int, int, int, float]:
         dyn = self.part.nbytes + (self.sketch.nbytes if self.sketch is not None else 0)
+        dyn += self._log_bytes()
         return dyn, dyn, 0, self.part.size, 0, self.part.load_factor
 
 
@@ -944,14 +986,14 @@ class AdaptiveTable(_DynamicBase):
             miss = np.flatnonzero(rows < 0)
             if miss.shape[0]:
                 cand = keys[miss]
-                counts = self.sketch.add(cand)
+                counts, undo = self.sketch.add_undoable(cand)
                 promote = (
                     mask[miss] if mask is not None else counts >= self.config.promote_threshold
                 )
                 cand = cand[promote]
                 if cand.shape[0]:
                     new_keys = unique_keys(cand)
-                    self._make_room(new_keys.shape[0], rows[rows >= 0])
+                    self._make_room_or_undo(new_keys.shape[0], rows[rows >= 0], undo)
                     new_rows, inserted = part.insert(new_keys)
                     self._promote(new_rows[inserted], new_keys[inserted])
                     rows[miss] = part.find(keys[miss])
@@ -1006,7 +1048,7 @@ class AdaptiveTable(_DynamicBase):
         return PushResult(applied=keys.shape[0], dropped=0)
 
     def _sizes(self) -> tuple[int, int, int, int, int, float]:
-        dyn = self.part.nbytes + self.sketch.nbytes
+        dyn = self.part.nbytes + self.sketch.nbytes + self._log_bytes()
         st = self.static.nbytes
         return dyn + st, dyn, st, self.part.size, self.static.rows, self.part.load_factor
 

@@ -1,0 +1,305 @@
+"""``embps serve``: run N local shard processes, or one shard in this process.
+
+Two modes:
+
+* ``embps serve --shards N`` (no ``--shard-id``): a supervisor. It starts N
+  child processes (``python -m embps.server.main --shard-id i ...``), shard i
+  on port P+i with metrics on M+i (with P or M = 0 every shard takes any free
+  port). SIGTERM / SIGINT are forwarded to the children, which drain and exit
+  0; the supervisor then exits 0. If a shard dies (or exits on its own), the
+  supervisor logs which one and how (exit code or signal), stops the others
+  and exits 1: a half-running cluster is never hidden.
+* ``embps serve --shards N --shard-id i``: one shard in this process, on
+  exactly ``--port`` and ``--metrics-port`` (Kubernetes: one pod per shard, the
+  StatefulSet ordinal is the shard id).
+
+Each shard prints one line to stdout when it accepts calls::
+
+    shard 0/2 listening on 127.0.0.1:50051, metrics on :9091 (pid 1234)
+
+Shutdown of a shard: health NOT_SERVING, wait --drain-delay-seconds, refuse new
+calls, let in-flight calls finish (up to --grace-seconds), exit 0.
+
+Options come from the command line, then the ``--config`` file's ``server``
+section, then the defaults below; tables come from the file's ``tables``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from .config_file import SERVER_OPTIONS, load_serve_file
+from .service import (
+    DEFAULT_MAX_KEYS_PER_REQUEST,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ShardConfig,
+    build_server,
+)
+
+log = logging.getLogger("embps.serve")
+
+DEFAULTS: dict[str, Any] = {
+    "shards": 1,
+    "host": "127.0.0.1",
+    "port": 50051,
+    "metrics_port": 9091,
+    "max_keys_per_request": DEFAULT_MAX_KEYS_PER_REQUEST,
+    "max_message_bytes": DEFAULT_MAX_MESSAGE_BYTES,
+    "max_workers": 8,
+    "grace_seconds": 10.0,
+    "drain_delay_seconds": 0.0,
+    "verify_routing": True,
+}
+EXIT_OK, EXIT_SHARD_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+_KILL_MARGIN_S = 10.0  # after grace + drain delay, stragglers are killed
+
+
+# --------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``embps serve`` flags. Every option defaults to None: unset flags defer to the file."""
+    d = DEFAULTS
+    parser.add_argument("--shards", type=int, help=f"number of shards (default {d['shards']})")
+    parser.add_argument("--host", help=f"interface to listen on (default {d['host']}; "
+                        "0.0.0.0 in a container)")  # fmt: skip
+    parser.add_argument("--port", type=int, help=f"gRPC port of shard 0; shard i listens on "
+                        f"port+i (default {d['port']}; 0: any free port)")  # fmt: skip
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port of shard 0; shard i "
+                        f"serves on metrics-port+i (default {d['metrics_port']}; 0: any free port)")  # fmt: skip
+    parser.add_argument("--config", metavar="FILE", help="YAML or TOML file: server options and "
+                        "tables to create at start (see docs/service.md)")  # fmt: skip
+    parser.add_argument("--shard-id", type=int, help="run only this shard, in this process, on "
+                        "exactly --port and --metrics-port (Kubernetes: the pod ordinal)")  # fmt: skip
+    parser.add_argument("--max-keys-per-request", type=int, help="larger requests get "
+                        f"RESOURCE_EXHAUSTED (default {d['max_keys_per_request']})")  # fmt: skip
+    parser.add_argument("--max-message-bytes", type=int, help="gRPC message size limit "
+                        f"(default {d['max_message_bytes']})")  # fmt: skip
+    parser.add_argument("--max-workers", type=int, help="RPC threads per shard "
+                        f"(default {d['max_workers']})")  # fmt: skip
+    parser.add_argument("--grace-seconds", type=float, help="on SIGTERM, how long in-flight "
+                        f"calls may finish (default {d['grace_seconds']})")  # fmt: skip
+    parser.add_argument("--drain-delay-seconds", type=float, help="on SIGTERM, report "
+                        "NOT_SERVING this long before refusing calls (default 0)")  # fmt: skip
+    parser.add_argument("--verify-routing", action=argparse.BooleanOptionalAction, default=None,
+                        help="check that every key of a request belongs to the shard (default on)")  # fmt: skip
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """(server options, table configs): command line > config file > defaults.
+
+    Raises ValueError for a bad file or option.
+    """
+    opts = dict(DEFAULTS)
+    tables: tuple[Any, ...] = ()
+    if args.config:
+        f = load_serve_file(args.config)
+        opts.update(f.server)
+        tables = f.tables
+    for key in SERVER_OPTIONS:
+        v = getattr(args, key, None)
+        if v is not None:
+            opts[key] = v
+    if opts["shards"] < 1:
+        raise ValueError(f"--shards must be >= 1, got {opts['shards']}")
+    for key in ("port", "metrics_port"):
+        last = opts[key] + (opts["shards"] - 1 if opts[key] else 0)
+        if opts[key] < 0 or last > 65535:
+            raise ValueError(f"{key} {opts[key]} with {opts['shards']} shards leaves [0, 65535]")
+    return opts, tables
+
+
+def shard_config(opts: dict[str, Any], tables: tuple[Any, ...], shard_id: int) -> ShardConfig:
+    """Config of one shard (ports exactly as given: the caller offsets them)."""
+    return ShardConfig(
+        shard_id=shard_id,
+        num_shards=opts["shards"],
+        host=opts["host"],
+        port=opts["port"],
+        metrics_port=opts["metrics_port"],
+        max_keys_per_request=opts["max_keys_per_request"],
+        max_message_bytes=opts["max_message_bytes"],
+        max_workers=opts["max_workers"],
+        grace_seconds=float(opts["grace_seconds"]),
+        drain_delay_seconds=float(opts["drain_delay_seconds"]),
+        verify_routing=bool(opts["verify_routing"]),
+        tables=tables,
+    )
+
+
+# --------------------------------------------------------------------------
+# One shard in this process
+# --------------------------------------------------------------------------
+
+
+def run_shard(cfg: ShardConfig) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and return 0 (2 if the shard cannot start)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if not stop.is_set():
+            log.info("shard %d: %s received, draining", cfg.shard_id, signal.Signals(signum).name)
+            stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        shard = build_server(cfg)
+        shard.start()
+    except (OSError, ValueError) as e:
+        log.error("shard %d/%d cannot start: %s", cfg.shard_id, cfg.num_shards, e)
+        return EXIT_BAD_CONFIG
+    print(
+        f"shard {cfg.shard_id}/{cfg.num_shards} listening on {cfg.host}:{shard.port}, "
+        f"metrics on :{shard.metrics_port} (pid {os.getpid()})",
+        flush=True,
+    )
+    while not stop.wait(0.5):
+        pass
+    t0 = time.monotonic()
+    shard.stop()
+    log.info("shard %d: drained in %.2fs, exiting", cfg.shard_id, time.monotonic() - t0)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# Supervisor of N shard processes
+# --------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGTERM if the supervisor dies (no orphaned shards)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _child_argv(args: argparse.Namespace, opts: dict[str, Any], i: int) -> list[str]:
+    argv = [sys.executable, "-m", "embps.server.main", "--shard-id", str(i)]
+    for key in SERVER_OPTIONS:
+        v = opts[key]
+        if key in ("port", "metrics_port") and v:
+            v += i
+        flag = "--" + key.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(v)]
+    if args.config:
+        argv += ["--config", args.config]
+    return [*argv, "--log-level", args.log_level]
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with code {rc}"
+
+
+def supervise(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    """Start the shards, forward signals, watch them. 0: clean stop; 1: a shard failed."""
+    n = opts["shards"]
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = threading.Event()
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if not stopping.is_set():
+            log.info("%s received: stopping %d shards", signal.Signals(signum).name, n)
+        stopping.set()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for i in range(n):
+        procs.append(subprocess.Popen(_child_argv(args, opts, i), preexec_fn=_die_with_parent))
+        if stopping.is_set():  # a signal arrived while starting
+            procs[-1].send_signal(signal.SIGTERM)
+    log.info("started %d shards: pids %s", n, [p.pid for p in procs])
+
+    failed: list[int] = []
+    done: set[int] = set()
+    kill_at: float | None = None
+    while len(done) < n:
+        for i, p in enumerate(procs):
+            rc = p.poll()
+            if rc is None or i in done:
+                continue
+            done.add(i)
+            if rc == 0 and stopping.is_set():
+                log.info("shard %d/%d (pid %d) stopped cleanly", i, n, p.pid)
+                continue
+            failed.append(i)
+            why = _describe_exit(rc) + ("" if stopping.is_set() else " while serving")
+            log.error("SHARD FAILED: shard %d/%d (pid %d) %s", i, n, p.pid, why)
+            if not stopping.is_set():
+                log.error("stopping the other shards: a cluster without shard %d is unusable", i)
+                forward(signal.SIGTERM, None)
+        if stopping.is_set() and kill_at is None:
+            kill_at = time.monotonic() + opts["grace_seconds"] + opts["drain_delay_seconds"]
+            kill_at += _KILL_MARGIN_S
+        if kill_at is not None and time.monotonic() > kill_at:
+            for i, p in enumerate(procs):
+                if p.poll() is None:
+                    log.error("shard %d (pid %d) did not stop in time: killing it", i, p.pid)
+                    p.kill()
+            kill_at = float("inf")
+        time.sleep(0.05)
+    if failed:
+        log.error("embps serve: shards %s failed; exiting with code %d", failed, EXIT_SHARD_FAILED)
+        return EXIT_SHARD_FAILED
+    log.info("embps serve: all %d shards stopped", n)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """``embps serve``: one shard (``--shard-id``) or a supervisor of ``--shards`` processes."""
+    role = "supervisor" if args.shard_id is None else f"shard {args.shard_id}"
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s embps[{role}] %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        opts, tables = resolve_options(args)
+        if args.shard_id is not None:
+            cfg = shard_config(opts, tables, args.shard_id)
+    except ValueError as e:
+        log.error("%s", e)
+        return EXIT_BAD_CONFIG
+    if args.shard_id is not None:
+        return run_shard(cfg)
+    return supervise(args, opts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m embps.server.main``: the same flags as ``embps serve``."""
+    parser = argparse.ArgumentParser(prog="embps serve")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

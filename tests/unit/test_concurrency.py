@@ -1,0 +1,137 @@
+"""Many threads on one table: every push is applied exactly once, whatever runs beside it.
+
+SGD(lr=1) with gradients of 1.0 from a zeros initializer: the final value of a key
+is minus the exact number of times it appeared in a push (duplicates included).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from embps.protos.config import SGD, Initializer, TableConfig
+from embps.server.tables import Table, make_table
+
+from .reference import check_map
+
+THREADS = 8
+PUSHES = 150
+BATCH = 12
+DIM = 3
+
+
+def configs() -> dict[str, TableConfig]:
+    base = {"name": "t", "dim": DIM, "optimizer": SGD(lr=1.0), "initializer": Initializer("zeros")}
+    return {
+        "dynamic": TableConfig(**base, initial_capacity=16),
+        "adaptive": TableConfig(
+            **base, kind="adaptive", hash_bucket_size=4, promote_threshold=1000, initial_capacity=16
+        ),
+        "static": TableConfig(**base, kind="static", hash_bucket_size=4096),
+    }
+
+
+def hot_keys(table: Table) -> np.ndarray:
+    """24 keys, negative and 0 included; for a static table, keys with distinct rows."""
+    cand = np.arange(-12, 200, dtype=np.int64)
+    if table.config.kind == "static":
+        _, first = np.unique(table.rows_of(cand), return_index=True)
+        cand = cand[np.sort(first)]
+    return cand[:24]
+
+
+def run_threads(target, n: int) -> None:
+    errors: list[BaseException] = []
+
+    def wrap(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as e:  # surfaced in the main thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "adaptive", "static"])
+def test_concurrent_pushes_are_each_applied_exactly_once(kind):
+    table = make_table(configs()[kind])
+    keys = hot_keys(table)
+    mask = np.ones(keys.shape[0], dtype=bool) if kind == "adaptive" else None
+    np.testing.assert_array_equal(table.pull(keys, mask=mask), 0.0)  # rows exist (promoted)
+    counts: list[Counter] = [Counter() for _ in range(THREADS)]
+    stop = threading.Event()
+
+    def pusher(i: int) -> None:
+        rng = np.random.default_rng(1000 + i)
+        for _ in range(PUSHES):
+            batch = rng.choice(keys, size=BATCH)  # overlapping keys, duplicates in a batch
+            res = table.push(batch, np.ones((BATCH, DIM), dtype=np.float32))
+            assert res.applied == BATCH
+            counts[i].update(batch.tolist())
+
+    def puller(i: int) -> None:
+        rng = np.random.default_rng(2000 + i)
+        fresh = 10_000 * (i + 1)
+        while not stop.is_set():
+            out = table.pull(rng.choice(keys, size=BATCH), train=bool(i % 2))
+            assert (out <= 0).all() and (out == np.round(out)).all(), "a torn row"
+            if kind != "static":  # new keys: the arena and the buckets grow under the pushes
+                new = np.arange(fresh, fresh + 40)
+                table.pull(new, mask=np.ones(40, dtype=bool) if kind == "adaptive" else None)
+                fresh += 40
+            table.stats()
+
+    pullers = [threading.Thread(target=puller, args=(i,)) for i in range(2)]
+    for t in pullers:
+        t.start()
+    try:
+        run_threads(pusher, THREADS)
+    finally:
+        stop.set()
+        for t in pullers:
+            t.join(timeout=120)
+    total = sum(counts, Counter())
+    assert sum(total.values()) == THREADS * PUSHES * BATCH
+    got = table.pull(keys, train=False)
+    exp = -np.array([total[int(k)] for k in keys], dtype=np.float32)
+    np.testing.assert_array_equal(got, np.repeat(exp[:, None], DIM, axis=1))
+    stats = table.stats()
+    assert stats.pushed_rows == THREADS * PUSHES * BATCH
+    assert stats.step == THREADS * PUSHES - 1, "every push got its own auto step"
+    if kind != "static":
+        assert stats.keys > keys.shape[0], "the concurrent inserts happened"
+        fresh_rows = table.pull(np.arange(10_000, 10_040), train=False)
+        np.testing.assert_array_equal(fresh_rows, 0.0)
+
+
+def test_concurrent_erase_and_reinsert_keeps_the_map_consistent():
+    """Threads erase and re-create overlapping keys; every surviving key is findable once."""
+    table = make_table(configs()["dynamic"])
+    keys = np.arange(-50, 50, dtype=np.int64)
+
+    def churn(i: int) -> None:
+        rng = np.random.default_rng(i)
+        for _ in range(100):
+            batch = rng.choice(keys, size=10)
+            if rng.random() < 0.5:
+                table.erase(batch)
+            else:
+                table.pull(batch)
+
+    run_threads(churn, THREADS)
+    part = table.part
+    contents = check_map(part.slots, part.meta, part.free)
+    assert table.stats().keys == len(contents)
+    assert set(contents) <= set(keys.tolist())
+    rows = part.find(keys)
+    assert sorted(rows[rows >= 0].tolist()) == sorted(contents.values())

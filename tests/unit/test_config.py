@@ -1,0 +1,275 @@
+"""Table configs (protos/config.py): validation, wire round trip, plain mappings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from embps.protos.config import (
+    FTRL,
+    SGD,
+    Adagrad,
+    Adam,
+    Combiner,
+    Eviction,
+    Initializer,
+    InitKind,
+    TableConfig,
+    TableKind,
+)
+from embps.v1 import embps_pb2 as pb
+
+OPTIMIZERS = [
+    SGD(lr=0.25),
+    Adagrad(lr=0.5, initial_accumulator_value=0.125, eps=1e-7),
+    Adam(lr=0.001, beta1=0.5, beta2=0.75, eps=1e-6),
+    FTRL(alpha=0.5, beta=2.0, l1=0.25, l2=0.125, initial_accumulator_value=0.5),
+]
+
+KIND_CONFIGS = {
+    "dynamic": dict(
+        kind="dynamic",
+        initial_capacity=64,
+        admission_threshold=3,
+        default_value=0.5,
+        max_rows=100,
+        eviction="lru",
+        steps_to_live=9,
+        l2_evict_threshold=0.25,
+    ),
+    "static": dict(kind="static", hash_bucket_size=1000),
+    "adaptive": dict(
+        kind="adaptive",
+        initial_capacity=32,
+        max_rows=50,
+        eviction="lfu",
+        steps_to_live=3,
+        l2_evict_threshold=0.5,
+        hash_bucket_size=100,
+        promote_threshold=4,
+        sketch_width=4096,
+        sketch_depth=3,
+    ),
+    "qr": dict(kind="qr", qr_quotient_buckets=10, qr_remainder_buckets=20, qr_combiner="concat"),
+}
+
+
+def make(kind: str, optimizer=None, **kw) -> TableConfig:
+    args = {"name": "emb.user-id_v2", "dim": 8, "seed": 2**40, **KIND_CONFIGS[kind], **kw}
+    if optimizer is not None:
+        args["optimizer"] = optimizer
+    return TableConfig(**args)
+
+
+# --------------------------------------------------------------------------
+# Validation: a ValueError naming the option
+# --------------------------------------------------------------------------
+
+BAD = {
+    "empty-name": (dict(name=""), "name"),
+    "name-with-space": (dict(name="a b"), "name"),
+    "dim-zero": (dict(dim=0), "dim"),
+    "dim-too-large": (dict(dim=65537), "dim"),
+    "dim-float": (dict(dim=4.0), "dim"),
+    "unknown-kind": (dict(kind="sparse"), "kind"),
+    "unknown-eviction": (dict(eviction="fifo", max_rows=5), "eviction"),
+    "eviction-without-max-rows": (dict(eviction="lfu"), "max_rows"),
+    "negative-seed": (dict(seed=-1), "seed"),
+    "bool-capacity": (dict(initial_capacity=True), "initial_capacity"),
+    "negative-max-rows": (dict(max_rows=-5), "max_rows"),
+    "nan-default": (dict(default_value=float("nan")), "default_value"),
+    "negative-l2-threshold": (dict(l2_evict_threshold=-0.1), "l2_evict_threshold"),
+    "static-without-buckets": (dict(kind="static"), "hash_bucket_size"),
+    "static-with-max-rows": (dict(kind="static", hash_bucket_size=4, max_rows=10), "max_rows"),
+    "dynamic-with-buckets": (dict(hash_bucket_size=10), "hash_bucket_size"),
+    "dynamic-with-sketch": (dict(sketch_width=64), "sketch_width"),
+    "adaptive-without-threshold": (dict(kind="adaptive", hash_bucket_size=4), "promote_threshold"),
+    "adaptive-with-admission": (
+        dict(kind="adaptive", hash_bucket_size=4, promote_threshold=2, admission_threshold=2),
+        "admission_threshold",
+    ),
+    "sketch-width-not-power-of-two": (
+        dict(kind="adaptive", hash_bucket_size=4, promote_threshold=2, sketch_width=100),
+        "sketch_width",
+    ),
+    "sketch-depth-too-large": (
+        dict(kind="adaptive", hash_bucket_size=4, promote_threshold=2, sketch_depth=17),
+        "sketch_depth",
+    ),
+    "qr-without-buckets": (dict(kind="qr", qr_quotient_buckets=4), "qr_remainder_buckets"),
+    "qr-too-many-buckets": (
+        dict(kind="qr", qr_quotient_buckets=2**31, qr_remainder_buckets=2**31),
+        "qr_quotient_buckets",
+    ),
+    "qr-concat-odd-dim": (
+        dict(kind="qr", dim=5, qr_quotient_buckets=2, qr_remainder_buckets=2, qr_combiner="concat"),
+        "dim",
+    ),
+    "qr-unknown-combiner": (
+        dict(kind="qr", qr_quotient_buckets=2, qr_remainder_buckets=2, qr_combiner="max"),
+        "combiner",
+    ),
+    "dynamic-with-combiner": (dict(qr_combiner="add"), "qr_combiner"),
+    "optimizer-not-an-optimizer": (dict(optimizer="sgd"), "optimizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_table_config_raises_value_error_naming_the_option(case):
+    kw, option = BAD[case]
+    args = {"name": "t", "dim": 4, **kw}
+    with pytest.raises(ValueError, match=f"(?i){option}"):
+        TableConfig(**args)
+
+
+@pytest.mark.parametrize(
+    ("make_opt", "option"),
+    [
+        (lambda: SGD(lr=0), "SGD.lr"),
+        (lambda: SGD(lr=float("inf")), "SGD.lr"),
+        (lambda: Adagrad(lr=-1), "Adagrad.lr"),
+        (lambda: Adagrad(initial_accumulator_value=-0.1), "Adagrad.initial_accumulator_value"),
+        (lambda: Adagrad(eps=float("nan")), "Adagrad.eps"),
+        (lambda: Adam(beta1=1.0), "Adam.beta1"),
+        (lambda: Adam(beta2=-0.1), "Adam.beta2"),
+        (lambda: FTRL(alpha=0), "FTRL.alpha"),
+        (lambda: FTRL(l1=-1), "FTRL.l1"),
+        (lambda: FTRL(l2=-1), "FTRL.l2"),
+        (lambda: FTRL(initial_accumulator_value=0.0), "FTRL.initial_accumulator_value"),
+        (lambda: Initializer("uniform", 1.0, -1.0), "a <= b"),
+        (lambda: Initializer("normal", 0.0, -1.0), "std"),
+        (lambda: Initializer("constant", float("nan")), "finite"),
+        (lambda: Initializer("glorot"), "InitKind"),
+    ],
+)
+def test_a_bad_optimizer_or_initializer_raises_value_error_naming_the_option(make_opt, option):
+    with pytest.raises(ValueError) as exc:
+        make_opt()
+    assert option in str(exc.value)
+
+
+def test_defaults_are_valid_and_strings_become_enums():
+    cfg = TableConfig(
+        "t", dim=1, kind="qr", qr_quotient_buckets=1, qr_remainder_buckets=1, qr_combiner="add"
+    )
+    assert cfg.kind is TableKind.QR and cfg.qr_combiner is Combiner.ADD
+    assert cfg.eviction is Eviction.NONE
+    assert cfg.optimizer == SGD() and cfg.initializer == Initializer()
+    assert Initializer("zeros").kind is InitKind.ZEROS
+    assert [TableConfig("t", dim=1, optimizer=o).slots for o in OPTIMIZERS] == [0, 1, 2, 2]
+
+
+# --------------------------------------------------------------------------
+# Wire round trip
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: type(o).__name__)
+@pytest.mark.parametrize("kind", list(KIND_CONFIGS))
+def test_to_proto_from_proto_round_trip(kind, optimizer):
+    cfg = make(kind, optimizer, initializer=Initializer("normal", 0.5, 0.25))
+    msg = cfg.to_proto()
+    assert isinstance(msg, pb.TableConfig)
+    assert msg.optimizer.WhichOneof("kind") == type(optimizer).__name__.lower()
+    back = TableConfig.from_proto(pb.TableConfig.FromString(msg.SerializeToString()))
+    assert back == cfg
+    assert back.to_proto() == msg
+
+
+@pytest.mark.parametrize("kind", list(KIND_CONFIGS))
+def test_round_trip_of_every_initializer_kind(kind):
+    for ini in (Initializer("zeros"), Initializer("constant", 2.0), Initializer("uniform", -1, 1)):
+        cfg = make(kind, initializer=ini)
+        assert TableConfig.from_proto(cfg.to_proto()) == cfg
+
+
+def test_round_trip_of_a_default_value_that_is_not_a_float32():
+    """default_value 0.1 must survive the wire: a config that changes on the way is a new table."""
+    cfg = make("dynamic", default_value=0.1)
+    assert TableConfig.from_proto(cfg.to_proto()) == cfg
+
+
+def test_from_proto_defaults_of_unset_enums():
+    msg = pb.TableConfig(name="t", dim=2, kind=pb.TABLE_KIND_DYNAMIC)
+    msg.optimizer.sgd.lr = 0.5
+    cfg = TableConfig.from_proto(msg)
+    assert cfg.eviction is Eviction.NONE and cfg.initializer == Initializer()
+    assert cfg.optimizer == SGD(lr=0.5)
+
+
+def test_from_proto_without_optimizer_or_kind_names_them():
+    msg = pb.TableConfig(name="t", dim=2, kind=pb.TABLE_KIND_DYNAMIC)
+    with pytest.raises(ValueError, match="optimizer"):
+        TableConfig.from_proto(msg)
+    msg.optimizer.sgd.lr = 0.5
+    msg.kind = pb.TABLE_KIND_UNSPECIFIED
+    with pytest.raises(ValueError, match="kind"):
+        TableConfig.from_proto(msg)
+
+
+def test_from_proto_validates_like_the_constructor():
+    msg = make("static").to_proto()
+    msg.hash_bucket_size = 0
+    with pytest.raises(ValueError, match="hash_bucket_size"):
+        TableConfig.from_proto(msg)
+
+
+# --------------------------------------------------------------------------
+# Plain mappings (config files)
+# --------------------------------------------------------------------------
+
+
+def test_from_dict_builds_the_optimizer_and_initializer():
+    cfg = TableConfig.from_dict(
+        {
+            "name": "user",
+            "dim": 16,
+            "kind": "adaptive",
+            "optimizer": {"name": "Adam", "lr": 0.01, "beta2": 0.99},
+            "initializer": {"kind": "normal", "a": 0.0, "b": 0.01},
+            "hash_bucket_size": 1000,
+            "promote_threshold": 5,
+        }
+    )
+    assert cfg == TableConfig(
+        "user",
+        dim=16,
+        kind=TableKind.ADAPTIVE,
+        optimizer=Adam(lr=0.01, beta2=0.99),
+        initializer=Initializer(InitKind.NORMAL, 0.0, 0.01),
+        hash_bucket_size=1000,
+        promote_threshold=5,
+    )
+    assert TableConfig.from_dict(
+        {"name": "t", "dim": 2, "optimizer": {"lr": 0.5}}
+    ).optimizer == SGD(0.5)
+
+
+@pytest.mark.parametrize(
+    ("d", "option"),
+    [
+        ({"name": "t", "dim": 2, "max_row": 5}, "max_row"),
+        ({"name": "t", "dim": 2, "optimizer": {"name": "rmsprop"}}, "rmsprop"),
+        ({"name": "t", "dim": 2, "optimizer": {"name": "sgd", "momentum": 0.9}}, "momentum"),
+        ({"name": "t", "dim": 0}, "dim"),
+    ],
+)
+def test_from_dict_rejects_unknown_or_bad_options(d, option):
+    with pytest.raises((ValueError, TypeError), match=option):
+        TableConfig.from_dict(d)
+
+
+@pytest.mark.skipif(not hasattr(TableConfig, "to_dict"), reason="TableConfig.to_dict not present")
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: type(o).__name__)
+@pytest.mark.parametrize("kind", list(KIND_CONFIGS))
+def test_to_dict_from_dict_round_trip(kind, optimizer):
+    cfg = make(kind, optimizer)
+    assert TableConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_configs_are_frozen_and_comparable():
+    cfg = make("dynamic")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dim = 3  # type: ignore[misc]
+    assert cfg == make("dynamic") and cfg != make("dynamic", dim=4)
