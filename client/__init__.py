@@ -1,1 +1,60 @@
-"""embps trainer-side client."""
+"""embps trainer-side client.
+
+Example::
+
+    from embps.client import PSClient, Adagrad
+
+    with PSClient(["127.0.0.1:50051"]) as ps:
+        ps.create_table("user", dim=8, optimizer=Adagrad(lr=0.1))
+        rows = ps.pull("user", [1, 2, 3])
+"""
+
+from embps.protos.config import FTRL, SGD, Adagrad, Adam, TableConfig
+
+from .exceptions import (
+    STATUS_TO_ERROR,
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    EmbpsError,
+    InconsistentShardsError,
+    InternalError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    PushOutcomeUnknownError,
+    ResourceExhaustedError,
+    ShardMismatchError,
+    TableNotFoundError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from .ps_client import PruneResult, PSClient, PushResult, ShardStats
+
+__all__ = [
+    "FTRL",
+    "SGD",
+    "STATUS_TO_ERROR",
+    "Adagrad",
+    "Adam",
+    "AlreadyExistsError",
+    "CancelledError",
+    "DeadlineExceededError",
+    "EmbpsError",
+    "InconsistentShardsError",
+    "InternalError",
+    "InvalidArgumentError",
+    "PSClient",
+    "PermissionDeniedError",
+    "PruneResult",
+    "PushOutcomeUnknownError",
+    "PushResult",
+    "ResourceExhaustedError",
+    "ShardMismatchError",
+    "ShardStats",
+    "TableConfig",
+    "TableNotFoundError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+]

@@ -39,6 +39,8 @@ import time
 from types import FrameType
 from typing import Any
 
+from embps.protos.config import TableConfig
+
 from .config_file import SERVER_OPTIONS, load_serve_file
 from .service import (
     DEFAULT_MAX_KEYS_PER_REQUEST,
@@ -99,13 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
-def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[Any, ...]]:
+def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[TableConfig, ...]]:
     """(server options, table configs): command line > config file > defaults.
 
     Raises ValueError for a bad file or option.
     """
     opts = dict(DEFAULTS)
-    tables: tuple[Any, ...] = ()
+    tables: tuple[TableConfig, ...] = ()
     if args.config:
         f = load_serve_file(args.config)
         opts.update(f.server)
@@ -123,7 +125,9 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[Any
     return opts, tables
 
 
-def shard_config(opts: dict[str, Any], tables: tuple[Any, ...], shard_id: int) -> ShardConfig:
+def shard_config(
+    opts: dict[str, Any], tables: tuple[TableConfig, ...], shard_id: int
+) -> ShardConfig:
     """Config of one shard (ports exactly as given: the caller offsets them)."""
     return ShardConfig(
         shard_id=shard_id,

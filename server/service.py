@@ -208,6 +208,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             t0 = time.perf_counter()
             code = "OK"
+            # labelled before the call too, so that a dropped table keeps its name
+            existed = self._label(request) if self._metrics is not None else ""
             try:
                 return behavior(request, context)
             except EmbpsServerError as e:
@@ -224,13 +226,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 )
             finally:
                 if self._metrics is not None:
-                    self._metrics.observe(
-                        method, self._label(request), code, time.perf_counter() - t0
-                    )
+                    label = existed if existed != "-" else self._label(request)
+                    self._metrics.observe(method, label, code, time.perf_counter() - t0)
 
         return call
 
     def _label(self, request: Any) -> str:
+        """Metrics label: the table's name if it exists, '-' if not, '' for no table."""
         name = _table_of(request)
         if not name:
             return ""

@@ -1,0 +1,582 @@
+"""``PSClient``: the trainer's handle on a sharded embps cluster.
+
+One call = one batch. ``pull`` and ``push`` take keys of any integer shape
+(flattened), with duplicates:
+
+    keys (n,) -> np.unique (dedup, keep the inverse) -> shard = mix64(key) % N
+    -> one RPC per shard, concurrently (chunks of <= max_keys_per_request keys)
+    -> scatter the rows back by the inverse -> float32 (n, dim)
+
+A push sums the gradients of duplicate keys on the client (in batch order,
+float32, exactly as a shard sums them), checks them (dim, finite) and then
+sends one push to *every* shard, empty ones included, so that each shard's
+push counter (Adam's step when ``step`` is not given) advances once per call,
+as a single in-process table's would.
+
+Retries. ``pull`` and the table calls retry UNAVAILABLE (and CANCELLED, which a
+shard that is shutting down answers) with exponential backoff until
+``retry_deadline``; ``push`` is never retried: if a shard fails
+in a way that leaves the outcome unknown (or only some shards applied it),
+``PushOutcomeUnknownError`` says which shards applied, refused or may have.
+
+Example::
+
+    import numpy as np
+    from embps.client import PSClient, Adagrad
+
+    with PSClient(["127.0.0.1:50051", "127.0.0.1:50052"]) as ps:
+        ps.create_table("user", dim=8, optimizer=Adagrad(lr=0.1))
+        ids = np.array([[3, 7], [7, 11]])           # any integer shape, duplicates allowed
+        rows = ps.pull("user", ids)                 # float32 (4, 8), rows of 3, 7, 7, 11
+        ps.push("user", ids, np.ones_like(rows))    # grads (4, 8) in the same order
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from embps.protos import codec
+from embps.protos.config import NORM_TO_PB, Norm, TableConfig
+from embps.protos.routing import split_by_shard
+from embps.v1 import embps_pb2 as pb
+from embps.v1 import embps_pb2_grpc as pb_grpc
+
+from .exceptions import (
+    CancelledError,
+    EmbpsError,
+    InconsistentShardsError,
+    InvalidArgumentError,
+    PushOutcomeUnknownError,
+    TableNotFoundError,
+    UnavailableError,
+    from_rpc_error,
+)
+
+# Errors an idempotent call retries: the shard is unreachable, or it cancelled the call
+# while shutting down (the client itself never cancels a call).
+_RETRIABLE = (UnavailableError, CancelledError)
+# Same defaults as the server (embps.server.service); the client never imports the server.
+DEFAULT_MAX_KEYS_PER_REQUEST = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+_MESSAGE_OVERHEAD = 4096  # bytes kept free in a message for fields other than the arrays
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.05, 2.0
+_FINITE_MAX = {
+    pb.DTYPE_FLOAT32: float(np.finfo(np.float32).max),
+    pb.DTYPE_FLOAT16: float(np.finfo(np.float16).max),
+    pb.DTYPE_BFLOAT16: 3.3895313892515355e38,  # largest finite bfloat16
+}
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Summed over shards. applied: keys whose gradient reached a row; dropped: keys with no row."""
+
+    applied: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """Summed over shards: rows deleted and bytes returned."""
+
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """One shard's view: its id, shard count, address and per-table stats (proto field names)."""
+
+    shard_id: int
+    num_shards: int
+    address: str
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# Input conversion (once, at the boundary)
+# --------------------------------------------------------------------------
+
+
+def _as_keys(keys: Any) -> np.ndarray:
+    """Any integer array (any shape) -> contiguous int64 (n,)."""
+    arr = np.asarray(keys)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"keys must be an integer array, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and int(arr.max()) >= 2**63:
+        raise InvalidArgumentError("keys must fit in int64; got uint64 values >= 2**63")
+    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+
+
+def _as_grads(grads: Any, keys_shape: tuple[int, ...], n: int, dim: int) -> np.ndarray:
+    """float (n, dim) or keys_shape + (dim,) -> float32 (n, dim); dim is checked by the caller."""
+    g = np.asarray(grads)
+    if g.dtype.kind not in "fiu":
+        raise InvalidArgumentError(f"gradients must be floats, got dtype {g.dtype}")
+    if n == 0 and g.size == 0:
+        return np.empty((0, dim), dtype=np.float32)
+    if g.ndim == len(keys_shape) + 1 and g.shape[:-1] == keys_shape:
+        g = g.reshape(n, g.shape[-1])
+    if g.ndim != 2 or g.shape[0] != n:
+        raise InvalidArgumentError(
+            f"gradients must have shape (n, dim) with n = {n} keys (one row per key, in the "
+            f"keys' order), got {g.shape}"
+        )
+    return np.ascontiguousarray(g, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where the keys of one call go.
+
+    keys:   int64 (u,) the distinct keys, grouped by owning shard (ascending within a shard)
+    where:  int64 (n,) position in ``keys`` of each of the caller's keys
+    bounds: shard s owns keys[bounds[s]:bounds[s + 1]]
+    first:  int64 (u,) batch index of each key's first occurrence (pushes only, else None)
+    """
+
+    keys: np.ndarray
+    where: np.ndarray
+    bounds: list[int]
+    first: np.ndarray | None = None
+
+
+def _plan(keys: np.ndarray, num_shards: int, first: bool = False) -> _Plan:
+    """Dedup and route keys: int64 (n,) -> _Plan. Per-shard key runs are contiguous, so
+    requests are slices and responses land with one copy each (no row scatter)."""
+    if first:
+        uniq, index, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    else:
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        index = None
+    inverse = inverse.reshape(-1)
+    u = uniq.shape[0]
+    if num_shards == 1:
+        return _Plan(uniq, inverse, [0, u], index)
+    parts = split_by_shard(uniq, num_shards)
+    order = np.concatenate(parts)
+    pos = np.empty(u, dtype=np.int64)
+    pos[order] = np.arange(u, dtype=np.int64)
+    bounds = [0, *np.cumsum([p.shape[0] for p in parts]).tolist()]
+    return _Plan(uniq[order], pos[inverse], bounds, None if index is None else index[order])
+
+
+def _sum_duplicates(plan: _Plan, grads: np.ndarray) -> np.ndarray:
+    """Gradient of each distinct key: float32 (u, dim), summed exactly as a shard sums them.
+
+    A shard computes ((0 + g_first) + g_second) + ... in float32, in batch order
+    (``dedup_sum``); so does this: the first occurrences are gathered (plus 0, which
+    turns -0.0 into 0.0 as the shard's zero start does), then the other occurrences
+    are added in batch order by one flat ``np.add.at``.
+    """
+    assert plan.first is not None
+    n, dim = grads.shape
+    ug = grads[plan.first]
+    ug += np.float32(0.0)
+    if ug.shape[0] == n:
+        return ug
+    is_first = np.zeros(n, dtype=np.bool_)
+    is_first[plan.first] = True
+    rest = np.flatnonzero(~is_first)
+    flat = (plan.where[rest, None] * dim + np.arange(dim, dtype=np.int64)).reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # the caller checks for Inf/NaN
+        np.add.at(ug.reshape(-1), flat, grads[rest].reshape(-1))
+    return ug
+
+
+def _slices(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) in pieces of at most ``size`` (one empty piece for an empty range)."""
+    if hi - lo <= size:
+        return [(lo, hi)]
+    return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+
+
+# --------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------
+
+
+class PSClient:
+    """Client of an embps cluster: routes keys, fans out one RPC per shard, merges results.
+
+    addresses: "host:port" of every shard, in shard-id order (a list, or one
+    comma-separated string). timeout: seconds per RPC. grpc_options: extra
+    channel options. max_keys_per_request: keys per RPC (requests above it are
+    split; keep it <= the server's limit). max_message_bytes: gRPC message limit
+    (keep it equal to the server's). dtype: wire dtype of pulled values and
+    pushed gradients ("float32", "float16", "bfloat16"). retry_deadline:
+    seconds within which pulls and table calls retry UNAVAILABLE and CANCELLED.
+    Thread-safe.
+    """
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        timeout: float = 10.0,
+        grpc_options: Sequence[tuple[str, Any]] | None = None,
+        max_keys_per_request: int = DEFAULT_MAX_KEYS_PER_REQUEST,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        dtype: str = "float32",
+        retry_deadline: float = 30.0,
+    ) -> None:
+        if isinstance(addresses, str):
+            addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+        self.addresses: list[str] = list(addresses)
+        if not self.addresses:
+            raise ValueError("PSClient needs at least one shard address")
+        if len(set(self.addresses)) != len(self.addresses):
+            raise ValueError(f"duplicate shard addresses: {self.addresses}")
+        if max_keys_per_request < 1:
+            raise ValueError(f"max_keys_per_request must be >= 1, got {max_keys_per_request}")
+        self.num_shards = len(self.addresses)
+        self.timeout = timeout
+        self.max_keys_per_request = max_keys_per_request
+        self.max_message_bytes = max_message_bytes
+        self.dtype = codec.dtype_from_name(dtype)
+        self.retry_deadline = retry_deadline
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            *(grpc_options or ()),
+        ]
+        self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
+        self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
+        self._dims: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- lifecycle
+    def __enter__(self) -> PSClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every channel; calls in flight are cancelled."""
+        for c in self._channels:
+            c.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until every shard's channel is connected; UnavailableError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for i, c in enumerate(self._channels):
+            try:
+                grpc.channel_ready_future(c).result(timeout=max(0.0, deadline - time.monotonic()))
+            except grpc.FutureTimeoutError:
+                raise UnavailableError(
+                    f"not reachable within {timeout}s; is the shard running?",
+                    shard=i,
+                    address=self.addresses[i],
+                ) from None
+
+    # ---------------------------------------------------------------- tables
+    def create_table(
+        self,
+        name_or_config: str | TableConfig,
+        dim: int | None = None,
+        kind: str = "dynamic",
+        **options: Any,
+    ) -> bool:
+        """Create a table on every shard; True if any shard created it, False if all had it.
+
+        Pass a ``TableConfig``, or a name, dim, kind and ``TableConfig`` options
+        (``optimizer=Adagrad(lr=0.1)`` or ``optimizer={"name": "adagrad", "lr": 0.1}``).
+        An identical existing table is fine; a different one raises AlreadyExistsError.
+        """
+        if isinstance(name_or_config, TableConfig):
+            if dim is not None or options or kind != "dynamic":
+                raise InvalidArgumentError("pass either a TableConfig or name, dim and options")
+            cfg = name_or_config
+        else:
+            if dim is None:
+                raise InvalidArgumentError(f"table {name_or_config!r}: dim is required")
+            try:
+                cfg = TableConfig.from_dict({"name": name_or_config, "dim": dim, "kind": kind,
+                                             **options})  # fmt: skip
+            except (TypeError, ValueError) as e:
+                raise InvalidArgumentError(str(e)) from None
+        req = pb.CreateTableRequest(config=cfg.to_proto())
+        resps = self._call_all("CreateTable", [(s, req) for s in range(self.num_shards)])
+        with self._lock:
+            self._dims[cfg.name] = cfg.dim
+        return any(r.created for r in resps)
+
+    def describe_tables(self) -> list[TableConfig]:
+        """Config of every table, in name order. InconsistentShardsError if shards disagree."""
+        req = pb.DescribeTablesRequest()
+        resps = self._call_all("DescribeTables", [(s, req) for s in range(self.num_shards)])
+        per_shard = [[TableConfig.from_proto(t) for t in r.tables] for r in resps]
+        first = per_shard[0]
+        for s, cfgs in enumerate(per_shard[1:], start=1):
+            if cfgs != first:
+                a = {c.name for c in first}
+                b = {c.name for c in cfgs}
+                raise InconsistentShardsError(
+                    f"shards 0 and {s} hold different tables (only on 0: {sorted(a - b)}, only on "
+                    f"{s}: {sorted(b - a)}, differing configs: {sorted(n for n in a & b if _cfg(first, n) != _cfg(cfgs, n))}); "
+                    "a shard restarted empty or a create half failed: create the tables again"
+                )
+        with self._lock:
+            self._dims.update({c.name: c.dim for c in first})
+        return first
+
+    def drop_table(self, name: str) -> bool:
+        """Drop a table on every shard; True if any shard had it."""
+        req = pb.DropTableRequest(name=name)
+        resps = self._call_all("DropTable", [(s, req) for s in range(self.num_shards)])
+        with self._lock:
+            self._dims.pop(name, None)
+        return any(r.dropped for r in resps)
+
+    def prune(self, table: str, threshold: float, norm: str | Norm = "l2") -> PruneResult:
+        """Delete rows with norm < threshold on every shard; rows and bytes freed, summed."""
+        try:
+            nm = NORM_TO_PB[Norm(norm)]
+        except ValueError:
+            raise InvalidArgumentError(f"unknown norm {norm!r}; use l2, l1 or linf") from None
+        req = pb.PruneRequest(table=table, threshold=threshold, norm=nm, num_shards=self.num_shards)
+        resps = self._call_all("Prune", [(s, req) for s in range(self.num_shards)], retry=False)
+        return PruneResult(
+            rows=sum(r.rows_freed for r in resps), bytes=sum(r.bytes_freed for r in resps)
+        )
+
+    def stats(self, table: str = "") -> list[ShardStats]:
+        """Per-shard stats of one table (or all), in shard order."""
+        req = pb.StatsRequest(table=table)
+        resps = self._call_all("Stats", [(s, req) for s in range(self.num_shards)])
+        out = []
+        for s, r in enumerate(resps):
+            tables = {
+                t.name: {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields} for t in r.tables
+            }
+            out.append(ShardStats(r.shard_id, r.num_shards, self.addresses[s], tables))
+        return out
+
+    # ---------------------------------------------------------------- data
+    def pull(self, table: str, keys: Any, train: bool = True, mask: Any = None) -> np.ndarray:
+        """Rows of ``keys``: float32 (n, dim), in the keys' order (n = keys.size).
+
+        keys: integer array of any shape, duplicates allowed (flattened).
+        train: True creates rows, counts sightings and promotes (training);
+        False only reads (inference). mask: bool, same size as keys (adaptive
+        tables): True promotes the key now (if any of its duplicates says so).
+        """
+        k = _as_keys(keys)
+        n = k.shape[0]
+        dim = self._dim(table)
+        if n == 0:
+            return np.empty((0, dim), dtype=np.float32)
+        plan = _plan(k, self.num_shards)
+        u = plan.keys.shape[0]
+        umask: np.ndarray | None = None
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.dtype != np.bool_ or m.size != n:
+                raise InvalidArgumentError(
+                    f"mask must be a bool array with one entry per key ({n}), got {m.dtype} {m.shape}"
+                )
+            umask = np.zeros(u, dtype=np.bool_)
+            umask[plan.where[m.reshape(-1)]] = True
+        per_key = 8 + dim * codec.ITEMSIZE[self.dtype] + (1 if umask is not None else 0)
+        chunk = self._chunk_keys(per_key)
+        jobs: list[tuple[int, pb.PullRequest]] = []
+        spans: list[tuple[int, int]] = []
+        for s in range(self.num_shards):
+            lo, hi = plan.bounds[s], plan.bounds[s + 1]
+            if lo == hi:
+                continue  # a pull changes nothing on a shard without keys
+            for a, b in _slices(lo, hi, chunk):
+                req = pb.PullRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
+                                     train=bool(train), num_shards=self.num_shards,
+                                     dtype=self.dtype)  # fmt: skip
+                if umask is not None:
+                    req.mask = codec.encode_mask(umask[a:b])
+                jobs.append((s, req))
+                spans.append((a, b))
+        resps = self._call_all("Pull", jobs)
+        out: np.ndarray | None = None
+        for (s, _req), (a, b), r in zip(jobs, spans, resps, strict=True):
+            try:
+                vals = codec.decode_values(r.values, r.dtype, b - a, r.dim)
+            except codec.CodecError as e:
+                raise EmbpsError(
+                    f"malformed pull response: {e}", shard=s, address=self.addresses[s]
+                ) from None
+            if out is None:
+                out = np.empty((u, r.dim), dtype=np.float32)
+            elif r.dim != out.shape[1]:
+                raise InconsistentShardsError(
+                    f"table {table!r} has dim {r.dim} on shard {s} but {out.shape[1]} elsewhere"
+                )
+            out[a:b] = vals
+        assert out is not None
+        if out.shape[1] != dim:
+            with self._lock:
+                self._dims[table] = out.shape[1]
+        return out[plan.where]
+
+    def push(self, table: str, keys: Any, grads: Any, step: int | None = None) -> PushResult:
+        """Apply gradients: grads float (n, dim) (or keys.shape + (dim,)), one row per key.
+
+        Duplicate keys' gradients are summed. step: the trainer's 0-based global
+        step (Adam's bias correction, LRU and steps-to-live stamps); None: each
+        shard's own push counter. Never retried; see PushOutcomeUnknownError.
+        """
+        karr = np.asarray(keys)
+        k = _as_keys(karr)
+        n = k.shape[0]
+        dim = self._dim(table)
+        g = _as_grads(grads, karr.shape, n, dim)
+        if g.shape[1] != dim:
+            dim = self._dim(table, refresh=True)
+            if g.shape[1] != dim:
+                raise InvalidArgumentError(
+                    f"table {table!r} has dim {dim}; gradients have dim {g.shape[1]}"
+                )
+        if step is not None and (not isinstance(step, int | np.integer) or step < 0):
+            raise InvalidArgumentError(f"step must be an integer >= 0 or None, got {step!r}")
+        plan = _plan(k, self.num_shards, first=True)
+        ug = _sum_duplicates(plan, g)
+        if n:
+            peak = float(np.abs(ug).max())  # NaN propagates; inf stays inf
+            if not peak <= _FINITE_MAX[self.dtype]:
+                raise InvalidArgumentError(
+                    f"table {table!r}: gradients contain NaN or Inf (or exceed the range of the "
+                    "wire dtype after summing duplicates); nothing was sent"
+                )
+        waves: list[list[tuple[int, pb.PushRequest]]] = []
+        chunk = self._chunk_keys(8 + g.shape[1] * codec.ITEMSIZE[self.dtype])
+        for s in range(self.num_shards):  # every shard, even without keys: one step each
+            pieces = _slices(plan.bounds[s], plan.bounds[s + 1], chunk)
+            if len(pieces) > 1 and step is None:
+                warnings.warn(
+                    f"push to table {table!r} is split into {len(pieces)} requests on shard {s}: "
+                    "without step= each advances the table's push counter; pass step=",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            for w, (a, b) in enumerate(pieces):
+                req = pb.PushRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
+                                     grads=codec.encode_values(ug[a:b], self.dtype),
+                                     dtype=self.dtype, num_shards=self.num_shards,
+                                     step=step)  # fmt: skip
+                if w == len(waves):
+                    waves.append([])
+                waves[w].append((s, req))
+        applied = dropped = 0
+        done: list[int] = []
+        for wave in waves:
+            outcomes = self._call_outcomes("Push", wave)
+            errors = [e for e in outcomes if isinstance(e, EmbpsError)]
+            ok = [
+                (s, r) for (s, _), r in zip(wave, outcomes, strict=True)
+                if not isinstance(r, EmbpsError)
+            ]  # fmt: skip
+            done += [s for s, _ in ok]
+            for _, r in ok:
+                applied += r.applied
+                dropped += r.dropped
+            if errors:
+                rejected = sorted({e.shard for e in errors if e.rejected and e.shard is not None})
+                unknown = sorted(
+                    {e.shard for e in errors if not e.rejected and e.shard is not None}
+                )
+                if not done and not unknown:
+                    raise errors[0]  # refused everywhere it was sent: nothing changed
+                raise PushOutcomeUnknownError(
+                    f"push to table {table!r} is incomplete: applied on shards {sorted(set(done))}, "
+                    f"refused (nothing changed) on {rejected}, unknown on {unknown}; "
+                    f"first error: {errors[0]}",
+                    applied=sorted(set(done)),
+                    rejected=rejected,
+                    unknown=unknown,
+                    errors=errors,
+                )
+        return PushResult(applied=applied, dropped=dropped)
+
+    # ---------------------------------------------------------------- helpers
+    def _chunk_keys(self, bytes_per_key: int) -> int:
+        """Keys per request: the key limit, and the message limit for this row size."""
+        by_bytes = (self.max_message_bytes - _MESSAGE_OVERHEAD) // max(1, bytes_per_key)
+        return max(1, min(self.max_keys_per_request, by_bytes))
+
+    def _dim(self, table: str, refresh: bool = False) -> int:
+        """The table's dim (cached; DescribeTables on shard 0 on a miss)."""
+        with self._lock:
+            dim = self._dims.get(table)
+        if dim is not None and not refresh:
+            return dim
+        (resp,) = self._call_all("DescribeTables", [(0, pb.DescribeTablesRequest())])
+        dims = {t.name: int(t.dim) for t in resp.tables}
+        with self._lock:
+            self._dims.update(dims)
+        if table not in dims:
+            raise TableNotFoundError(
+                f"no table {table!r} (tables: {', '.join(sorted(dims)) or 'none'}); create it first",
+                shard=0,
+                address=self.addresses[0],
+                code=grpc.StatusCode.NOT_FOUND,
+            )
+        return dims[table]
+
+    # ---------------------------------------------------------------- RPC fan-out
+    def _call_outcomes(self, method: str, jobs: list[tuple[int, Any]]) -> list[Any]:
+        """Send every job concurrently; per job its response or its EmbpsError. No retries."""
+        futs = [
+            getattr(self._stubs[s], method).future(req, timeout=self.timeout) for s, req in jobs
+        ]
+        out: list[Any] = []
+        for (s, _), f in zip(jobs, futs, strict=True):
+            try:
+                out.append(f.result())
+            except grpc.RpcError as e:
+                out.append(from_rpc_error(e, s, self.addresses[s]))
+        return out
+
+    def _call_all(self, method: str, jobs: list[tuple[int, Any]], retry: bool = True) -> list[Any]:
+        """Responses of every job (in order); raises the first error.
+
+        retry: resend the jobs that failed with UNAVAILABLE or CANCELLED, with
+        exponential backoff and jitter, until ``retry_deadline``.
+        """
+        deadline = time.monotonic() + self.retry_deadline
+        results: list[Any] = [None] * len(jobs)
+        pending = list(range(len(jobs)))
+        backoff = _BACKOFF_FIRST_S
+        while True:
+            outcomes = self._call_outcomes(method, [jobs[i] for i in pending])
+            failed: list[int] = []
+            for i, r in zip(pending, outcomes, strict=True):
+                results[i] = r
+                if isinstance(r, EmbpsError):
+                    failed.append(i)
+            if not failed:
+                return results
+            retriable = retry and all(isinstance(results[i], _RETRIABLE) for i in failed)
+            sleep = backoff * (0.5 + random.random() / 2)
+            if not retriable or time.monotonic() + sleep > deadline:
+                raise results[failed[0]]
+            time.sleep(sleep)
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+            pending = failed
+
+
+def _cfg(cfgs: list[TableConfig], name: str) -> TableConfig | None:
+    return next((c for c in cfgs if c.name == name), None)

@@ -1,0 +1,169 @@
+"""The wire codec (embps.protos.codec) and key routing (embps.protos.routing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embps.protos import codec
+from embps.protos.routing import mix64, shard_of, split_by_shard
+from embps.server.service import first_misrouted
+from embps.v1 import embps_pb2 as pb
+
+F32, F16, BF16 = pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+# --------------------------------------------------------------------------
+# Keys and masks
+# --------------------------------------------------------------------------
+
+
+def test_keys_round_trip_edges() -> None:
+    for keys in ([], [0], [-(2**63), 2**63 - 1, -1, 0, 1]):
+        k = np.array(keys, dtype=np.int64)
+        data = codec.encode_keys(k)
+        assert len(data) == 8 * k.shape[0]
+        np.testing.assert_array_equal(codec.decode_keys(data), k)
+
+
+def test_keys_are_little_endian_int64() -> None:
+    assert codec.encode_keys(np.array([1, -2])) == (1).to_bytes(8, "little") + (-2).to_bytes(
+        8, "little", signed=True
+    )
+    big_endian = np.array([5], dtype=">i8")
+    np.testing.assert_array_equal(codec.decode_keys(codec.encode_keys(big_endian)), [5])
+
+
+@pytest.mark.parametrize("n_bytes", [1, 7, 9, 15])
+def test_keys_length_error(n_bytes: int) -> None:
+    with pytest.raises(codec.CodecError, match="multiple of 8"):
+        codec.decode_keys(b"\0" * n_bytes)
+
+
+def test_mask_round_trip_and_errors() -> None:
+    m = np.array([True, False, True])
+    np.testing.assert_array_equal(codec.decode_mask(codec.encode_mask(m), 3), m)
+    assert codec.decode_mask(b"", 3) is None
+    with pytest.raises(codec.CodecError, match="one byte per key"):
+        codec.decode_mask(b"\x01\x00", 3)
+    with pytest.raises(codec.CodecError, match="0 or 1"):
+        codec.decode_mask(b"\x01\x02\x00", 3)
+
+
+# --------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------
+
+
+def _round(x: np.ndarray, dtype: int) -> np.ndarray:
+    return codec.decode_values(codec.encode_values(x, dtype), dtype, x.shape[0], x.shape[1])
+
+
+def test_float32_is_exact(rng: np.random.Generator) -> None:
+    x = rng.normal(size=(33, 7)).astype(np.float32) * np.float32(1e3)
+    x[0, :3] = [np.inf, -np.inf, 0.0]
+    got = _round(x, F32)
+    assert got.dtype == np.float32 and got.shape == (33, 7)
+    np.testing.assert_array_equal(got, x)
+    np.testing.assert_array_equal(_round(x, pb.DTYPE_UNSPECIFIED), x)  # unspecified = float32
+
+
+def test_float16_within_precision(rng: np.random.Generator) -> None:
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    got = _round(x, F16)
+    np.testing.assert_allclose(got, x, rtol=2.0**-11, atol=2.0**-24)
+    np.testing.assert_array_equal(got, x.astype(np.float16).astype(np.float32))  # nearest-even
+
+
+def test_bfloat16_within_precision(rng: np.random.Generator) -> None:
+    x = rng.normal(size=(50, 8)).astype(np.float32) * np.float32(1e6)
+    got = _round(x, BF16)
+    np.testing.assert_allclose(got, x, rtol=2.0**-8)
+    assert len(codec.encode_values(x, BF16)) == x.size * 2
+    # exactly representable values survive; low mantissa bits are rounded, not truncated
+    exact = np.array([[1.0, -2.5, 0.0, 3.0e38]], dtype=np.float32)
+    np.testing.assert_array_equal(_round(exact, BF16)[0, :3], exact[0, :3])
+    up = np.array([[np.float32(1.0) + np.float32(2.0**-8) + np.float32(2.0**-20)]], np.float32)
+    assert _round(up, BF16)[0, 0] == np.float32(1.0 + 2.0**-7)
+
+
+def test_bfloat16_keeps_nan_and_inf() -> None:
+    x = np.array([[np.nan, np.inf, -np.inf]], dtype=np.float32)
+    got = _round(x, BF16)
+    assert np.isnan(got[0, 0]) and got[0, 1] == np.inf and got[0, 2] == -np.inf
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_values_length_errors(dtype: int) -> None:
+    data = codec.encode_values(np.ones((3, 4), dtype=np.float32), dtype)
+    assert codec.decode_values(data, dtype, 3, 4).shape == (3, 4)
+    for n, dim in ((2, 4), (4, 4), (3, 3), (3, 5)):
+        with pytest.raises(codec.CodecError, match="expected"):
+            codec.decode_values(data, dtype, n, dim)
+    with pytest.raises(codec.CodecError, match="expected"):
+        codec.decode_values(data[:-1], dtype, 3, 4)
+    assert codec.decode_values(b"", dtype, 0, 4).shape == (0, 4)
+
+
+def test_unknown_dtypes() -> None:
+    with pytest.raises(codec.CodecError, match="unknown dtype"):
+        codec.decode_values(b"", 9, 0, 4)
+    with pytest.raises(codec.CodecError, match="unknown dtype"):
+        codec.encode_values(np.ones((1, 1), np.float32), 9)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        codec.dtype_from_name("float64")
+    assert codec.dtype_from_name("bfloat16") == BF16
+
+
+# --------------------------------------------------------------------------
+# Routing
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_shards", [2, 3, 7, 16])
+def test_routing_spreads_keys_evenly(num_shards: int) -> None:
+    # sequential ids (the worst case for a weak hash) and random ids
+    for keys in (np.arange(200_000, dtype=np.int64),
+                 np.random.default_rng(7).integers(-(2**63), 2**63 - 1, 200_000)):  # fmt: skip
+        owner = shard_of(keys, num_shards)
+        assert owner.min() >= 0 and owner.max() < num_shards
+        counts = np.bincount(owner, minlength=num_shards)
+        expected = keys.shape[0] / num_shards
+        assert np.abs(counts - expected).max() < 0.03 * expected, counts
+
+
+def test_routing_is_deterministic_and_total() -> None:
+    keys = np.array([-(2**63), -1, 0, 1, 2**63 - 1], dtype=np.int64)
+    np.testing.assert_array_equal(shard_of(keys, 5), shard_of(keys.copy(), 5))
+    np.testing.assert_array_equal(shard_of(keys, 1), np.zeros(5, dtype=np.int64))
+    assert len(np.unique(mix64(np.arange(10_000, dtype=np.int64)))) == 10_000  # bijective
+    with pytest.raises(ValueError):
+        shard_of(keys, 0)
+
+
+def test_split_by_shard_partitions_positions() -> None:
+    keys = np.random.default_rng(3).integers(-(10**12), 10**12, 5000)
+    parts = split_by_shard(keys, 4)
+    owner = shard_of(keys, 4)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(5000))
+    for s, p in enumerate(parts):
+        assert (owner[p] == s).all() and (np.diff(p) > 0).all()  # stable: batch order kept
+
+
+@pytest.mark.parametrize("num_shards", [2, 3, 5])
+def test_server_routing_check_agrees_with_shard_of(num_shards: int) -> None:
+    keys = np.concatenate([
+        np.random.default_rng(num_shards).integers(-(2**63), 2**63 - 1, 20_000),
+        [-(2**63), 2**63 - 1, -1, 0],
+    ]).astype(np.int64)  # fmt: skip
+    owner = shard_of(keys, num_shards)
+    for s in range(num_shards):
+        mine = keys[owner == s]
+        assert first_misrouted(mine, num_shards, s) == -1
+        first_other = int(np.flatnonzero(owner != s)[0])
+        assert first_misrouted(keys, num_shards, s) == first_other
