@@ -1,6 +1,9 @@
 # embps: `make demo` runs the main job, `make test` runs every check.
 # Both create .venv (with python3) and install what they need on first use.
 PYTHON ?= python3
+# PyTorch for the trainer modules: pinned to a CPU build so that the [torch]
+# extra's range needs no further download (override for a CUDA build).
+TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -10,7 +13,8 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[dev,torch]'
 	touch $(STAMP)
 
 venv: $(STAMP)
