@@ -63,7 +63,7 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
 
 from .ps_client import PSClient
 
-__all__ = ["RemoteEmbedding", "RemoteEmbeddingBag", "unique_inverse"]
+__all__ = ["OptEmbedMask", "RemoteEmbedding", "RemoteEmbeddingBag", "unique_inverse"]
 
 
 # --------------------------------------------------------------------------
@@ -303,6 +303,87 @@ class RemoteEmbeddingBag(_RemoteBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mode={self.mode!r}"
+
+
+# --------------------------------------------------------------------------
+# OptEmbed-style pruning
+# --------------------------------------------------------------------------
+
+
+class _StraightThroughStep(torch.autograd.Function):
+    """step(x) = 1 if x > 0 else 0 forward; identity gradient backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+_NORMS = {"l1": 1.0, "l2": 2.0, "linf": float("inf")}
+
+
+class OptEmbedMask(nn.Module):
+    """A learnable pruning threshold per field (OptEmbed's embedding-row pruning).
+
+    ``forward(emb)`` with ``emb`` float (B, F, dim) zeroes every row whose norm
+    is at most its field's threshold: ``emb * step(||emb|| - t_f)``, with a
+    straight-through gradient, so both the rows and the thresholds learn.
+    ``regularization()`` (add it to the loss) pushes thresholds up, trading
+    accuracy for memory: ``weight * sum_f exp(-t_f)``. ``prune(client, tables)``
+    then deletes, on the PS, the rows each field's threshold masks out, and
+    returns what was freed.
+
+    Example::
+
+        mask = OptEmbedMask(num_fields=3, norm="l2", init_threshold=0.0, weight=1e-4)
+        e = mask(torch.stack([emb_a(a), emb_b(b), emb_c(c)], dim=1))   # (B, 3, dim)
+        loss = bce(model(e), y) + mask.regularization()
+        ...
+        freed = mask.prune(ps, ["a", "b", "c"])     # one table per field
+    """
+
+    def __init__(
+        self, num_fields: int, norm: str = "l2", init_threshold: float = 0.0, weight: float = 1e-4
+    ) -> None:
+        super().__init__()
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
+        if num_fields < 1:
+            raise ValueError(f"num_fields must be >= 1, got {num_fields}")
+        self.norm = norm
+        self.weight = weight
+        self.threshold = nn.Parameter(torch.full((num_fields,), float(init_threshold)))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        if emb.dim() != 3 or emb.shape[1] != self.threshold.shape[0]:
+            raise ValueError(
+                f"emb must be (B, {self.threshold.shape[0]}, dim), got {tuple(emb.shape)}"
+            )
+        norms = torch.linalg.vector_norm(emb, ord=_NORMS[self.norm], dim=-1)  # (B, F)
+        keep = _StraightThroughStep.apply(norms - self.threshold)
+        return emb * keep.unsqueeze(-1)
+
+    def regularization(self) -> torch.Tensor:
+        """``weight * sum(exp(-threshold))``: add to the loss to favour pruning."""
+        return self.weight * torch.exp(-self.threshold).sum()
+
+    def prune(self, client: PSClient, tables: list[str]) -> list[Any]:
+        """Delete on the PS the rows of field f's table whose norm is below threshold f.
+
+        tables: one table name per field. Returns one ``PruneResult`` per table.
+        A non-positive threshold prunes nothing.
+        """
+        if len(tables) != self.threshold.shape[0]:
+            raise ValueError(
+                f"need one table per field ({self.threshold.shape[0]}), got {len(tables)}"
+            )
+        out = []
+        for name, t in zip(tables, self.threshold.detach().cpu().tolist(), strict=True):
+            out.append(client.prune(name, threshold=max(float(t), 0.0), norm=self.norm))
+        return out
 
 
 def _as_keys(ids: torch.Tensor | np.ndarray) -> np.ndarray:

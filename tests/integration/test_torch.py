@@ -202,3 +202,41 @@ def test_bad_ids_and_unknown_table(ps: PSClient) -> None:
         RemoteEmbedding(ps, "no_such_table")
     with pytest.raises(ValueError, match="offsets"):
         RemoteEmbeddingBag(ps, "bad_ids")(torch.tensor([1, 2]))
+
+
+def test_optembed_mask_zeroes_rows_under_the_threshold_and_learns_it() -> None:
+    from embps.client.torch import OptEmbedMask
+
+    mask = OptEmbedMask(num_fields=2, norm="l2", init_threshold=1.0, weight=0.1)
+    emb = torch.tensor([[[0.3, 0.4], [3.0, 4.0]], [[6.0, 8.0], [0.0, 0.5]]], requires_grad=True)
+    out = mask(emb)  # norms: [[0.5, 5], [10, 0.5]] vs threshold 1.0
+    np.testing.assert_array_equal(out.detach().numpy(), [[[0, 0], [3, 4]], [[6, 8], [0, 0]]])
+    (out.sum() + mask.regularization()).backward()
+    assert mask.threshold.grad is not None and torch.all(mask.threshold.grad != 0)
+    assert emb.grad is not None and torch.all(emb.grad[0, 1] != 0)
+    with pytest.raises(ValueError, match="B, 2, dim"):
+        mask(torch.zeros(3, 4, 2))
+
+
+def test_optembed_prune_frees_exactly_the_rows_under_each_fields_threshold(ps: PSClient) -> None:
+    from embps.client.torch import OptEmbedMask
+
+    tables = ["oe_a", "oe_b"]
+    for name in tables:
+        ps.create_table(TableConfig(name, 4, initializer=Initializer("uniform", -1.0, 1.0)))
+        ps.pull(name, np.arange(200), train=True)
+    before = {n: ps.pull(n, np.arange(200), train=False) for n in tables}
+    mask = OptEmbedMask(num_fields=2, norm="l2")
+    with torch.no_grad():
+        mask.threshold.copy_(torch.tensor([0.8, 0.0]))
+    bytes_before = sum(s.tables["oe_a"]["bytes"] for s in ps.stats("oe_a"))
+    res = mask.prune(ps, tables)
+    expect_gone = np.linalg.norm(before["oe_a"], axis=1) < 0.8
+    assert res[0].rows == int(expect_gone.sum()) > 0
+    assert res[1].rows == 0  # threshold 0 prunes nothing
+    after = ps.pull("oe_a", np.arange(200), train=False)
+    np.testing.assert_array_equal(after[expect_gone], 0.0)  # deleted rows read the default
+    np.testing.assert_array_equal(after[~expect_gone], before["oe_a"][~expect_gone])
+    assert sum(s.tables["oe_a"]["keys"] for s in ps.stats("oe_a")) == 200 - res[0].rows
+    bytes_after = sum(s.tables["oe_a"]["bytes"] for s in ps.stats("oe_a"))
+    assert res[0].bytes == bytes_before - bytes_after > 0
