@@ -1,0 +1,75 @@
+# embps: one image for the shard server and the `embps` command line.
+#
+#   docker build -t embps:0.1.0 .
+#   docker run --rm -p 50051:50051 -p 9091:9091 embps:0.1.0
+#
+# The default command runs one shard (shard 0 of 1) in the container's main
+# process, listening on all interfaces. Kubernetes runs one shard per pod with
+# its own arguments: see deploy/k8s/ and deploy/README.md.
+#
+# Base image: the exact Python patch release, pinned by the multi-platform
+# manifest digest (a moved tag cannot change what is built). Both stages use the
+# same base, so the virtual environment's interpreter links stay valid.
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
+
+# ---------------------------------------------------------------- builder
+# Builds the project's wheel and installs it with its dependencies into a
+# virtual environment. Every dependency ships manylinux wheels (numpy, numba,
+# llvmlite, grpcio), so no compiler is needed.
+FROM ${PYTHON_IMAGE} AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protos/ protos/
+COPY server/ server/
+COPY client/ client/
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir . \
+    && /opt/venv/bin/embps --help > /dev/null
+
+# ---------------------------------------------------------------- runtime
+FROM ${PYTHON_IMAGE}
+
+LABEL org.opencontainers.image.title="embps" \
+      org.opencontainers.image.description="Sharded embedding parameter server" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# A fixed, non-root uid/gid (Kubernetes' runAsNonRoot needs a numeric USER).
+# Writable places: checkpoints (a volume in Kubernetes) and the numba kernel
+# cache; everything else may be mounted read-only.
+RUN groupadd --system --gid 10001 embps \
+    && useradd --system --uid 10001 --gid embps --no-create-home \
+       --home-dir /var/lib/embps --shell /usr/sbin/nologin embps \
+    && mkdir -p /var/lib/embps/checkpoints /var/cache/embps/numba \
+    && chown -R 10001:10001 /var/lib/embps /var/cache/embps
+
+COPY --from=builder /opt/venv /opt/venv
+
+# NUMBA_CACHE_DIR: compiled kernels (`cache=True`) go here, not beside the
+# installed sources. EMBPS_PORT: the gRPC port HEALTHCHECK probes; keep it equal
+# to `--port` when you override the command.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    NUMBA_CACHE_DIR=/var/cache/embps/numba \
+    EMBPS_PORT=50051
+
+USER 10001:10001
+WORKDIR /var/lib/embps
+
+# 50051: gRPC (ParameterServer, grpc.health.v1.Health, reflection)
+# 9091: Prometheus /metrics
+EXPOSE 50051 9091
+
+# Healthy = the shard's grpc.health.v1 status is SERVING (it reports NOT_SERVING
+# while draining). Exit 1 on NOT_SERVING or when nothing answers on the port.
+# start-period covers the first numba compilation of the kernels.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch = grpc.insecure_channel('127.0.0.1:' + os.environ.get('EMBPS_PORT', '50051')); r = g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=3); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+
+ENTRYPOINT ["embps"]
+CMD ["serve", "--shards", "1", "--shard-id", "0", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9091"]

@@ -1,0 +1,265 @@
+"""The Dockerfile: lint, pinned multi-stage build, non-root runtime, default command, HEALTHCHECK.
+
+There is no Docker engine here, so the build is checked in parts: hadolint;
+the builder stage's COPY lines, applied to the repository through
+.dockerignore, give a source tree that builds a wheel with every module; the
+default command parses with the real `embps serve` parser; the HEALTHCHECK
+command runs against a real shard's gRPC health service.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .artifacts import (
+    DOCKERFILE,
+    DOCKERIGNORE,
+    ROOT,
+    dockerfile_instructions,
+    exec_form,
+    require,
+    run,
+)
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+INSTRUCTIONS = dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
+HEALTHCHECK_TIMEOUT_S = 30
+
+
+def instructions(word: str) -> list[str]:
+    return [args for w, args in INSTRUCTIONS if w == word]
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    """Instructions split by FROM (index 0: the global ARGs before the first FROM)."""
+    out: list[list[tuple[str, str]]] = [[]]
+    for w, args in INSTRUCTIONS:
+        if w == "FROM":
+            out.append([])
+        out[-1].append((w, args))
+    return out
+
+
+def last(word: str) -> str:
+    found = instructions(word)
+    assert found, f"the Dockerfile has no {word}"
+    return found[-1]
+
+
+# --------------------------------------------------------------------------
+# Lint and structure
+# --------------------------------------------------------------------------
+
+
+def test_hadolint_reports_nothing() -> None:
+    hadolint = require("hadolint")
+    res = run([hadolint, "--no-color", str(DOCKERFILE)])
+    assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
+
+
+def test_base_image_is_pinned_python_311_slim_by_digest() -> None:
+    args = dict(a.split("=", 1) for w, a in stages()[0] if w == "ARG" and "=" in a)
+    froms = instructions("FROM")
+    assert len(froms) >= 2, "multi-stage: a builder stage and a runtime stage"
+    for f in froms:
+        image = f.split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?@sha256:[0-9a-f]{64}", image), image
+
+
+def test_runtime_stage_copies_the_venv_and_runs_as_a_numeric_non_root_user() -> None:
+    builder, runtime = stages()[1], stages()[-1]
+    assert builder[0][1].split()[-2:] == ["AS", "builder"]
+    copies = [a for w, a in runtime if w == "COPY"]
+    assert any(a.startswith("--from=builder /opt/venv") for a in copies), copies
+    user = [a for w, a in runtime if w == "USER"]
+    assert user, "the runtime stage sets no USER"
+    uid = user[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) > 0, f"USER {user[-1]}: Kubernetes' runAsNonRoot needs a uid"
+
+
+def test_environment_and_ports() -> None:
+    env = dict(kv.split("=", 1) for w, a in stages()[-1] if w == "ENV" for kv in a.split())
+    assert "/opt/venv/bin" in env["PATH"].split(":")
+    numba_cache = env["NUMBA_CACHE_DIR"]
+    runs = " ".join(a for w, a in stages()[-1] if w == "RUN")
+    assert numba_cache in runs, "NUMBA_CACHE_DIR must be created (and owned by the user)"
+    exposed = {int(p.split("/")[0]) for a in instructions("EXPOSE") for p in a.split()}
+    cmd = exec_form(last("CMD"))
+    port = int(cmd[cmd.index("--port") + 1])
+    metrics_port = int(cmd[cmd.index("--metrics-port") + 1])
+    assert {port, metrics_port} <= exposed
+    assert env["EMBPS_PORT"] == str(port), "HEALTHCHECK probes EMBPS_PORT: keep it = --port"
+
+
+def test_entrypoint_is_the_console_script() -> None:
+    entrypoint = exec_form(last("ENTRYPOINT"))
+    assert entrypoint == ["embps"]
+    assert "embps" in PYPROJECT["project"]["scripts"]
+
+
+def test_default_command_starts_one_shard_on_all_interfaces() -> None:
+    from embps.client.cli import build_parser
+    from embps.server.main import resolve_options, shard_config
+
+    argv = exec_form(last("CMD"))
+    assert argv[0] == "serve"
+    args = build_parser(argv).parse_args(argv)
+    opts, tables = resolve_options(args)
+    cfg = shard_config(opts, tables, args.shard_id)
+    assert (cfg.shard_id, cfg.num_shards, cfg.host) == (0, 1, "0.0.0.0")
+
+
+# --------------------------------------------------------------------------
+# The build context and the builder stage
+# --------------------------------------------------------------------------
+
+
+def _glob(path: str, pattern: str) -> bool:
+    """Docker's pattern match for the syntax .dockerignore uses: `*` within one level, `**/`."""
+    if pattern.startswith("**/"):
+        parts = path.split("/")
+        return any(_glob("/".join(parts[i:]), pattern[3:]) for i in range(len(parts)))
+    return fnmatch.fnmatchcase(path, pattern) and path.count("/") == pattern.count("/")
+
+
+def dockerignored(path: str, rules: list[str]) -> bool:
+    """Whether .dockerignore keeps ``path`` (relative, posix) out of the build context.
+
+    The last matching rule wins; a rule that matches a directory matches what is below it.
+    """
+    parts = path.split("/")
+    excluded = False
+    for rule in rules:
+        negate = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/")
+        if any(_glob("/".join(parts[: i + 1]), pattern) for i in range(len(parts))):
+            excluded = not negate
+    return excluded
+
+
+def dockerignore_rules() -> list[str]:
+    lines = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_dockerignore_keeps_caches_and_the_venv_out() -> None:
+    rules = dockerignore_rules()
+    kept_out = [".venv/bin/python", ".git/HEAD", "server/__pycache__/x.nbi", "tests/x.py"]
+    kept_out += ["server/hashmap.cpython-311.pyc", "bench-results/engine.json"]
+    for path in kept_out:
+        assert dockerignored(path, rules), f"{path} would be sent to the Docker daemon"
+    assert not dockerignored("server/service.py", rules)
+
+
+def test_builder_stage_sources_build_a_complete_wheel(tmp_path: Path) -> None:
+    """Apply the builder's COPY lines to the repository (through .dockerignore), build the wheel."""
+    rules = dockerignore_rules()
+    builder = stages()[1]
+    workdir = Path("/")
+    src = tmp_path / "root"
+    for word, args in builder:
+        if word == "WORKDIR":
+            workdir = workdir / args
+        elif word == "COPY":
+            *sources, dest = args.split()
+            assert not any(s.startswith("--") for s in sources), args
+            target = src / (workdir / dest).relative_to("/")
+            for s in sources:
+                origin = ROOT / s
+                assert origin.exists(), f"COPY {s}: no such path in the build context"
+                assert not dockerignored(s.rstrip("/"), rules), f"COPY {s}: .dockerignore drops it"
+                files = [origin] if origin.is_file() else sorted(origin.rglob("*"))
+                for f in files:
+                    rel = f.relative_to(ROOT).as_posix()
+                    if f.is_dir() or dockerignored(rel, rules):
+                        continue
+                    inner = f.relative_to(origin) if origin.is_dir() else Path(f.name)
+                    out = target / inner if dest.endswith("/") or origin.is_dir() else target
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, out)
+    build_dir = src / (workdir.relative_to("/"))
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    res = run([*pip_wheel, "-w", str(tmp_path / "dist"), str(build_dir)], timeout=120)
+    assert res.returncode == 0, f"the builder's `pip install .` would fail:\n{res.stderr}"
+    (wheel,) = (tmp_path / "dist").glob("embps-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package_dirs = PYPROJECT["tool"]["setuptools"]["package-dir"]
+    for package, folder in package_dirs.items():
+        for module in sorted((ROOT / folder).glob("*.py")):
+            wanted = package.replace(".", "/") + "/" + module.name
+            assert wanted in names, f"{wanted} is missing from the image's wheel"
+    entry_points = zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("entry_points.txt"))
+    )
+    assert b"embps = embps.client.cli:main" in entry_points
+
+
+# --------------------------------------------------------------------------
+# HEALTHCHECK
+# --------------------------------------------------------------------------
+
+
+def healthcheck_argv() -> list[str]:
+    """The HEALTHCHECK's exec-form command, with `python` as this interpreter."""
+    args = last("HEALTHCHECK")
+    options, sep, command = args.partition("CMD ")
+    assert sep, f"HEALTHCHECK without CMD: {args}"
+    assert "--timeout=" in options and "--start-period=" in options, options
+    argv = exec_form(command.strip())
+    assert argv[0] == "python", argv
+    return [sys.executable, *argv[1:]]
+
+
+def run_healthcheck(port: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBPS_")}
+    env["EMBPS_PORT"] = str(port)
+    return subprocess.run(
+        healthcheck_argv(), env=env, capture_output=True, text=True, timeout=HEALTHCHECK_TIMEOUT_S
+    )
+
+
+@pytest.fixture(scope="module")
+def shard():
+    from embps.server.service import ShardConfig, build_server
+
+    s = build_server(ShardConfig(port=0))
+    s.start()
+    yield s
+    s.stop(grace=0)
+
+
+def test_healthcheck_passes_on_a_serving_shard(shard) -> None:
+    res = run_healthcheck(shard.port)
+    assert res.returncode == 0, res.stderr
+
+
+def test_healthcheck_fails_on_a_draining_shard(shard) -> None:
+    from grpc_health.v1 import health_pb2
+
+    shard.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        res = run_healthcheck(shard.port)
+    finally:
+        shard.health.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert res.returncode == 1, (res.returncode, res.stderr)
+
+
+def test_healthcheck_fails_on_a_closed_port() -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        res = run_healthcheck(s.getsockname()[1])
+    assert res.returncode != 0
+    assert "UNAVAILABLE" in res.stderr, res.stderr
