@@ -179,6 +179,23 @@ class PushOutcomeUnknownError(EmbpsError):
         self.errors = errors
 
 
+class CheckpointFailedError(EmbpsError):
+    """A checkpoint was not written on every shard, so that step is not complete.
+
+    ``written`` holds the results of the shards that wrote it (``CheckpointResult``),
+    ``errors`` the per-shard exceptions; ``code`` is the first error's. The previous
+    complete checkpoint is intact and stays the newest one ``--restore latest`` finds.
+    Fix the cause (disk full: RESOURCE_EXHAUSTED; no --checkpoint-dir or a step that
+    an increment builds on: FAILED_PRECONDITION) and checkpoint again.
+    """
+
+    def __init__(self, message: str, *, written: list[object], errors: list[EmbpsError]) -> None:
+        first = errors[0] if errors else None
+        super().__init__(message, code=first.code if first is not None else None)
+        self.written = written
+        self.errors = errors
+
+
 class InconsistentShardsError(EmbpsError):
     """Shards disagree about their tables (a shard restarted empty, or a create half failed)."""
 

@@ -40,27 +40,39 @@ summed (count-min sketches of disjoint key sets add up to a valid sketch).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
+import logging
+import math
 import os
 import shutil
+import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from embps.protos.config import TableConfig
 from embps.protos.routing import shard_of
 
+from .metrics import ShardMetrics
 from .tables import BLOCK_FIELDS, Snapshot, Table, make_table
+
+log = logging.getLogger("embps.server")
 
 FORMAT = "embps-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 24
+T = TypeVar("T")
 
 
 class CheckpointError(Exception):
@@ -100,6 +112,79 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _RunningCrc:
+    """CRC-32 of a stream of chunks, computed on a worker thread beside the caller's I/O.
+
+    ``zlib.crc32`` and file reads and writes release the GIL, so checksumming
+    chunk i overlaps the write (or read) of chunk i + 1: a checkpoint streams at
+    disk speed instead of disk time + CRC time. Chunks are folded in the order
+    they are added (one worker, FIFO).
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self._crc = start
+        self._last: Future[None] | None = None
+
+    def add(self, chunk: memoryview) -> None:
+        """Fold ``chunk`` in (asynchronously for big chunks); keep it unchanged until ``hex``."""
+        if len(chunk) < _INLINE_CRC_BYTES and self._last is None:
+            self._crc = zlib.crc32(chunk, self._crc)
+        else:
+            self._last = _crc_pool().submit(self._fold, chunk)
+
+    def _fold(self, chunk: memoryview) -> None:
+        self._crc = zlib.crc32(chunk, self._crc)
+
+    def hex(self) -> str:
+        """The CRC-32 of everything added, as 8 hex digits (waits for the worker)."""
+        if self._last is not None:
+            self._last.result()
+        return f"{self._crc & 0xFFFFFFFF:08x}"
+
+
+_CRC_POOL: ThreadPoolExecutor | None = None
+_CRC_POOL_LOCK = threading.Lock()
+_INLINE_CRC_BYTES = 1 << 20
+
+
+def _crc_pool() -> ThreadPoolExecutor:
+    global _CRC_POOL
+    with _CRC_POOL_LOCK:
+        if _CRC_POOL is None:
+            _CRC_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embps-crc")
+        return _CRC_POOL
+
+
+_IO_THREADS = 4  # files of one table written (or read) at once: a disk takes parallel streams
+_IO_POOL: ThreadPoolExecutor | None = None
+
+
+def _in_parallel(jobs: list[Callable[[], T]], done: Callable[[T], None] | None = None) -> list[T]:
+    """Run file jobs on the I/O pool; their results in order (``done`` called as each ends,
+    in order). Waits for every job before raising the first failure, so no job outlives
+    the caller's cleanup."""
+    global _IO_POOL
+    if len(jobs) <= 1:
+        out = [job() for job in jobs]
+        if done is not None:
+            for r in out:
+                done(r)
+        return out
+    with _CRC_POOL_LOCK:
+        if _IO_POOL is None:
+            _IO_POOL = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="embps-io")
+        pool = _IO_POOL
+    futs = [pool.submit(job) for job in jobs]
+    wait(futs)
+    out = []
+    for f in futs:
+        r = f.result()  # raises the first failure
+        if done is not None:
+            done(r)
+        out.append(r)
+    return out
+
+
 def write_array(path: Path, arr: np.ndarray) -> str:
     """Write ``arr`` as .npy, fsync it, and return the CRC-32 (hex) of the file's bytes."""
     arr = np.ascontiguousarray(arr)
@@ -107,16 +192,16 @@ def write_array(path: Path, arr: np.ndarray) -> str:
     np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
     header = head.getvalue()
     data = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b"")  # type: ignore[arg-type]
-    crc = zlib.crc32(header)
+    crc = _RunningCrc(zlib.crc32(header))
     with open(path, "wb") as f:
         f.write(header)
         for off in range(0, len(data), _CHUNK):
             chunk = data[off : off + _CHUNK]
-            crc = zlib.crc32(chunk, crc)
+            crc.add(chunk)
             f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
-    return f"{crc & 0xFFFFFFFF:08x}"
+    return crc.hex()
 
 
 def read_array(path: Path, crc32: str) -> np.ndarray:
@@ -126,21 +211,26 @@ def read_array(path: Path, crc32: str) -> np.ndarray:
     corrupt or holds an object dtype.
     """
     try:
-        size = path.stat().st_size
-        buf = bytearray(size)
         with open(path, "rb") as f:
-            got = f.readinto(buf)
+            size = os.fstat(f.fileno()).st_size
+            buf = np.empty(size, dtype=np.uint8)  # not zero-filled: every byte is read below
+            view = memoryview(buf)  # type: ignore[arg-type]
+            crc = _RunningCrc()
+            got = 0
+            while got < size:
+                n = f.readinto(view[got : min(size, got + _CHUNK)])
+                if not n:
+                    break
+                crc.add(view[got : got + n])
+                got += n
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
     if got != size:
         raise CheckpointError(f"checkpoint file {path} is truncated (read {got} of {size} bytes)")
-    view = memoryview(buf)
-    crc = 0
-    for off in range(0, size, _CHUNK):
-        crc = zlib.crc32(view[off : off + _CHUNK], crc)
-    if f"{crc & 0xFFFFFFFF:08x}" != crc32:
+    have = crc.hex()
+    if have != crc32:
         raise CheckpointError(
-            f"checkpoint file {path} is corrupt: CRC-32 {crc & 0xFFFFFFFF:08x} != {crc32} "
+            f"checkpoint file {path} is corrupt: CRC-32 {have} != {crc32} "
             "in the manifest; restore an older checkpoint"
         )
     try:
@@ -186,16 +276,23 @@ def write_shard(
             arrays = dict(snap.arrays)
             if snap.deleted is not None:
                 arrays["deleted.keys"] = snap.deleted
-            files = {}
-            for name, arr in sorted(arrays.items()):
-                rel = f"{snap.config.name}/{name}.npy"
-                crc = write_array(tmp / rel, arr)
-                files[name] = {
+            names = sorted(arrays)
+            rels = [f"{snap.config.name}/{name}.npy" for name in names]
+            crcs = _in_parallel(
+                [
+                    partial(write_array, tmp / rel, arrays[n])
+                    for n, rel in zip(names, rels, strict=True)
+                ]
+            )
+            files = {
+                name: {
                     "file": rel,
-                    "dtype": arr.dtype.str,
-                    "shape": list(arr.shape),
+                    "dtype": arrays[name].dtype.str,
+                    "shape": list(arrays[name].shape),
                     "crc32": crc,
                 }
+                for name, rel, crc in zip(names, rels, crcs, strict=True)
+            }
             _fsync_dir(tdir)
             tables.append(
                 {
@@ -333,10 +430,17 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _load_entry(path: Path, entry: dict) -> Snapshot:
+Progress = Callable[[int], None]  # called with the bytes of each array file read
+
+
+def _load_entry(path: Path, entry: dict, progress: Progress | None = None) -> Snapshot:
+    metas = entry["arrays"]
+    loaded = _in_parallel(
+        [partial(read_array, path / meta["file"], meta["crc32"]) for meta in metas.values()],
+        done=None if progress is None else lambda arr: progress(int(arr.nbytes)),
+    )
     arrays = {}
-    for name, meta in entry["arrays"].items():
-        arr = read_array(path / meta["file"], meta["crc32"])
+    for (name, meta), arr in zip(metas.items(), loaded, strict=True):
         if arr.dtype.str != meta["dtype"] or list(arr.shape) != meta["shape"]:
             raise CheckpointError(
                 f"checkpoint file {path / meta['file']} does not match its manifest entry"
@@ -352,42 +456,83 @@ def _load_entry(path: Path, entry: dict) -> Snapshot:
     return Snapshot(config, arrays, dict(entry["state"]), entry["base_version"], deleted)
 
 
-def load_chain(root: Path, step: int, shard: int, num_shards: int) -> dict[str, list[Snapshot]]:
-    """Per table (of the manifest at ``step``), its snapshots from the last full one to ``step``."""
+def chain_entries(
+    root: Path, step: int, shard: int, num_shards: int
+) -> dict[str, list[tuple[Path, dict]]]:
+    """Per table (of the manifest at ``step``), the (shard directory, manifest entry) pairs
+    from its last full entry to ``step``, oldest first. Reads manifests only.
+
+    Raises CheckpointError when a base is missing, lacks a table, or was overwritten
+    after the increment was taken (its table version differs from the increment's base).
+    """
     path = ShardCheckpoint(root, step, shard, num_shards).path
     manifest = read_manifest(path)
-    chains: dict[str, list[Snapshot]] = {}
-    pending = {e["config"]["name"] for e in manifest["tables"]}
+    chains: dict[str, list[tuple[Path, dict]]] = {}
+    want: dict[str, int | None] = {e["config"]["name"]: None for e in manifest["tables"]}
     cur_path, cur = path, manifest
-    while pending:
-        for entry in cur["tables"]:
-            name = entry["config"]["name"]
-            if name in pending:
-                chains.setdefault(name, []).insert(0, _load_entry(cur_path, entry))
-                if entry["full"]:
-                    pending.discard(name)
-        if not pending:
-            break
+    while True:
+        entries = {e["config"]["name"]: e for e in cur["tables"]}
+        for name, version in list(want.items()):
+            entry = entries.get(name)
+            if entry is None:
+                raise CheckpointError(
+                    f"{cur_path / MANIFEST} lacks table {name!r}, which a later increment "
+                    "builds on; restore an older full checkpoint"
+                )
+            if version is not None and int(entry["version"]) != version:
+                raise CheckpointError(
+                    f"{cur_path / MANIFEST}: table {name!r} is at version {entry['version']} but "
+                    f"the increment over it was taken over version {version}: this step was "
+                    f"written again after the increment; restore step {cur['step']} instead"
+                )
+            chains.setdefault(name, []).insert(0, (cur_path, entry))
+            if entry["full"]:
+                del want[name]
+            else:
+                want[name] = int(entry["base_version"])
+        if not want:
+            return chains
         base = cur.get("base_step")
         if base is None:
             raise CheckpointError(
-                f"{cur_path / MANIFEST}: incremental tables {sorted(pending)} have no base checkpoint"
+                f"{cur_path / MANIFEST}: incremental tables {sorted(want)} have no base checkpoint"
             )
-        cur_path = ShardCheckpoint(root, int(base), shard, num_shards).path
-        if not (cur_path / MANIFEST).is_file():
+        base_path = ShardCheckpoint(root, int(base), shard, num_shards).path
+        if not (base_path / MANIFEST).is_file():
             raise CheckpointError(
-                f"base checkpoint {cur_path} of {path} is missing; the increment cannot be restored"
+                f"base checkpoint {base_path} of {cur_path} is missing; "
+                "the increment cannot be restored"
             )
-        cur = read_manifest(cur_path)
-    return chains
+        cur_path, cur = base_path, read_manifest(base_path)
+
+
+def _entry_bytes(entry: dict) -> int:
+    return sum(
+        np.dtype(m["dtype"]).itemsize * math.prod(m["shape"]) for m in entry["arrays"].values()
+    )
+
+
+def load_chain(
+    root: Path, step: int, shard: int, num_shards: int, progress: Progress | None = None
+) -> dict[str, list[Snapshot]]:
+    """Per table (of the manifest at ``step``), its snapshots from the last full one to ``step``."""
+    return {
+        name: [_load_entry(path, entry, progress) for path, entry in chain]
+        for name, chain in chain_entries(root, step, shard, num_shards).items()
+    }
 
 
 def restore_tables(
-    root: Path | str, step: int, shard: int, num_shards: int
+    root: Path | str,
+    step: int,
+    shard: int,
+    num_shards: int,
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[list[Table], dict]:
     """Rebuild shard ``shard`` of ``num_shards`` from the checkpoint at ``step``.
 
     The checkpoint may have any shard count N (resharding when N != num_shards).
+    progress: called with the fraction (0..1) of the array bytes read so far.
     Returns the tables and a summary (``old_shards``, ``tables``, ``keys``, ``bytes``).
     """
     root = Path(root)
@@ -396,8 +541,19 @@ def restore_tables(
     block_sums: dict[str, dict[str, np.ndarray]] = {}
     states: dict[str, dict[str, int]] = {}
     sources = [shard] if old_n == num_shards else list(range(old_n))
+    plans = {old: chain_entries(root, step, old, old_n) for old in sources}
+    total = sum(_entry_bytes(e) for p in plans.values() for c in p.values() for _, e in c)
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(min(done / total, 1.0) if total else 1.0)
+
     for old in sources:
-        for name, chain in load_chain(root, step, old, old_n).items():
+        for name, entries in plans[old].items():
+            chain = [_load_entry(path, entry, advance) for path, entry in entries]
             table = tables.get(name)
             if table is None:
                 table = tables[name] = make_table(chain[-1].config)
@@ -407,12 +563,12 @@ def restore_tables(
                 )
             if old_n == num_shards:
                 for snap in chain:
-                    table.load(snap)
+                    _load(table, snap, entries)
                 continue
             scratch = make_table(chain[-1].config)  # materialise the old shard's shared blocks
             for snap in chain:
-                scratch.load(_without_dynamic(snap))
-                table.load(_only_owned(snap, shard, num_shards))
+                _load(scratch, _without_dynamic(snap), entries)
+                _load(table, _only_owned(snap, shard, num_shards), entries)
             full = scratch.snapshot()
             sums = block_sums.setdefault(name, {})
             for key, arr in full.arrays.items():
@@ -445,6 +601,8 @@ def restore_tables(
             k: v for k, v in states[name].items() if k in ("step", "auto_step", "version")
         }
         table.load(merged)
+    if progress is not None:
+        progress(1.0)
     out = [tables[n] for n in sorted(tables)]
     stats = [t.stats() for t in out]
     summary = {
@@ -454,6 +612,30 @@ def restore_tables(
         "bytes": sum(s.bytes for s in stats),
     }
     return out, summary
+
+
+def _load(table: Table, snap: Snapshot, entries: list[tuple[Path, dict]]) -> None:
+    """``table.load(snap)``; a snapshot that does not fit is a CheckpointError naming the files."""
+    part = getattr(table, "part", None)
+    cap = table.config.max_rows
+    keys = snap.arrays.get("dynamic.keys")
+    if part is not None and cap and keys is not None and keys.shape[0]:
+        size = part.size
+        present = part.find(keys) >= 0
+        if snap.deleted is not None and snap.deleted.shape[0]:  # erased before the upsert
+            size -= int((part.find(snap.deleted) >= 0).sum())
+            present &= ~np.isin(keys, snap.deleted)
+        if size + int((~present).sum()) > cap:
+            raise CheckpointError(
+                f"table {table.name!r}: this shard would hold more than its max_rows={cap} own "
+                f"rows (max_rows is per shard; the checkpoint {entries[-1][0]} has more on "
+                "fewer shards): restore onto more shards, or raise max_rows"
+            )
+    try:
+        table.load(snap)
+    except ValueError as e:
+        where = ", ".join(sorted({str(p / MANIFEST) for p, _ in entries}))
+        raise CheckpointError(f"checkpoint {where} does not fit table {table.name!r}: {e}") from e
 
 
 def _only_owned(snap: Snapshot, shard: int, num_shards: int) -> Snapshot:
@@ -484,3 +666,244 @@ def _partial(snap: Snapshot, arrays: dict[str, np.ndarray], deleted: np.ndarray 
         snap.base_version if snap.base_version is not None else -1,
         deleted,
     )
+
+
+# --------------------------------------------------------------------------
+# One shard's checkpoints: policy, chain base, periodic thread
+# --------------------------------------------------------------------------
+
+
+class CheckpointConflict(CheckpointError):
+    """A checkpoint that would break an existing chain (overwriting the base of an increment)."""
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """What one shard's checkpoint wrote.
+
+    kind: "full" or "incremental" (over ``base_step``); bytes: array bytes written.
+    """
+
+    step: int
+    shard: int
+    num_shards: int
+    path: Path
+    kind: str
+    base_step: int | None
+    tables: int
+    bytes: int
+    seconds: float
+
+
+class Checkpointer:
+    """Writes one shard's checkpoints under ``root``, one at a time, full or incremental.
+
+    HOW IT WORKS. Each table is snapshotted under its own lock (values, slots and
+    metadata consistent with each other; pushes to other tables go on) and
+    written before the next table is copied, so the extra memory is one table's
+    copy. After a checkpoint is durable, the checkpointer remembers per table
+    the version it showed and the table object itself: the next incremental
+    checkpoint asks each table for the rows changed and keys deleted since that
+    version (``Table.snapshot(since_version=v)``) and lets the table forget its
+    deletion log up to v. A table created (or dropped and created again) since
+    then, or one whose deletion log overflowed, is written whole.
+
+    POLICY. ``full_every`` K >= 2: every K-th checkpoint is full, the others
+    incremental; 0 or 1: always full. A call may ask for a kind; an increment
+    needs a base of a lower step written by this process, else it is full.
+
+    STEPS of automatic checkpoints (periodic, on exit) are the newest complete
+    step under ``root`` plus one: shards that checkpoint together (the same
+    period boundary, the same SIGTERM) agree on it without talking.
+
+    Failures (disk full, a file where a directory belongs) raise, are logged
+    and counted in ``embps_checkpoint_failures_total``; the previous checkpoint
+    stays as it was and the next increment still builds on it.
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        shard: int,
+        num_shards: int,
+        tables: Callable[[], list[Table]],
+        full_every: int = 0,
+        metrics: ShardMetrics | None = None,
+    ) -> None:
+        if full_every < 0:
+            raise ValueError(f"full_every must be >= 0, got {full_every}")
+        self.root = Path(root)
+        self.shard = shard
+        self.num_shards = num_shards
+        self.full_every = full_every
+        self._tables = tables
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._base_step: int | None = None
+        self._base: dict[str, tuple[Table, int]] = {}
+        self._since_full = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- API
+    def checkpoint(self, step: int, incremental: bool | None = None) -> CheckpointResult:
+        """Write ``<root>/<step>/shard-<i>-of-<n>/``; returns what was written.
+
+        incremental: None follows the policy; True writes an increment if there
+        is a base to build on (else a full checkpoint); False writes a full one.
+        Raises OSError (disk), CheckpointConflict (the step is the base of a
+        later increment) or ValueError (a negative step); the failure is logged
+        and counted.
+        """
+        with self._lock:
+            t0 = time.monotonic()
+            try:
+                res = self._write(step, incremental, t0)
+            except Exception as e:
+                if self._metrics is not None:
+                    self._metrics.checkpoint_failures.inc()
+                log.error(
+                    "shard %d: checkpoint of step %s into %s failed: %s: %s (the previous "
+                    "checkpoint is intact)",
+                    self.shard,
+                    step,
+                    self.root,
+                    type(e).__name__,
+                    e,
+                )
+                raise
+            if self._metrics is not None:
+                self._metrics.checkpoint_done(res.kind, res.seconds)
+            over = f" over step {res.base_step}" if res.kind == "incremental" else ""
+            log.info(
+                "shard %d: %s checkpoint%s written to %s: %d tables, %.1f MB in %.2fs",
+                self.shard,
+                res.kind,
+                over,
+                res.path,
+                res.tables,
+                res.bytes / 1e6,
+                res.seconds,
+            )
+            return res
+
+    def next_auto_step(self) -> int:
+        """Step of an automatic checkpoint: the newest complete step under root, plus one."""
+        latest = latest_step(self.root)
+        return 0 if latest is None else latest + 1
+
+    def start_periodic(self, every_s: float) -> None:
+        """Checkpoint every ``every_s`` seconds, at multiples of it on the wall clock
+        (so every shard of a cluster fires together), until ``stop_periodic``."""
+        if every_s <= 0:
+            raise ValueError(f"the checkpoint period must be > 0 seconds, got {every_s}")
+        if self._thread is not None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while True:
+                now = time.time()
+                due = (math.floor(now / every_s) + 1) * every_s
+                if self._stop.wait(due - now):
+                    return
+                with contextlib.suppress(Exception):  # logged and counted by checkpoint()
+                    self.checkpoint(self.next_auto_step())
+
+        self._thread = threading.Thread(
+            target=loop, name=f"embps-checkpoint-{self.shard}", daemon=True
+        )
+        self._thread.start()
+
+    def stop_periodic(self) -> None:
+        """Stop the periodic thread; waits for a checkpoint it is writing."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # ---------------------------------------------------------------- internals
+    def _write(self, step: int, incremental: bool | None, t0: float) -> CheckpointResult:
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be an integer >= 0, got {step!r}")
+        ck = ShardCheckpoint(self.root, step, self.shard, self.num_shards)
+        if (ck.path / MANIFEST).is_file():
+            self._check_not_a_base(step)
+        self._remove_stale(ck)
+        if incremental is None:
+            incremental = self.full_every > 1 and self._since_full < self.full_every - 1
+        base_step = self._base_step
+        inc = bool(incremental) and base_step is not None and step > base_step
+        written: dict[str, tuple[Table, int]] = {}
+        nbytes = 0
+        increments = 0
+
+        def snapshots() -> Iterator[Snapshot]:
+            nonlocal nbytes, increments
+            for table in self._tables():
+                snap = None
+                base = self._base.get(table.name) if inc else None
+                if base is not None and base[0] is table:
+                    try:
+                        snap = table.snapshot(since_version=base[1])
+                        increments += 1
+                    except ValueError as e:
+                        log.info("shard %d: %s; writing it whole", self.shard, e)
+                if snap is None:
+                    snap = table.snapshot()
+                written[table.name] = (table, snap.version)
+                nbytes += sum(int(a.nbytes) for a in snap.arrays.values())
+                nbytes += int(snap.deleted.nbytes) if snap.deleted is not None else 0
+                yield snap
+
+        path = write_shard(snapshots(), ck, base_step=base_step if inc else None)
+        for table, version in written.values():
+            table.trim_deleted(version)
+        kind = "incremental" if increments else "full"
+        self._base, self._base_step = written, step
+        self._since_full = self._since_full + 1 if increments else 0
+        return CheckpointResult(
+            step=step,
+            shard=self.shard,
+            num_shards=self.num_shards,
+            path=path,
+            kind=kind,
+            base_step=base_step if increments else None,
+            tables=len(written),
+            bytes=nbytes,
+            seconds=time.monotonic() - t0,
+        )
+
+    def _remove_stale(self, ck: ShardCheckpoint) -> None:
+        """Delete what a killed writer of this shard left in the step directory (``.tmp-*``,
+        ``.old-*``): under this lock no other writer of the shard can be running."""
+        step_dir = ck.path.parent
+        if not step_dir.is_dir():
+            return
+        for prefix in (".tmp-", ".old-"):
+            for d in step_dir.glob(f"{prefix}{ck.path.name}-*"):
+                log.info("shard %d: removing %s, left by an interrupted checkpoint", self.shard, d)
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _check_not_a_base(self, step: int) -> None:
+        """Refuse to overwrite a step that a later increment of this shard builds on."""
+        for other in list_steps(self.root):
+            if other <= step:
+                continue
+            path = ShardCheckpoint(self.root, other, self.shard, self.num_shards).path
+            if not (path / MANIFEST).is_file():
+                continue
+            try:
+                base = read_manifest(path).get("base_step")
+            except CheckpointError:
+                continue
+            if base == step:
+                raise CheckpointConflict(
+                    f"step {step} is the base of the incremental checkpoint {path}; writing it "
+                    "again would break that chain: checkpoint a new step"
+                )
+
+
+def is_disk_full(err: OSError) -> bool:
+    """True for ENOSPC / EDQUOT: the checkpoint did not fit on the disk."""
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)

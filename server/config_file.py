@@ -8,6 +8,9 @@ Two top-level sections, both optional; unknown keys are an error::
       port: 50051
       metrics_port: 9091
       max_keys_per_request: 1048576
+      checkpoint_dir: /var/lib/embps/checkpoints
+      checkpoint_every: 600       # seconds
+      restore: latest
     tables:                      # each entry: TableConfig.from_dict
       - name: user
         dim: 16
@@ -42,6 +45,11 @@ SERVER_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "grace_seconds": (int, float),
     "drain_delay_seconds": (int, float),
     "verify_routing": bool,
+    "checkpoint_dir": str,
+    "checkpoint_every": (int, float),
+    "checkpoint_incremental": int,
+    "checkpoint_on_exit": bool,
+    "restore": str,
 }
 
 

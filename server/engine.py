@@ -36,6 +36,21 @@ class Engine:
             self._tables[config.name] = make_table(config)
             return True
 
+    def install(self, tables: list[Table]) -> None:
+        """Add existing tables (restored from a checkpoint) under their names.
+
+        Raises AlreadyExists, adding none of them, if a name is taken.
+        """
+        with self._lock:
+            taken = sorted(t.name for t in tables if t.name in self._tables)
+            if taken:
+                raise AlreadyExists(
+                    f"tables {taken} exist on this shard already; install restored tables "
+                    "into an empty engine"
+                )
+            for t in tables:
+                self._tables[t.name] = t
+
     def drop_table(self, name: str) -> bool:
         """Delete a table and its rows; False if there was none."""
         with self._lock:

@@ -18,7 +18,16 @@ Each shard prints one line to stdout when it accepts calls::
     shard 0/2 listening on 127.0.0.1:50051, metrics on :9091 (pid 1234)
 
 Shutdown of a shard: health NOT_SERVING, wait --drain-delay-seconds, refuse new
-calls, let in-flight calls finish (up to --grace-seconds), exit 0.
+calls, let in-flight calls finish (up to --grace-seconds), write the exit
+checkpoint (with --checkpoint-dir, unless --no-checkpoint-on-exit), exit 0.
+
+Durability (docs/durability.md): ``--checkpoint-dir DIR`` enables the
+Checkpoint RPC, ``--checkpoint-every S`` periodic checkpoints,
+``--checkpoint-incremental K`` incremental ones; ``--restore latest|PATH``
+loads a checkpoint at start (onto any shard count) while the gRPC server
+already answers UNAVAILABLE. Exit codes of a shard: 0 stopped cleanly, 2 bad
+config or port, 3 the restore failed (the log says which file and why), 4 the
+exit checkpoint failed.
 
 Options come from the command line, then the ``--config`` file's ``server``
 section, then the defaults below; tables come from the file's ``tables``.
@@ -62,8 +71,19 @@ DEFAULTS: dict[str, Any] = {
     "grace_seconds": 10.0,
     "drain_delay_seconds": 0.0,
     "verify_routing": True,
+    "checkpoint_dir": None,
+    "checkpoint_every": 0.0,
+    "checkpoint_incremental": 0,
+    "checkpoint_on_exit": None,
+    "restore": None,
 }
 EXIT_OK, EXIT_SHARD_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+EXIT_RESTORE_FAILED, EXIT_CHECKPOINT_FAILED = 3, 4
+_EXIT_MEANING = {
+    EXIT_BAD_CONFIG: "bad config or port",
+    EXIT_RESTORE_FAILED: "restore failed",
+    EXIT_CHECKPOINT_FAILED: "exit checkpoint failed",
+}
 _KILL_MARGIN_S = 10.0  # after grace + drain delay, stragglers are killed
 
 
@@ -98,6 +118,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "NOT_SERVING this long before refusing calls (default 0)")  # fmt: skip
     parser.add_argument("--verify-routing", action=argparse.BooleanOptionalAction, default=None,
                         help="check that every key of a request belongs to the shard (default on)")  # fmt: skip
+    parser.add_argument("--checkpoint-dir", metavar="DIR", help="write checkpoints to "
+                        "DIR/<step>/shard-<i>-of-<n>/ (Checkpoint RPC, --checkpoint-every, on exit)")  # fmt: skip
+    parser.add_argument("--checkpoint-every", type=float, metavar="SECONDS", help="checkpoint "
+                        "every SECONDS, at multiples of it on the wall clock (default 0: never)")  # fmt: skip
+    parser.add_argument("--checkpoint-incremental", type=int, metavar="K", help="every K-th "
+                        "checkpoint is full, the others incremental (default 0: always full)")  # fmt: skip
+    parser.add_argument("--checkpoint-on-exit", action=argparse.BooleanOptionalAction,
+                        default=None, help="on SIGTERM, checkpoint after draining "
+                        "(default: on when --checkpoint-dir is set)")  # fmt: skip
+    parser.add_argument("--restore", metavar="latest|PATH", help="at start, load the newest "
+                        "complete checkpoint under --checkpoint-dir (none: start empty) or the "
+                        "checkpoint DIR/<step> (any shard count)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -122,6 +154,7 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[Tab
         last = opts[key] + (opts["shards"] - 1 if opts[key] else 0)
         if opts[key] < 0 or last > 65535:
             raise ValueError(f"{key} {opts[key]} with {opts['shards']} shards leaves [0, 65535]")
+    shard_config(opts, tables, 0)  # validates every option once, before any shard starts
     return opts, tables
 
 
@@ -142,6 +175,11 @@ def shard_config(
         drain_delay_seconds=float(opts["drain_delay_seconds"]),
         verify_routing=bool(opts["verify_routing"]),
         tables=tables,
+        checkpoint_dir=opts["checkpoint_dir"],
+        checkpoint_every=float(opts["checkpoint_every"]),
+        checkpoint_incremental=int(opts["checkpoint_incremental"]),
+        checkpoint_on_exit=opts["checkpoint_on_exit"],
+        restore=opts["restore"],
     )
 
 
@@ -151,7 +189,10 @@ def shard_config(
 
 
 def run_shard(cfg: ShardConfig) -> int:
-    """Serve until SIGTERM/SIGINT, then drain and return 0 (2 if the shard cannot start)."""
+    """Serve until SIGTERM/SIGINT, then drain, write the exit checkpoint and return 0.
+
+    2: the shard cannot start; 3: its restore failed; 4: its exit checkpoint failed.
+    """
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -173,10 +214,22 @@ def run_shard(cfg: ShardConfig) -> int:
         flush=True,
     )
     while not stop.wait(0.5):
-        pass
+        if shard.restore_error is not None:
+            shard.stop(grace=0, checkpoint=False)
+            log.error(
+                "shard %d/%d exits: cannot restore: %s",
+                cfg.shard_id,
+                cfg.num_shards,
+                shard.restore_error,
+            )
+            return EXIT_RESTORE_FAILED
     t0 = time.monotonic()
-    shard.stop()
-    log.info("shard %d: drained in %.2fs, exiting", cfg.shard_id, time.monotonic() - t0)
+    try:
+        shard.stop()
+    except Exception as e:
+        log.error("shard %d: EXIT CHECKPOINT FAILED: %s: %s", cfg.shard_id, type(e).__name__, e)
+        return EXIT_CHECKPOINT_FAILED
+    log.info("shard %d: stopped in %.2fs, exiting", cfg.shard_id, time.monotonic() - t0)
     return EXIT_OK
 
 
@@ -195,6 +248,8 @@ def _child_argv(args: argparse.Namespace, opts: dict[str, Any], i: int) -> list[
     argv = [sys.executable, "-m", "embps.server.main", "--shard-id", str(i)]
     for key in SERVER_OPTIONS:
         v = opts[key]
+        if v is None:
+            continue
         if key in ("port", "metrics_port") and v:
             v += i
         flag = "--" + key.replace("_", "-")
@@ -213,7 +268,8 @@ def _describe_exit(rc: int) -> str:
             return f"was killed by signal {signal.Signals(-rc).name}"
         except ValueError:
             return f"was killed by signal {-rc}"
-    return f"exited with code {rc}"
+    why = _EXIT_MEANING.get(rc)
+    return f"exited with code {rc}" + (f" ({why}: see its log above)" if why else "")
 
 
 def supervise(args: argparse.Namespace, opts: dict[str, Any]) -> int:

@@ -24,10 +24,12 @@ Example::
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -42,13 +44,25 @@ from embps.protos.routing import shard_of
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
 
+from .checkpoint import (
+    CheckpointConflict,
+    Checkpointer,
+    CheckpointError,
+    CheckpointResult,
+    is_disk_full,
+    latest_step,
+    resolve,
+    restore_tables,
+)
 from .engine import Engine
 from .errors import (
+    AlreadyExists,
     EmbpsServerError,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     TableNotFound,
+    Unavailable,
 )
 from .metrics import ShardMetrics
 
@@ -95,6 +109,11 @@ class ShardConfig:
     drain_delay_seconds: float = 0.0  # on stop: report NOT_SERVING this long before closing
     verify_routing: bool = True  # check that every key of a request belongs to this shard
     tables: tuple[TableConfig, ...] = field(default_factory=tuple)  # created at start
+    checkpoint_dir: str | None = None  # checkpoints go to <dir>/<step>/shard-<i>-of-<n>/
+    checkpoint_every: float = 0.0  # seconds between periodic checkpoints (0: none)
+    checkpoint_incremental: int = 0  # K >= 2: every K-th checkpoint full, others incremental
+    checkpoint_on_exit: bool | None = None  # after draining on stop (None: on with a dir)
+    restore: str | None = None  # at start: "latest" (in checkpoint_dir) or a <dir>/<step> path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))
@@ -126,6 +145,36 @@ class ShardConfig:
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"duplicate table names in the config: {dups}")
+        if not self.checkpoint_every >= 0:
+            raise ValueError(
+                f"checkpoint_every must be >= 0 seconds, got {self.checkpoint_every!r}"
+            )
+        if not isinstance(self.checkpoint_incremental, int) or self.checkpoint_incremental < 0:
+            raise ValueError(
+                f"checkpoint_incremental must be an integer >= 0, got {self.checkpoint_incremental!r}"
+            )
+        if not self.checkpoint_dir:
+            needs = [
+                flag
+                for flag, on in (
+                    ("--checkpoint-every", self.checkpoint_every > 0),
+                    ("--checkpoint-incremental", self.checkpoint_incremental > 0),
+                    ("--checkpoint-on-exit", self.checkpoint_on_exit is True),
+                    ("--restore latest", self.restore == "latest"),
+                )
+                if on
+            ]
+            if needs:
+                raise ValueError(
+                    f"{', '.join(needs)} needs a checkpoint directory (--checkpoint-dir)"
+                )
+        if self.restore is not None and not self.restore:
+            raise ValueError("restore must be 'latest' or a checkpoint path <dir>/<step>")
+
+    @property
+    def exit_checkpoint(self) -> bool:
+        """Whether stopping writes a checkpoint (default: yes when there is a directory)."""
+        return bool(self.checkpoint_dir) and self.checkpoint_on_exit is not False
 
 
 # --------------------------------------------------------------------------
@@ -171,6 +220,36 @@ def _table_of(request: Any) -> str:
     return str(getattr(request, "table", ""))
 
 
+class ServingGate:
+    """Whether the shard serves ParameterServer calls; while closed, why not.
+
+    Closed while a restore runs: every call gets UNAVAILABLE with the reason
+    (health and reflection are not gated).
+    """
+
+    def __init__(self) -> None:
+        self._reason: Callable[[], str] | None = None
+
+    def close(self, reason: Callable[[], str]) -> None:
+        """Refuse calls; ``reason()`` is the message they get (evaluated per call)."""
+        self._reason = reason
+
+    def open(self) -> None:
+        """Serve calls."""
+        self._reason = None
+
+    def reason(self) -> str | None:
+        """None when open, else the message of the UNAVAILABLE answer."""
+        r = self._reason
+        return None if r is None else r()
+
+
+class CheckpointFailed(EmbpsServerError):
+    """A checkpoint could not be written (the shard keeps serving; the previous one is intact)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Turns ``EmbpsServerError`` into its status and anything else into INTERNAL; times calls.
 
@@ -180,10 +259,17 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     the table exists, so clients cannot grow the label set without bound.
     """
 
-    def __init__(self, engine: Engine, metrics: ShardMetrics | None, shard_id: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: ShardMetrics | None,
+        shard_id: int,
+        gate: ServingGate | None = None,
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
         self._shard_id = shard_id
+        self._gate = gate
 
     def intercept_service(
         self,
@@ -211,6 +297,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             # labelled before the call too, so that a dropped table keeps its name
             existed = self._label(request) if self._metrics is not None else ""
             try:
+                closed = self._gate.reason() if self._gate is not None else None
+                if closed is not None:
+                    raise Unavailable(closed)
                 return behavior(request, context)
             except EmbpsServerError as e:
                 code = e.code.name
@@ -256,9 +345,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     shapes, dims and values.
     """
 
-    def __init__(self, engine: Engine, config: ShardConfig) -> None:
+    def __init__(
+        self, engine: Engine, config: ShardConfig, checkpointer: Checkpointer | None = None
+    ) -> None:
         self.engine = engine
         self.config = config
+        self.checkpointer = checkpointer
 
     # ---------------------------------------------------------------- data
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PullResponse:
@@ -349,6 +441,41 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             tables=[pb.TableStats(**t.stats().as_dict()) for t in tables],
         )
 
+    # ---------------------------------------------------------------- durability
+    def Checkpoint(
+        self, request: pb.CheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.CheckpointResponse:
+        """Write this shard's checkpoint of ``step`` into its checkpoint directory."""
+        self._check_shards(request.num_shards)
+        cfg = self.config
+        ck = self.checkpointer
+        if ck is None:
+            raise FailedPrecondition(
+                f"shard {cfg.shard_id} has no checkpoint directory: start it with "
+                "--checkpoint-dir DIR to take checkpoints"
+            )
+        if request.kind not in _KIND_FROM_PB:
+            raise InvalidArgument(
+                f"unknown checkpoint kind {request.kind}; use CHECKPOINT_KIND_FULL, "
+                "CHECKPOINT_KIND_INCREMENTAL or CHECKPOINT_KIND_UNSPECIFIED (the shard's policy)"
+            )
+        step = int(request.step)
+        where = f"shard {cfg.shard_id}: checkpoint of step {step} into {ck.root} failed"
+        try:
+            res = ck.checkpoint(step, _KIND_FROM_PB[request.kind])
+        except CheckpointConflict as e:
+            raise FailedPrecondition(f"shard {cfg.shard_id}: {e}") from None
+        except OSError as e:
+            if is_disk_full(e):
+                raise ResourceExhausted(
+                    f"{where}: {e}; free disk space or delete old checkpoints "
+                    "(the previous checkpoint is intact)"
+                ) from None
+            raise CheckpointFailed(f"{where}: {e} (the previous checkpoint is intact)") from None
+        except (CheckpointError, ValueError) as e:
+            raise CheckpointFailed(f"{where}: {e} (the previous checkpoint is intact)") from None
+        return _checkpoint_response(res)
+
     # ---------------------------------------------------------------- checks
     def _check_shards(self, num_shards: int) -> None:
         cfg = self.config
@@ -391,6 +518,29 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return keys
 
 
+_KIND_FROM_PB: dict[int, bool | None] = {
+    pb.CHECKPOINT_KIND_UNSPECIFIED: None,
+    pb.CHECKPOINT_KIND_FULL: False,
+    pb.CHECKPOINT_KIND_INCREMENTAL: True,
+}
+
+
+def _checkpoint_response(res: CheckpointResult) -> pb.CheckpointResponse:
+    return pb.CheckpointResponse(
+        shard_id=res.shard,
+        num_shards=res.num_shards,
+        step=res.step,
+        path=str(res.path),
+        kind=pb.CHECKPOINT_KIND_INCREMENTAL
+        if res.kind == "incremental"
+        else pb.CHECKPOINT_KIND_FULL,
+        base_step=res.base_step,
+        tables=res.tables,
+        bytes=res.bytes,
+        seconds=res.seconds,
+    )
+
+
 def _dtype(dtype: int) -> int:
     """The wire dtype to use (UNSPECIFIED reads as FLOAT32); InvalidArgument if unknown."""
     if dtype == pb.DTYPE_UNSPECIFIED:
@@ -408,7 +558,16 @@ def _dtype(dtype: int) -> int:
 
 
 class ShardServer:
-    """One shard: gRPC server + engine + health + metrics. Build with ``build_server``."""
+    """One shard: gRPC server + engine + health + metrics (+ checkpoints). Build with
+    ``build_server``.
+
+    Lifecycle: ``start()`` binds nothing new (the port is bound by
+    ``build_server``) and serves; with ``config.restore`` the gRPC server is up
+    at once but answers UNAVAILABLE ("shard i is restoring from <path> (x%)")
+    and health NOT_SERVING until a background restore finishes (``restored``
+    is set; ``restore_error`` holds the reason if it failed). ``stop()``
+    drains, stops periodic checkpoints and writes the exit checkpoint.
+    """
 
     def __init__(
         self,
@@ -418,6 +577,8 @@ class ShardServer:
         port: int,
         health_servicer: health.HealthServicer,
         metrics: ShardMetrics,
+        gate: ServingGate | None = None,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -426,6 +587,14 @@ class ShardServer:
         self.health = health_servicer
         self.metrics = metrics
         self.metrics_port: int | None = None
+        self.gate = gate if gate is not None else ServingGate()
+        self.checkpointer = checkpointer
+        self.restored = threading.Event()  # set once serving (restore finished or not needed)
+        self.restore_error: str | None = None  # why the restore failed (the shard must exit)
+        self.restore_summary: dict | None = None
+        self.on_restore_progress: Callable[[float], None] | None = None  # observer (tests)
+        self._restore_from = ""
+        self._restore_ratio = 0.0
 
     @property
     def address(self) -> str:
@@ -435,34 +604,174 @@ class ShardServer:
             host = "127.0.0.1"
         return f"{host}:{self.port}"
 
+    @property
+    def serving(self) -> bool:
+        """True once the shard serves calls (after its restore, if any)."""
+        return self.restored.is_set() and self.restore_error is None
+
     def start(self) -> None:
-        """Serve: metrics HTTP server (if configured), gRPC, then health SERVING."""
+        """Serve: metrics HTTP server (if configured), gRPC, then health SERVING, or, with
+        ``config.restore``, NOT_SERVING while the restore runs in the background."""
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, addr=self.config.host)
-        self.server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.restore:
+            self.gate.close(self._restoring_message)
+            self.metrics.restore_progress.set(0.0)
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.server.start()
+            threading.Thread(
+                target=self._restore_main, name=f"embps-restore-{self.config.shard_id}", daemon=True
+            ).start()
+        else:
+            self.server.start()
+            self._serve()
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(
+        self, grace: float | None = None, checkpoint: bool | None = None
+    ) -> CheckpointResult | None:
         """Drain: health NOT_SERVING, wait ``drain_delay_seconds``, refuse new calls,
-        let in-flight calls finish for up to ``grace`` seconds (default: the config's)."""
+        let in-flight calls finish for up to ``grace`` seconds (default: the config's);
+        then stop periodic checkpoints and write the exit checkpoint.
+
+        checkpoint: write the exit checkpoint (None: ``config.exit_checkpoint``). It is
+        skipped when the shard never served (restore unfinished or failed). Returns what
+        it wrote; raises (OSError, CheckpointError) if it failed.
+        """
         grace = self.config.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         if self.config.drain_delay_seconds:
             time.sleep(self.config.drain_delay_seconds)
         self.server.stop(grace).wait()
+        ck = self.checkpointer
+        if ck is None:
+            return None
+        ck.stop_periodic()
+        if not (self.config.exit_checkpoint if checkpoint is None else checkpoint):
+            return None
+        if not self.serving:
+            log.warning(
+                "shard %d: no exit checkpoint: the shard never served (restore %s)",
+                self.config.shard_id,
+                "failed" if self.restore_error else "unfinished",
+            )
+            return None
+        return ck.checkpoint(ck.next_auto_step())
+
+    # ---------------------------------------------------------------- internals
+    def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _serve(self) -> None:
+        self.gate.open()
+        self.metrics.restore_progress.set(1.0)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.checkpointer is not None and self.config.checkpoint_every > 0:
+            self.checkpointer.start_periodic(self.config.checkpoint_every)
+        self.restored.set()
+
+    def _restoring_message(self) -> str:
+        src = self._restore_from or self.config.restore
+        return (
+            f"shard {self.config.shard_id} is restoring from {src} "
+            f"({100 * self._restore_ratio:.0f}%); retry later"
+        )
+
+    def _progress(self, ratio: float) -> None:
+        self._restore_ratio = ratio
+        self.metrics.restore_progress.set(min(ratio, 0.999))  # 1 only once serving
+        hook = self.on_restore_progress
+        if hook is not None:
+            hook(ratio)
+
+    def _restore_main(self) -> None:
+        cfg = self.config
+        try:
+            self._restore()
+        except Exception as e:
+            if isinstance(e, CheckpointError | AlreadyExists):
+                self.restore_error = str(e)
+            else:
+                log.exception("shard %d: restore failed unexpectedly", cfg.shard_id)
+                self.restore_error = f"{type(e).__name__}: {e}"
+            log.error(
+                "shard %d/%d: RESTORE FAILED: %s", cfg.shard_id, cfg.num_shards, self.restore_error
+            )
+            self.restored.set()
+            return
+        self._serve()
+
+    def _restore(self) -> None:
+        """Load the checkpoint ``config.restore`` names, then create the config's tables."""
+        cfg = self.config
+        assert cfg.restore is not None
+        if cfg.restore == "latest":
+            assert cfg.checkpoint_dir is not None
+            step = latest_step(cfg.checkpoint_dir)
+            if step is None:
+                log.warning(
+                    "shard %d: --restore latest: no complete checkpoint under %s; starting empty",
+                    cfg.shard_id,
+                    cfg.checkpoint_dir,
+                )
+                self._create_config_tables("")
+                return
+            root = Path(cfg.checkpoint_dir)
+        else:
+            root, step = resolve(cfg.restore, cfg.checkpoint_dir)
+        src = root / str(step)
+        self._restore_from = str(src)
+        log.info("shard %d: restoring from %s", cfg.shard_id, src)
+        t0 = time.monotonic()
+        tables, summary = restore_tables(root, step, cfg.shard_id, cfg.num_shards, self._progress)
+        self.engine.install(tables)
+        self._create_config_tables(str(src))
+        self.restore_summary = summary
+        log.info(
+            "shard %d: restored %d tables (%d keys, %.1f MB) from %s (%d shards) in %.2fs",
+            cfg.shard_id,
+            summary["tables"],
+            summary["keys"],
+            summary["bytes"] / 1e6,
+            src,
+            summary["old_shards"],
+            time.monotonic() - t0,
+        )
+
+    def _create_config_tables(self, src: str) -> None:
+        for tc in self.config.tables:
+            try:
+                self.engine.create_table(tc)
+            except AlreadyExists as e:
+                raise CheckpointError(
+                    f"table {tc.name!r} of the config differs from the one restored from {src} "
+                    f"({e}); remove it from the config or restore another checkpoint"
+                ) from None
 
 
 def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServer:
-    """A shard ready to ``start()``: its tables created, its port bound.
+    """A shard ready to ``start()``: its tables created (after the restore, with
+    ``config.restore``), its port bound, its checkpointer set up (with ``checkpoint_dir``).
 
-    engine: an existing engine to serve (tests, restore); None: a new one.
+    engine: an existing engine to serve (tests); None: a new one.
     Raises ValueError for a bad table config, OSError if the port cannot be bound.
     """
     engine = Engine() if engine is None else engine
-    for cfg in config.tables:
-        engine.create_table(cfg)
+    if not config.restore:
+        for cfg in config.tables:
+            engine.create_table(cfg)
     metrics = ShardMetrics(config.shard_id, config.num_shards, engine.tables)
+    checkpointer = None
+    if config.checkpoint_dir:
+        checkpointer = Checkpointer(
+            config.checkpoint_dir,
+            config.shard_id,
+            config.num_shards,
+            engine.tables,
+            full_every=config.checkpoint_incremental,
+            metrics=metrics,
+        )
+    gate = ServingGate()
     options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -472,10 +781,12 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         futures.ThreadPoolExecutor(
             max_workers=config.max_workers, thread_name_prefix=f"embps-shard{config.shard_id}"
         ),
-        interceptors=[ErrorInterceptor(engine, metrics, config.shard_id)],
+        interceptors=[ErrorInterceptor(engine, metrics, config.shard_id, gate)],
         options=options,
     )
-    pb_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(engine, config), server)
+    pb_grpc.add_ParameterServerServicer_to_server(
+        ParameterServerServicer(engine, config, checkpointer), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -492,4 +803,4 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         raise OSError(f"cannot listen on {target}: {e} (port in use?)") from None
     if port == 0:
         raise OSError(f"cannot listen on {target} (port in use?)")
-    return ShardServer(config, engine, server, port, health_servicer, metrics)
+    return ShardServer(config, engine, server, port, health_servicer, metrics, gate, checkpointer)

@@ -43,6 +43,12 @@ class Norm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NORM_L1: _ClassVar[Norm]
     NORM_LINF: _ClassVar[Norm]
 
+class CheckpointKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECKPOINT_KIND_UNSPECIFIED: _ClassVar[CheckpointKind]
+    CHECKPOINT_KIND_FULL: _ClassVar[CheckpointKind]
+    CHECKPOINT_KIND_INCREMENTAL: _ClassVar[CheckpointKind]
+
 class InitializerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INITIALIZER_UNSPECIFIED: _ClassVar[InitializerKind]
@@ -71,6 +77,9 @@ NORM_UNSPECIFIED: Norm
 NORM_L2: Norm
 NORM_L1: Norm
 NORM_LINF: Norm
+CHECKPOINT_KIND_UNSPECIFIED: CheckpointKind
+CHECKPOINT_KIND_FULL: CheckpointKind
+CHECKPOINT_KIND_INCREMENTAL: CheckpointKind
 INITIALIZER_UNSPECIFIED: InitializerKind
 INITIALIZER_ZEROS: InitializerKind
 INITIALIZER_CONSTANT: InitializerKind
@@ -342,3 +351,35 @@ class StatsResponse(_message.Message):
     num_shards: int
     tables: _containers.RepeatedCompositeFieldContainer[TableStats]
     def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("step", "kind", "num_shards")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    kind: CheckpointKind
+    num_shards: int
+    def __init__(self, step: _Optional[int] = ..., kind: _Optional[_Union[CheckpointKind, str]] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("shard_id", "num_shards", "step", "path", "kind", "base_step", "tables", "bytes", "seconds")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BASE_STEP_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    num_shards: int
+    step: int
+    path: str
+    kind: CheckpointKind
+    base_step: int
+    tables: int
+    bytes: int
+    seconds: float
+    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., step: _Optional[int] = ..., path: _Optional[str] = ..., kind: _Optional[_Union[CheckpointKind, str]] = ..., base_step: _Optional[int] = ..., tables: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -69,6 +69,11 @@ class ParameterServerStub:
                 request_serializer=embps_dot_v1_dot_embps__pb2.StatsRequest.SerializeToString,
                 response_deserializer=embps_dot_v1_dot_embps__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/embps.v1.ParameterServer/Checkpoint',
+                request_serializer=embps_dot_v1_dot_embps__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=embps_dot_v1_dot_embps__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -116,6 +121,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +164,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=embps_dot_v1_dot_embps__pb2.StatsRequest.FromString,
                     response_serializer=embps_dot_v1_dot_embps__pb2.StatsResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=embps_dot_v1_dot_embps__pb2.CheckpointRequest.FromString,
+                    response_serializer=embps_dot_v1_dot_embps__pb2.CheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +360,33 @@ class ParameterServer:
             '/embps.v1.ParameterServer/Stats',
             embps_dot_v1_dot_embps__pb2.StatsRequest.SerializeToString,
             embps_dot_v1_dot_embps__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/Checkpoint',
+            embps_dot_v1_dot_embps__pb2.CheckpointRequest.SerializeToString,
+            embps_dot_v1_dot_embps__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,374 @@
+"""Checkpoints without servers: array files, the Checkpointer's full/incremental chain,
+restore equal to the live tables for every kind and optimizer, refusals, export format.
+
+Equality is exact: a restored table holds the same rows (by key), optimizer slots,
+metadata, sketch and steps as the table it was written from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embps.client.serving import ExportedModel, ExportFormatError, static_rows
+from embps.protos.config import TableConfig
+from embps.server import tables as tables_mod
+from embps.server.checkpoint import (
+    CheckpointConflict,
+    Checkpointer,
+    CheckpointError,
+    ShardCheckpoint,
+    latest_step,
+    list_steps,
+    read_array,
+    restore_tables,
+    write_array,
+    write_shard,
+)
+from embps.server.export import ExportError, export
+from embps.server.tables import BLOCK_FIELDS, Table, make_table
+
+SEED = 1234
+DIM = 4
+
+CONFIGS = {
+    "dyn_sgd": TableConfig.from_dict(
+        {"name": "dyn_sgd", "dim": DIM, "optimizer": {"name": "sgd", "lr": 0.1}}
+    ),
+    "dyn_adam_adm": TableConfig.from_dict(
+        {"name": "dyn_adam_adm", "dim": DIM, "optimizer": {"name": "adam", "lr": 0.01},
+         "admission_threshold": 2}
+    ),
+    "dyn_lfu": TableConfig.from_dict(
+        {"name": "dyn_lfu", "dim": DIM, "optimizer": {"name": "adagrad", "lr": 0.1},
+         "max_rows": 150, "eviction": "lfu"}
+    ),
+    "static_adagrad": TableConfig.from_dict(
+        {"name": "static_adagrad", "dim": DIM, "kind": "static", "hash_bucket_size": 32,
+         "optimizer": {"name": "adagrad", "lr": 0.1}}
+    ),
+    "adaptive_ftrl": TableConfig.from_dict(
+        {"name": "adaptive_ftrl", "dim": DIM, "kind": "adaptive", "hash_bucket_size": 16,
+         "promote_threshold": 3, "sketch_width": 1024, "optimizer": {"name": "ftrl", "alpha": 0.1}}
+    ),
+    "qr_mult_adam": TableConfig.from_dict(
+        {"name": "qr_mult_adam", "dim": DIM, "kind": "qr", "qr_quotient_buckets": 8,
+         "qr_remainder_buckets": 5, "optimizer": {"name": "adam", "lr": 0.01}}
+    ),
+    "qr_concat_sgd": TableConfig.from_dict(
+        {"name": "qr_concat_sgd", "dim": DIM, "kind": "qr", "qr_quotient_buckets": 4,
+         "qr_remainder_buckets": 3, "qr_combiner": "concat", "optimizer": {"name": "sgd"}}
+    ),
+}  # fmt: skip
+
+
+def train(tables: list[Table], rng: np.random.Generator, step: int, lo: int = 0, hi: int = 300):
+    """One training step on every table: a pull of a batch with duplicates, then a push."""
+    keys = rng.integers(lo, hi, 96)
+    for t in tables:
+        t.pull(keys)
+        t.push(keys, rng.standard_normal((keys.shape[0], DIM)).astype(np.float32), step=step)
+
+
+def canon(table: Table) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Layout-independent state: own rows sorted by key, shared blocks, sketch, steps."""
+    snap = table.snapshot()
+    a = snap.arrays
+    out = {k: v for k, v in a.items() if not k.startswith("dynamic.")}
+    if "dynamic.keys" in a:
+        order = np.argsort(a["dynamic.keys"], kind="stable")
+        for f in (*BLOCK_FIELDS, "keys"):
+            out[f"dynamic.{f}"] = a[f"dynamic.{f}"][order]
+    state = {k: snap.state[k] for k in ("step", "auto_step", "version")}
+    return out, state
+
+
+def assert_same(a: Table, b: Table) -> None:
+    ca, sa = canon(a)
+    cb, sb = canon(b)
+    assert sorted(ca) == sorted(cb)
+    for k in ca:
+        np.testing.assert_array_equal(ca[k], cb[k], err_msg=f"{a.name}: {k}")
+    assert sa == sb
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(SEED)
+
+
+# --------------------------------------------------------------------------
+# Array files
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.empty(0, dtype=np.int64),
+        np.empty((0, 4), dtype=np.float32),
+        np.arange(7, dtype=np.uint32),
+        np.random.default_rng(0).standard_normal((300_000, 8)).astype(np.float32),  # > 1 chunk
+    ],
+    ids=["empty-1d", "empty-2d", "small", "multi-chunk"],
+)
+def test_array_round_trip(tmp_path: Path, arr: np.ndarray) -> None:
+    crc = write_array(tmp_path / "a.npy", arr)
+    back = read_array(tmp_path / "a.npy", crc)
+    assert back.dtype == arr.dtype and back.shape == arr.shape
+    np.testing.assert_array_equal(back, arr)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy", allow_pickle=False), arr)
+
+
+def test_corrupt_and_truncated_files_are_refused_by_name(tmp_path: Path) -> None:
+    arr = np.arange(1000, dtype=np.float32)
+    p = tmp_path / "v.npy"
+    crc = write_array(p, arr)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{p}.*corrupt"):
+        read_array(p, crc)
+    p.write_bytes(bytes(data[:100]))
+    with pytest.raises(CheckpointError, match=str(p)):
+        read_array(p, crc)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_array(tmp_path / "missing.npy", crc)
+
+
+def test_object_arrays_are_never_loaded(tmp_path: Path) -> None:
+    p = tmp_path / "o.npy"
+    np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    import zlib
+
+    crc = f"{zlib.crc32(p.read_bytes()) & 0xFFFFFFFF:08x}"
+    with pytest.raises(CheckpointError, match="not a valid array"):
+        read_array(p, crc)
+
+
+# --------------------------------------------------------------------------
+# Full and incremental checkpoints of every table kind and optimizer
+# --------------------------------------------------------------------------
+
+
+def test_full_then_increments_restore_equal_to_live(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    tables = [make_table(c) for c in CONFIGS.values()]
+    ck = Checkpointer(tmp_path, 0, 1, lambda: tables, full_every=3)
+    kinds = []
+    for step in range(4):
+        train(tables, rng, step, hi=300 + 100 * step)  # new keys: evictions in dyn_lfu
+        if step == 2:
+            for t in tables:
+                t.erase(np.arange(0, 40))  # deletions travel in the increment
+                t.prune(0.03)  # and the rows pruned (compacted) too
+        res = ck.checkpoint(step)
+        kinds.append(res.kind)
+        restored, summary = restore_tables(tmp_path, step, 0, 1)
+        assert [t.name for t in restored] == sorted(CONFIGS)
+        for live, back in zip(sorted(tables, key=lambda t: t.name), restored, strict=True):
+            assert_same(live, back)
+        assert summary["old_shards"] == 1
+    assert kinds == ["full", "incremental", "incremental", "full"]
+    lfu = next(t for t in tables if t.name == "dyn_lfu")
+    assert lfu.stats().evictions > 0  # evicted rows travelled as deleted keys
+    manifest = json.loads((ShardCheckpoint(tmp_path, 2, 0, 1).path / "manifest.json").read_text())
+    assert manifest["kind"] == "incremental" and manifest["base_step"] == 1
+    dyn = next(e for e in manifest["tables"] if e["config"]["name"] == "dyn_sgd")
+    assert "deleted.keys" in dyn["arrays"]
+
+
+def test_training_continues_identically_after_restore(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    tables = [make_table(c) for c in CONFIGS.values()]
+    for step in range(3):
+        train(tables, rng, step)
+    Checkpointer(tmp_path, 0, 1, lambda: tables).checkpoint(5)
+    restored, _ = restore_tables(tmp_path, 5, 0, 1)
+    live = sorted(tables, key=lambda t: t.name)
+    for step in range(3, 6):
+        state = rng.bit_generator.state
+        train(live, rng, step, hi=500)
+        rng.bit_generator.state = state
+        train(restored, rng, step, hi=500)
+    for a, b in zip(live, restored, strict=True):
+        assert_same(a, b)
+
+
+def test_explicit_kinds_and_the_first_increment_is_full(tmp_path: Path, rng) -> None:
+    tables = [make_table(CONFIGS["dyn_sgd"])]
+    ck = Checkpointer(tmp_path, 0, 1, lambda: tables)  # policy: always full
+    train(tables, rng, 0)
+    assert ck.checkpoint(1, incremental=True).kind == "full"  # nothing to build on
+    train(tables, rng, 1)
+    res = ck.checkpoint(2, incremental=True)
+    assert (res.kind, res.base_step) == ("incremental", 1)
+    assert ck.checkpoint(3).kind == "full"
+    assert ck.checkpoint(3, incremental=True).kind == "full"  # not over itself
+    assert list_steps(tmp_path) == [1, 2, 3] and latest_step(tmp_path) == 3
+
+
+def test_recreated_table_and_overflowing_deletion_log_are_written_whole(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tables = {n: make_table(CONFIGS[n]) for n in ("dyn_sgd", "static_adagrad")}
+    ck = Checkpointer(tmp_path, 0, 1, lambda: list(tables.values()), full_every=10)
+    train(list(tables.values()), rng, 0)
+    ck.checkpoint(1)
+    tables["static_adagrad"] = make_table(CONFIGS["static_adagrad"])  # dropped, created again
+    monkeypatch.setattr(tables_mod, "DELETED_LOG_MAX", 4)
+    tables["dyn_sgd"].erase(np.arange(300))  # more deletions than the log keeps
+    res = ck.checkpoint(2)
+    assert res.kind == "full"
+    entries = json.loads((res.path / "manifest.json").read_text())["tables"]
+    assert all(e["full"] for e in entries)
+    restored, _ = restore_tables(tmp_path, 2, 0, 1)
+    for a, b in zip(sorted(tables.values(), key=lambda t: t.name), restored, strict=True):
+        assert_same(a, b)
+
+
+def test_a_base_of_an_increment_is_not_overwritten(tmp_path: Path, rng) -> None:
+    tables = [make_table(CONFIGS["dyn_sgd"])]
+    ck = Checkpointer(tmp_path, 0, 1, lambda: tables, full_every=5)
+    train(tables, rng, 0)
+    ck.checkpoint(1)
+    train(tables, rng, 1)
+    ck.checkpoint(2)
+    with pytest.raises(CheckpointConflict, match="base of the incremental checkpoint"):
+        ck.checkpoint(1)
+    # written behind the checkpointer's back: the chain check refuses the mix
+    write_shard([tables[0].snapshot()], ShardCheckpoint(tmp_path, 1, 0, 1))
+    with pytest.raises(CheckpointError, match="written again after the increment"):
+        restore_tables(tmp_path, 2, 0, 1)
+
+
+def test_missing_base_is_refused(tmp_path: Path, rng) -> None:
+    tables = [make_table(CONFIGS["dyn_sgd"])]
+    ck = Checkpointer(tmp_path, 0, 1, lambda: tables, full_every=5)
+    train(tables, rng, 0)
+    ck.checkpoint(1)
+    train(tables, rng, 1)
+    ck.checkpoint(2)
+    shutil.rmtree(tmp_path / "1")
+    with pytest.raises(CheckpointError, match=r"base checkpoint .*1/shard-0-of-1 .* is missing"):
+        restore_tables(tmp_path, 2, 0, 1)
+
+
+def test_write_failure_keeps_the_previous_checkpoint_and_the_chain(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    tables = [make_table(CONFIGS["dyn_sgd"])]
+    ck = Checkpointer(tmp_path, 0, 1, lambda: tables, full_every=5)
+    train(tables, rng, 0)
+    ck.checkpoint(1)
+    (tmp_path / "2").write_text("a file where the step directory belongs")
+    train(tables, rng, 1)
+    with pytest.raises(OSError):
+        ck.checkpoint(2)
+    assert latest_step(tmp_path) == 1
+    res = ck.checkpoint(3)  # the increment still builds on step 1
+    assert (res.kind, res.base_step) == ("incremental", 1)
+    restored, _ = restore_tables(tmp_path, 3, 0, 1)
+    assert_same(tables[0], restored[0])
+
+
+def test_restore_progress_reaches_one(tmp_path: Path, rng) -> None:
+    tables = [make_table(c) for c in CONFIGS.values()]
+    train(tables, rng, 0)
+    Checkpointer(tmp_path, 0, 1, lambda: tables).checkpoint(0)
+    seen: list[float] = []
+    restore_tables(tmp_path, 0, 0, 1, progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == 1.0 and seen[0] < 1.0
+
+
+def test_stale_temporary_directories_are_removed(tmp_path: Path, rng) -> None:
+    tables = [make_table(CONFIGS["dyn_sgd"])]
+    stale = tmp_path / "4" / ".tmp-shard-0-of-1-999-1"
+    stale.mkdir(parents=True)
+    (stale / "junk.npy").write_bytes(b"x")
+    other = tmp_path / "4" / ".tmp-shard-1-of-2-999-1"  # another shard's: left alone
+    other.mkdir()
+    Checkpointer(tmp_path, 0, 1, lambda: tables).checkpoint(4)
+    assert not stale.exists() and other.exists()
+
+
+# --------------------------------------------------------------------------
+# Resharding (tables only; the process-level test is in tests/integration)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 3), (3, 1)])
+def test_reshard_moves_every_own_row_to_its_owner(tmp_path: Path, rng, n: int, m: int) -> None:
+    from embps.protos.routing import shard_of
+
+    cfg = CONFIGS["dyn_adam_adm"]
+    keys = np.arange(500, dtype=np.int64)
+    src = [make_table(cfg) for _ in range(n)]
+    owner = shard_of(keys, n)
+    for i, t in enumerate(src):
+        mine = keys[owner == i]
+        for _ in range(2):
+            t.pull(mine)
+        t.push(mine, np.ones((mine.shape[0], DIM), dtype=np.float32), step=0)
+        Checkpointer(tmp_path, i, n, lambda t=t: [t]).checkpoint(7)
+    want = np.empty((keys.shape[0], DIM), dtype=np.float32)
+    for i, t in enumerate(src):
+        want[owner == i] = t.pull(keys[owner == i], train=False)
+    new_owner = shard_of(keys, m)
+    total = 0
+    for j in range(m):
+        (t,), summary = restore_tables(tmp_path, 7, j, m)
+        assert summary["old_shards"] == n
+        total += t.stats().keys
+        np.testing.assert_array_equal(
+            t.pull(keys[new_owner == j], train=False), want[new_owner == j]
+        )
+    assert total == sum(t.stats().keys for t in src)
+
+
+# --------------------------------------------------------------------------
+# Export format (the process-level test compares with live pulls)
+# --------------------------------------------------------------------------
+
+
+def test_static_row_hash_of_the_reader_equals_the_shards_kernel() -> None:
+    keys = np.random.default_rng(3).integers(-(2**63), 2**63 - 1, 20_000)
+    keys = np.concatenate([keys, [0, -1, -(2**63), 2**63 - 1]])
+    for buckets, seed in ((1, 0), (1000, 7), (2**40 + 3, 2**62)):
+        np.testing.assert_array_equal(
+            static_rows(keys, buckets, seed), tables_mod.static_rows(keys, buckets, seed)
+        )
+
+
+def test_export_round_trip_and_refusals(tmp_path: Path, rng: np.random.Generator) -> None:
+    tables = [make_table(c) for c in CONFIGS.values()]
+    for step in range(3):
+        train(tables, rng, step)
+    Checkpointer(tmp_path / "ck", 0, 1, lambda: tables).checkpoint(3)
+    manifest = export(tmp_path / "ck" / "3", tmp_path / "out")
+    model = ExportedModel(tmp_path / "out", verify=True)
+    assert model.tables == sorted(CONFIGS) and manifest["num_shards"] == 1
+    probe = np.concatenate([np.arange(-20, 400), [-(2**63), 2**63 - 1]])
+    for t in tables:
+        np.testing.assert_array_equal(model.lookup(t.name, probe), t.pull(probe, train=False))
+        assert model.lookup(t.name, []).shape == (0, DIM)
+    with pytest.raises(ExportError, match="exists"):
+        export(tmp_path / "ck" / "3", tmp_path / "out")
+    big = make_table(CONFIGS["dyn_sgd"])
+    big.pull([1])
+    big.push([1], np.full((1, DIM), -1e6, dtype=np.float32))
+    Checkpointer(tmp_path / "ck2", 0, 1, lambda: [big]).checkpoint(0)
+    with pytest.raises(ExportError, match="float16"):
+        export(tmp_path / "ck2" / "0", tmp_path / "out16", fp16=True)
+    assert not (tmp_path / "out16").exists()
+    with pytest.raises(KeyError, match="no table"):
+        model.lookup("nope", [1])
+    (tmp_path / "out" / "dyn_sgd" / "values.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ExportFormatError, match=r"values\.npy"):
+        ExportedModel(tmp_path / "out")
