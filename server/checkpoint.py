@@ -632,7 +632,7 @@ def _load(table: Table, snap: Snapshot, entries: list[tuple[Path, dict]]) -> Non
                 "fewer shards): restore onto more shards, or raise max_rows"
             )
     try:
-        table.load(snap)
+        table.load(snap, adopt=True)  # fresh from disk, used once: the table may keep its arrays
     except ValueError as e:
         where = ", ".join(sorted({str(p / MANIFEST) for p, _ in entries}))
         raise CheckpointError(f"checkpoint {where} does not fit table {table.name!r}: {e}") from e

@@ -388,6 +388,28 @@ class DynamicPart:
         rows, _ = self.insert(keys)  # the bump allocator hands out 0..k-1 in order
         assert np.array_equal(rows, np.arange(len(keys))), "compaction must keep row order"
 
+    def adopt_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
+        """Become exactly these rows (this part must be empty): the arrays are taken, not copied.
+
+        keys: int64 (k,) distinct; fields_: BLOCK_FIELDS arrays of k rows. Row i holds keys[i].
+        """
+        assert self.size == 0, "adopt_rows needs an empty part"
+        k = int(keys.shape[0])
+        if k < 16:
+            self.upsert_rows(keys, fields_)
+            return
+        block = Block(0, self.block.dim, self.block.n_slots)
+        for f in BLOCK_FIELDS:
+            setattr(block, f, fields_[f])
+        self.block = block
+        self.row_keys = np.full(k, hm.EMPTY, dtype=np.int64)
+        cap = hm.capacity_for(k)
+        self.slots = hm.new_slots(cap)
+        self.meta = hm.new_meta(cap, k)
+        self.free = np.empty(0, dtype=np.int64)
+        rows, _ = self.insert(keys)  # the bump allocator hands out 0..k-1 in order
+        assert np.array_equal(rows, np.arange(k)), "adopted rows must keep their order"
+
     def upsert_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
         """Set the rows of ``keys`` (int64 (k,), distinct) from ``fields_`` (BLOCK_FIELDS arrays)."""
         rows, _ = self.insert(keys)
@@ -596,9 +618,20 @@ class Table:
                 live = part.live_rows()
                 if since_version is not None:
                     live = live[part.block.version[live] > since_version]
-                arrays["dynamic.keys"] = part.keys_of(live)
-                for f in BLOCK_FIELDS:
-                    arrays[f"dynamic.{f}"] = getattr(part.block, f)[live]
+                if live.shape[0] == int(part.meta[hm.M_NEXT_ROW]):
+                    # Live rows are the dense prefix [0, k): slice copies, no gathers.
+                    k = live.shape[0]
+                    keys = part.row_keys[:k].copy()
+                    sent = int(part.meta[hm.M_SENTINEL_ROW])
+                    if sent >= 0:
+                        keys[sent] = hm.EMPTY
+                    arrays["dynamic.keys"] = keys
+                    for f in BLOCK_FIELDS:
+                        arrays[f"dynamic.{f}"] = getattr(part.block, f)[:k].copy()
+                else:
+                    arrays["dynamic.keys"] = part.keys_of(live)
+                    for f in BLOCK_FIELDS:
+                        arrays[f"dynamic.{f}"] = getattr(part.block, f)[live]
             sketch: FrequencySketch | None = getattr(self, "sketch", None)
             if sketch is not None:
                 arrays["sketch.counters"] = sketch.counters.copy()
@@ -609,9 +642,12 @@ class Table:
             state.update(self.counters)
             return Snapshot(self.config, arrays, state, since_version, deleted)
 
-    def load(self, snap: Snapshot) -> None:
+    def load(self, snap: Snapshot, adopt: bool = False) -> None:
         """Apply a snapshot: a full one onto this fresh table, or an increment on top.
 
+        adopt=True lets the table take the snapshot's arrays instead of copying
+        them where it can (a full snapshot into an empty part): the caller must
+        not use the snapshot afterwards (restore from disk does this).
         Raises ValueError naming the array when a shape or dtype does not fit
         this table's config (a corrupt or foreign snapshot); nothing is
         changed in that case.
@@ -627,13 +663,19 @@ class Table:
                 rows = snap.arrays.get(f"{pname}.rows")
                 for f in BLOCK_FIELDS:
                     a = snap.arrays[f"{pname}.{f}"]
-                    if rows is None:
+                    if rows is None and adopt and _adoptable(a):
+                        setattr(blk, f, a)
+                    elif rows is None:
                         getattr(blk, f)[...] = a
                     else:
                         getattr(blk, f)[rows] = a
             if part is not None and "dynamic.keys" in snap.arrays:
                 keys = snap.arrays["dynamic.keys"]
-                part.upsert_rows(keys, {f: snap.arrays[f"dynamic.{f}"] for f in BLOCK_FIELDS})
+                fields_ = {f: snap.arrays[f"dynamic.{f}"] for f in BLOCK_FIELDS}
+                if adopt and part.size == 0 and all(_adoptable(a) for a in fields_.values()):
+                    part.adopt_rows(keys, fields_)
+                else:
+                    part.upsert_rows(keys, fields_)
             sketch: FrequencySketch | None = getattr(self, "sketch", None)
             if sketch is not None and "sketch.counters" in snap.arrays:
                 sketch.counters[...] = snap.arrays["sketch.counters"]
@@ -1147,6 +1189,11 @@ TABLE_CLASSES: dict[TableKind, type[Table]] = {
 def make_table(config: TableConfig) -> Table:
     """A new, empty table of ``config.kind``."""
     return TABLE_CLASSES[config.kind](config)
+
+
+def _adoptable(a: np.ndarray) -> bool:
+    """An array a table may keep as its own storage: writable, C-contiguous, owning or base-owned."""
+    return bool(a.flags.c_contiguous and a.flags.writeable)
 
 
 def _as_norm(norm: Norm | str) -> Norm:
