@@ -13,6 +13,10 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("embps.server.main", "start N local shard processes (gRPC + metrics)"),
+    "export": (
+        "embps.server.export",
+        "write a checkpoint's values for serving (memory-mappable .npy + manifest)",
+    ),
 }
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": (
@@ -22,6 +26,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "service": (
         "embps.client.bench_service",
         "gRPC pull/push throughput beside a raw echo and Redis",
+    ),
+    "checkpoint": (
+        "embps.server.bench_checkpoint",
+        "checkpoint write and restore throughput beside numpy.save / numpy.load",
     ),
 }
 

@@ -7,6 +7,15 @@ One call = one batch. ``pull`` and ``push`` take keys of any integer shape
     -> one RPC per shard, concurrently (chunks of <= max_keys_per_request keys)
     -> scatter the rows back by the inverse -> float32 (n, dim)
 
+Hot path. Rows cross the client once each way: a pull reads the rows in place
+from gRPC's response buffer (``codec.decode_pull_response``, no protobuf
+object) and gathers them into the one array it returns; a push copies the
+summed gradients once, into the request bytes (``codec.encode_push_request``).
+Distinct keys are deduplicated by one argsort (``np.unique`` only runs when
+there are duplicates); keys already distinct and ascending (``np.unique``'s
+output) skip the sort and the gather. A call to a single shard runs in the
+calling thread (no future, no thread).
+
 A push sums the gradients of duplicate keys on the client (in batch order,
 float32, exactly as a shard sums them), checks them (dim, finite) and then
 sends one push to *every* shard, empty ones included, so that each shard's
@@ -52,6 +61,7 @@ from embps.v1 import embps_pb2_grpc as pb_grpc
 
 from .exceptions import (
     CancelledError,
+    CheckpointFailedError,
     EmbpsError,
     InconsistentShardsError,
     InvalidArgumentError,
@@ -68,6 +78,7 @@ _RETRIABLE = (UnavailableError, CancelledError)
 DEFAULT_MAX_KEYS_PER_REQUEST = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 _MESSAGE_OVERHEAD = 4096  # bytes kept free in a message for fields other than the arrays
+_SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.05, 2.0
 _FINITE_MAX = {
     pb.DTYPE_FLOAT32: float(np.finfo(np.float32).max),
@@ -105,6 +116,22 @@ class ShardStats:
     num_shards: int
     address: str
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """What one shard's checkpoint wrote: its directory, kind ("full" or "incremental"
+    over ``base_step``), table count, array bytes and seconds."""
+
+    shard_id: int
+    address: str
+    step: int
+    path: str
+    kind: str
+    base_step: int | None
+    tables: int
+    bytes: int
+    seconds: float
 
 
 # --------------------------------------------------------------------------
@@ -149,23 +176,46 @@ class _Plan:
     where:  int64 (n,) position in ``keys`` of each of the caller's keys
     bounds: shard s owns keys[bounds[s]:bounds[s + 1]]
     first:  int64 (u,) batch index of each key's first occurrence (pushes only, else None)
+    same:   True when ``keys`` is the caller's batch itself (distinct and ascending keys,
+            one shard): ``where`` and ``first`` are the identity
     """
 
     keys: np.ndarray
     where: np.ndarray
     bounds: list[int]
     first: np.ndarray | None = None
+    same: bool = False
+
+
+def _dedup(keys: np.ndarray, first: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(distinct keys ascending (u,), position of each key in them (n,), first occurrence
+    of each (u,) or None unless ``first``) of int64 keys (n,).
+
+    Distinct keys (the usual batch) take one unstable argsort; only a batch with
+    duplicates pays for ``np.unique`` (a stable sort, for the first occurrences).
+    """
+    n = keys.shape[0]
+    order = np.argsort(keys)
+    uniq = keys[order]
+    if n < 2 or bool((uniq[1:] != uniq[:-1]).all()):
+        where = np.empty(n, dtype=np.int64)
+        where[order] = np.arange(n, dtype=np.int64)
+        return uniq, where, order if first else None
+    if first:
+        uniq, index, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        return uniq, inverse.reshape(-1), index
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return uniq, inverse.reshape(-1), None
 
 
 def _plan(keys: np.ndarray, num_shards: int, first: bool = False) -> _Plan:
     """Dedup and route keys: int64 (n,) -> _Plan. Per-shard key runs are contiguous, so
     requests are slices and responses land with one copy each (no row scatter)."""
-    if first:
-        uniq, index, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    else:
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        index = None
-    inverse = inverse.reshape(-1)
+    n = keys.shape[0]
+    if num_shards == 1 and (n < 2 or bool((keys[1:] > keys[:-1]).all())):
+        ident = np.arange(n, dtype=np.int64)  # ascending and distinct already (np.unique's output)
+        return _Plan(keys, ident, [0, n], ident if first else None, same=True)
+    uniq, inverse, index = _dedup(keys, first)
     u = uniq.shape[0]
     if num_shards == 1:
         return _Plan(uniq, inverse, [0, u], index)
@@ -183,14 +233,18 @@ def _sum_duplicates(plan: _Plan, grads: np.ndarray) -> np.ndarray:
     A shard computes ((0 + g_first) + g_second) + ... in float32, in batch order
     (``dedup_sum``); so does this: the first occurrences are gathered (plus 0, which
     turns -0.0 into 0.0 as the shard's zero start does), then the other occurrences
-    are added in batch order by one flat ``np.add.at``.
+    are added in batch order by one flat ``np.add.at``. Distinct keys need no sum:
+    their rows are only put in the plan's order (``grads`` itself when it already is;
+    the shard's own zero start then does the same to -0.0).
     """
     assert plan.first is not None
+    if plan.same:
+        return grads
     n, dim = grads.shape
-    ug = grads[plan.first]
-    ug += np.float32(0.0)
+    ug = np.take(grads, plan.first, 0)
     if ug.shape[0] == n:
         return ug
+    ug += np.float32(0.0)
     is_first = np.zeros(n, dtype=np.bool_)
     is_first[plan.first] = True
     rest = np.flatnonzero(~is_first)
@@ -198,6 +252,31 @@ def _sum_duplicates(plan: _Plan, grads: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):  # the caller checks for Inf/NaN
         np.add.at(ug.reshape(-1), flat, grads[rest].reshape(-1))
     return ug
+
+
+def _assemble_rows(plan: _Plan, parts: list[tuple[int, int, np.ndarray]], dim: int) -> np.ndarray:
+    """The caller's rows, float32 (n, dim), a new array, from the shards' answers.
+
+    parts: (a, b, rows) with rows float32 (b - a, dim) of ``plan.keys[a:b]``
+    (possibly read-only views of the responses); together they cover the
+    distinct keys. Each row is copied once: gathered by ``plan.where`` from a
+    single answer, or scattered to its place when the keys were distinct.
+    """
+    n, u = plan.where.shape[0], plan.keys.shape[0]
+    if len(parts) == 1:
+        rows = parts[0][2]
+        return np.array(rows, dtype=np.float32) if plan.same else np.take(rows, plan.where, 0)
+    if n == u:  # distinct keys: plan.where is a permutation; send each row to its place
+        src = np.empty(n, dtype=np.int64)
+        src[plan.where] = np.arange(n, dtype=np.int64)
+        out = np.empty((n, dim), dtype=np.float32)
+        for a, b, rows in parts:
+            out[src[a:b]] = rows
+        return out
+    uniq = np.empty((u, dim), dtype=np.float32)
+    for a, b, rows in parts:
+        uniq[a:b] = rows
+    return np.take(uniq, plan.where, 0)
 
 
 def _slices(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
@@ -258,6 +337,15 @@ class PSClient:
         ]
         self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
         self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
+        # Pull answers and push requests as raw bytes (codec reads and writes them)
+        self._raw: dict[str, list[Any]] = {
+            "Pull": [c.unary_unary(f"/{_SERVICE}/Pull",
+                                   request_serializer=pb.PullRequest.SerializeToString)
+                     for c in self._channels],
+            "Push": [c.unary_unary(f"/{_SERVICE}/Push",
+                                   response_deserializer=pb.PushResponse.FromString)
+                     for c in self._channels],
+        }  # fmt: skip
         self._dims: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -369,6 +457,71 @@ class PSClient:
             out.append(ShardStats(r.shard_id, r.num_shards, self.addresses[s], tables))
         return out
 
+    # ---------------------------------------------------------------- durability
+    def checkpoint(
+        self, step: int, incremental: bool | None = None, timeout: float | None = 600.0
+    ) -> list[CheckpointResult]:
+        """Write a checkpoint of ``step`` on every shard; per-shard results in shard order.
+
+        Each shard writes ``<its --checkpoint-dir>/<step>/shard-<i>-of-<n>/``; the step is
+        complete (restorable) once every shard wrote it. incremental: None follows each
+        shard's ``--checkpoint-incremental`` policy, True writes the rows changed since
+        the shard's last checkpoint (a full checkpoint where there is none to build on),
+        False a full one. timeout: seconds per shard (checkpoints of large tables take
+        a while). Shards that are restoring or unreachable are retried until
+        ``retry_deadline``; any other failure raises CheckpointFailedError (with the
+        shards that did write it), and the step stays incomplete.
+        """
+        if not isinstance(step, int | np.integer) or step < 0:
+            raise InvalidArgumentError(f"step must be an integer >= 0, got {step!r}")
+        kind = {
+            None: pb.CHECKPOINT_KIND_UNSPECIFIED,
+            False: pb.CHECKPOINT_KIND_FULL,
+            True: pb.CHECKPOINT_KIND_INCREMENTAL,
+        }[None if incremental is None else bool(incremental)]
+        req = pb.CheckpointRequest(step=int(step), kind=kind, num_shards=self.num_shards)
+        deadline = time.monotonic() + self.retry_deadline
+        backoff = _BACKOFF_FIRST_S
+        results: dict[int, CheckpointResult] = {}
+        errors: dict[int, EmbpsError] = {}
+        pending = list(range(self.num_shards))
+        while True:
+            futs = [(s, self._stubs[s].Checkpoint.future(req, timeout=timeout)) for s in pending]
+            errors = {}
+            for s, f in futs:
+                try:
+                    r = f.result()
+                except grpc.RpcError as e:
+                    errors[s] = from_rpc_error(e, s, self.addresses[s])
+                    continue
+                results[s] = CheckpointResult(
+                    shard_id=r.shard_id,
+                    address=self.addresses[s],
+                    step=r.step,
+                    path=r.path,
+                    kind="incremental" if r.kind == pb.CHECKPOINT_KIND_INCREMENTAL else "full",
+                    base_step=r.base_step if r.HasField("base_step") else None,
+                    tables=r.tables,
+                    bytes=r.bytes,
+                    seconds=r.seconds,
+                )
+            if not errors:
+                return [results[s] for s in range(self.num_shards)]
+            sleep = backoff * (0.5 + random.random() / 2)
+            retriable = all(isinstance(e, _RETRIABLE) for e in errors.values())
+            if not retriable or time.monotonic() + sleep > deadline:
+                break
+            time.sleep(sleep)
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+            pending = sorted(errors)
+        first = errors[min(errors)]
+        raise CheckpointFailedError(
+            f"checkpoint of step {step} is incomplete: written on shards {sorted(results)}, "
+            f"failed on {sorted(errors)}; first error: {first}",
+            written=[results[s] for s in sorted(results)],
+            errors=[errors[s] for s in sorted(errors)],
+        )
+
     # ---------------------------------------------------------------- data
     def pull(self, table: str, keys: Any, train: bool = True, mask: Any = None) -> np.ndarray:
         """Rows of ``keys``: float32 (n, dim), in the keys' order (n = keys.size).
@@ -410,27 +563,28 @@ class PSClient:
                     req.mask = codec.encode_mask(umask[a:b])
                 jobs.append((s, req))
                 spans.append((a, b))
-        resps = self._call_all("Pull", jobs)
-        out: np.ndarray | None = None
-        for (s, _req), (a, b), r in zip(jobs, spans, resps, strict=True):
+        resps = self._call_all("Pull", jobs)  # PullResponse bytes
+        parts: list[tuple[int, int, np.ndarray]] = []
+        width = -1
+        for (s, _req), (a, b), data in zip(jobs, spans, resps, strict=True):
             try:
-                vals = codec.decode_values(r.values, r.dtype, b - a, r.dim)
+                values, rdim, rdtype = codec.decode_pull_response(data)
+                vals = codec.decode_values(values, rdtype, b - a, rdim)
             except codec.CodecError as e:
                 raise EmbpsError(
                     f"malformed pull response: {e}", shard=s, address=self.addresses[s]
                 ) from None
-            if out is None:
-                out = np.empty((u, r.dim), dtype=np.float32)
-            elif r.dim != out.shape[1]:
+            if width < 0:
+                width = rdim
+            elif rdim != width:
                 raise InconsistentShardsError(
-                    f"table {table!r} has dim {r.dim} on shard {s} but {out.shape[1]} elsewhere"
+                    f"table {table!r} has dim {rdim} on shard {s} but {width} elsewhere"
                 )
-            out[a:b] = vals
-        assert out is not None
-        if out.shape[1] != dim:
+            parts.append((a, b, vals))
+        if width != dim:
             with self._lock:
-                self._dims[table] = out.shape[1]
-        return out[plan.where]
+                self._dims[table] = width
+        return _assemble_rows(plan, parts, width)
 
     def push(self, table: str, keys: Any, grads: Any, step: int | None = None) -> PushResult:
         """Apply gradients: grads float (n, dim) (or keys.shape + (dim,)), one row per key.
@@ -455,13 +609,15 @@ class PSClient:
         plan = _plan(k, self.num_shards, first=True)
         ug = _sum_duplicates(plan, g)
         if n:
-            peak = float(np.abs(ug).max())  # NaN propagates; inf stays inf
-            if not peak <= _FINITE_MAX[self.dtype]:
+            hi, lo = float(ug.max()), float(ug.min())  # NaN propagates; inf stays inf
+            limit = _FINITE_MAX[self.dtype]
+            if not (hi <= limit and -lo <= limit):
                 raise InvalidArgumentError(
                     f"table {table!r}: gradients contain NaN or Inf (or exceed the range of the "
                     "wire dtype after summing duplicates); nothing was sent"
                 )
-        waves: list[list[tuple[int, pb.PushRequest]]] = []
+        waves: list[list[tuple[int, bytes]]] = []  # PushRequest bytes
+        wire = codec.wire_values(ug, self.dtype)  # float32: ug itself
         chunk = self._chunk_keys(8 + g.shape[1] * codec.ITEMSIZE[self.dtype])
         for s in range(self.num_shards):  # every shard, even without keys: one step each
             pieces = _slices(plan.bounds[s], plan.bounds[s + 1], chunk)
@@ -473,10 +629,8 @@ class PSClient:
                     stacklevel=2,
                 )
             for w, (a, b) in enumerate(pieces):
-                req = pb.PushRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
-                                     grads=codec.encode_values(ug[a:b], self.dtype),
-                                     dtype=self.dtype, num_shards=self.num_shards,
-                                     step=step)  # fmt: skip
+                req = codec.encode_push_request(table, plan.keys[a:b], wire[a:b], self.dtype,
+                                                self.num_shards, step)  # fmt: skip
                 if w == len(waves):
                     waves.append([])
                 waves[w].append((s, req))
@@ -537,11 +691,20 @@ class PSClient:
         return dims[table]
 
     # ---------------------------------------------------------------- RPC fan-out
+    def _callable(self, method: str, shard: int) -> Any:
+        """The gRPC callable of ``method`` on a shard (raw bytes for Pull and Push)."""
+        raw = self._raw.get(method)
+        return raw[shard] if raw is not None else getattr(self._stubs[shard], method)
+
     def _call_outcomes(self, method: str, jobs: list[tuple[int, Any]]) -> list[Any]:
         """Send every job concurrently; per job its response or its EmbpsError. No retries."""
-        futs = [
-            getattr(self._stubs[s], method).future(req, timeout=self.timeout) for s, req in jobs
-        ]
+        if len(jobs) == 1:  # in this thread: a future would start a thread to wait on it
+            ((s, req),) = jobs
+            try:
+                return [self._callable(method, s)(req, timeout=self.timeout)]
+            except grpc.RpcError as e:
+                return [from_rpc_error(e, s, self.addresses[s])]
+        futs = [self._callable(method, s).future(req, timeout=self.timeout) for s, req in jobs]
         out: list[Any] = []
         for (s, _), f in zip(jobs, futs, strict=True):
             try:

@@ -120,6 +120,86 @@ def test_unknown_dtypes() -> None:
     assert codec.dtype_from_name("bfloat16") == BF16
 
 
+def test_float16_decode_matches_numpy_for_every_bit_pattern() -> None:
+    every = np.arange(1 << 16, dtype=np.uint16)  # zeros, subnormals, inf, every NaN payload
+    got = codec.decode_values(every.tobytes(), F16, 1024, 64)
+    want = every.view(np.float16).astype(np.float32).reshape(1024, 64)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert got.flags.writeable
+
+
+# --------------------------------------------------------------------------
+# PullResponse / PushRequest written and read by hand (client hot path)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("step", [None, 0, 1, 2**40, 2**63 - 1])
+def test_push_request_bytes_equal_protobuf(rng: np.random.Generator, dtype: int, step) -> None:
+    keys = np.array([-(2**63), -1, 0, 5, 2**63 - 1], dtype=np.int64)
+    grads = rng.normal(size=(5, 3)).astype(np.float32)
+    got = codec.encode_push_request("tbl é", keys, codec.wire_values(grads, dtype), dtype, 3, step)
+    want = pb.PushRequest(table="tbl é", keys=codec.encode_keys(keys),
+                          grads=codec.encode_values(grads, dtype), dtype=dtype, step=step,
+                          num_shards=3)  # fmt: skip
+    assert got == want.SerializeToString()
+    parsed = pb.PushRequest.FromString(got)
+    assert parsed == want and parsed.HasField("step") == (step is not None)
+
+
+def test_push_request_defaults_and_empty_arrays() -> None:
+    empty = np.empty((0, 4), dtype=np.float32)
+    got = codec.encode_push_request("", np.empty(0, np.int64), empty, 0, 0, None)
+    assert got == b"" == pb.PushRequest().SerializeToString()
+    big_endian = np.array([7, -7], dtype=">i8")  # keys are always sent little-endian
+    got = codec.encode_push_request("t", big_endian, np.ones((2, 1), np.float32), F32, 1, 0)
+    np.testing.assert_array_equal(codec.decode_keys(pb.PushRequest.FromString(got).keys), [7, -7])
+
+
+@pytest.mark.parametrize("dtype", [0, F32, F16, BF16])
+def test_pull_response_is_read_in_place(rng: np.random.Generator, dtype: int) -> None:
+    values = rng.normal(size=(6, 5)).astype(np.float32)
+    data = pb.PullResponse(values=codec.encode_values(values, dtype), dim=5,
+                           dtype=dtype).SerializeToString()  # fmt: skip
+    payload, dim, got_dtype = codec.decode_pull_response(data)
+    assert (dim, got_dtype) == (5, dtype)
+    assert bytes(payload) == codec.encode_values(values, dtype)
+    assert payload.obj is data  # a view: the rows are not copied
+    np.testing.assert_array_equal(
+        codec.decode_values(payload, dtype, 6, 5), _round(values, dtype or F32)
+    )
+
+
+def test_pull_response_follows_protobuf_parsing_rules() -> None:
+    assert codec.decode_pull_response(b"") == (memoryview(b""), 0, 0)
+    msg = pb.PullResponse(values=b"abcd", dim=1, dtype=F32).SerializeToString()
+    unknown = b"\x20\x07" + b"\x2a\x02xy" + b"\x31" + bytes(8) + b"\x3d" + bytes(4)  # fields 4-7
+    payload, dim, dtype = codec.decode_pull_response(unknown + msg + b"\x10\x02")
+    assert (bytes(payload), dim, dtype) == (b"abcd", 2, F32)  # unknown skipped, last dim wins
+    assert pb.PullResponse.FromString(unknown + msg + b"\x10\x02").dim == 2
+    wrong_types = b"\x08\x01" + b"\x12\x01a" + b"\x18\x02"  # values a varint, dim bytes
+    payload, dim, dtype = codec.decode_pull_response(wrong_types)
+    want = pb.PullResponse.FromString(wrong_types)  # upb skips them as unknown fields
+    assert (bytes(payload), dim, dtype) == (want.values, want.dim, want.dtype) == (b"", 0, F16)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x0a\x05abc",  # values longer than the message
+        b"\x10",  # varint cut off
+        b"\x10" + b"\xff" * 11,  # varint over 10 bytes
+        b"\x31\x00",  # fixed64 cut off
+        b"\x0b",  # group wire types are not proto3
+    ],
+)
+def test_malformed_pull_responses_are_codec_errors(data: bytes) -> None:
+    with pytest.raises(codec.CodecError, match="malformed"):
+        codec.decode_pull_response(data)
+    with pytest.raises(Exception):  # noqa: B017 - protobuf refuses them too (DecodeError)
+        pb.PullResponse.FromString(data)
+
+
 # --------------------------------------------------------------------------
 # Routing
 # --------------------------------------------------------------------------

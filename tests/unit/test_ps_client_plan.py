@@ -1,0 +1,88 @@
+"""PSClient's routing plan and row assembly (pure functions, no server), against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embps.client.ps_client import _assemble_rows, _plan, _slices, _sum_duplicates
+from embps.protos.routing import shard_of
+
+DIM = 3
+
+
+def batches() -> dict[str, np.ndarray]:
+    """Edge cases first: empty, one key, then distinct (sorted, shuffled) and duplicated keys."""
+    rng = np.random.default_rng(42)
+    distinct = np.unique(rng.integers(-(2**63), 2**63 - 1, 300))
+    return {
+        "empty": np.empty(0, dtype=np.int64),
+        "one": np.array([-5], dtype=np.int64),
+        "sorted_distinct": distinct,
+        "shuffled_distinct": rng.permutation(distinct),
+        "descending": distinct[::-1].copy(),
+        "duplicates": rng.integers(-50, 50, 400),
+        "all_equal": np.full(20, 7, dtype=np.int64),
+    }
+
+
+def rows_of(keys: np.ndarray) -> np.ndarray:
+    """A row per key that depends only on the key: float32 (n, DIM)."""
+    k = keys.astype(np.float64)[:, None]
+    return (np.sin(k + np.arange(DIM)) * 100).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+@pytest.mark.parametrize("name", list(batches()))
+def test_plan_routes_each_distinct_key_once_ascending_per_shard(name: str, num_shards: int) -> None:
+    keys = batches()[name].astype(np.int64)
+    plan = _plan(keys, num_shards, first=True)
+    assert len(plan.bounds) == num_shards + 1 and plan.bounds[-1] == plan.keys.shape[0]
+    np.testing.assert_array_equal(np.sort(plan.keys), np.unique(keys))
+    np.testing.assert_array_equal(plan.keys[plan.where], keys)
+    assert plan.first is not None
+    np.testing.assert_array_equal(keys[plan.first], plan.keys)
+    for j, k in enumerate(plan.keys):  # the first occurrence, not any
+        assert plan.first[j] == np.flatnonzero(keys == k)[0]
+    for s in range(num_shards):
+        mine = plan.keys[plan.bounds[s] : plan.bounds[s + 1]]
+        assert (np.diff(mine) > 0).all()
+        assert (shard_of(mine, num_shards) == s).all()
+    assert plan.same == (num_shards == 1 and name in ("empty", "one", "sorted_distinct"))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+@pytest.mark.parametrize("name", [n for n in batches() if n != "empty"])
+def test_assembled_rows_are_in_the_callers_order(name: str, num_shards: int, chunk: int) -> None:
+    keys = batches()[name].astype(np.int64)
+    plan = _plan(keys, num_shards)
+    answer = rows_of(plan.keys)
+    parts = []
+    for s in range(num_shards):
+        for a, b in _slices(plan.bounds[s], plan.bounds[s + 1], chunk):
+            if a < b:
+                view = np.frombuffer(answer[a:b].tobytes(), np.float32).reshape(b - a, DIM)
+                parts.append((a, b, view))  # read-only, like a response
+    got = _assemble_rows(plan, parts, DIM)
+    np.testing.assert_array_equal(got, rows_of(keys))
+    assert got.flags.writeable and got.flags.owndata and got.dtype == np.float32
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+@pytest.mark.parametrize("name", list(batches()))
+def test_duplicate_gradients_are_summed_in_batch_order(name: str, num_shards: int) -> None:
+    keys = batches()[name].astype(np.int64)
+    rng = np.random.default_rng(5)
+    grads = rng.normal(size=(keys.shape[0], DIM)).astype(np.float32)
+    grads[:2] = -0.0
+    before = grads.copy()
+    plan = _plan(keys, num_shards, first=True)
+    got = _sum_duplicates(plan, grads)
+    want = np.zeros((plan.keys.shape[0], DIM), dtype=np.float32)
+    for i, w in enumerate(plan.where):  # ((0 + g_first) + g_second) + ... in float32
+        want[w] = want[w] + grads[i]
+    if plan.keys.shape[0] == keys.shape[0]:  # distinct: the shard adds the zero itself
+        got = np.float32(0.0) + got
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    np.testing.assert_array_equal(grads, before)  # the caller's gradients are left alone
