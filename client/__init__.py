@@ -15,6 +15,7 @@ from .exceptions import (
     STATUS_TO_ERROR,
     AlreadyExistsError,
     CancelledError,
+    CheckpointFailedError,
     DeadlineExceededError,
     EmbpsError,
     InconsistentShardsError,
@@ -29,7 +30,14 @@ from .exceptions import (
     UnavailableError,
     UnimplementedError,
 )
-from .ps_client import PruneResult, PSClient, PushResult, ShardStats
+from .ps_client import (
+    CheckpointResult,
+    PruneResult,
+    PSClient,
+    PushResult,
+    ShardStats,
+    shard_addresses,
+)
 
 __all__ = [
     "FTRL",
@@ -39,6 +47,8 @@ __all__ = [
     "Adam",
     "AlreadyExistsError",
     "CancelledError",
+    "CheckpointFailedError",
+    "CheckpointResult",
     "DeadlineExceededError",
     "EmbpsError",
     "InconsistentShardsError",
@@ -57,4 +67,5 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "shard_addresses",
 ]

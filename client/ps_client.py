@@ -291,6 +291,19 @@ def _slices(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------
 
 
+def shard_addresses(pattern: str, num_shards: int) -> list[str]:
+    """Addresses of shards 0..N-1 from a pattern with ``{i}``, e.g. a StatefulSet's DNS names.
+
+    ``shard_addresses("embps-{i}.embps-headless:50051", 3)`` ->
+    ``["embps-0.embps-headless:50051", "embps-1...", "embps-2..."]``.
+    """
+    if "{i}" not in pattern:
+        raise ValueError(f"address pattern {pattern!r} has no {{i}} placeholder for the shard id")
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+    return [pattern.replace("{i}", str(i)) for i in range(num_shards)]
+
+
 class PSClient:
     """Client of an embps cluster: routes keys, fans out one RPC per shard, merges results.
 
@@ -314,9 +327,16 @@ class PSClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         dtype: str = "float32",
         retry_deadline: float = 30.0,
+        num_shards: int | None = None,
     ) -> None:
-        if isinstance(addresses, str):
+        if isinstance(addresses, str) and "{i}" in addresses:
+            if num_shards is None:
+                raise ValueError(f"the address pattern {addresses!r} needs num_shards=N")
+            addresses = shard_addresses(addresses, num_shards)
+        elif isinstance(addresses, str):
             addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+        if num_shards is not None and len(addresses) != num_shards:
+            raise ValueError(f"num_shards={num_shards} but {len(addresses)} addresses were given")
         self.addresses: list[str] = list(addresses)
         if not self.addresses:
             raise ValueError("PSClient needs at least one shard address")

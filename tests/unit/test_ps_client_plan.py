@@ -86,3 +86,26 @@ def test_duplicate_gradients_are_summed_in_batch_order(name: str, num_shards: in
         got = np.float32(0.0) + got
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     np.testing.assert_array_equal(grads, before)  # the caller's gradients are left alone
+
+
+def test_shard_addresses_from_a_dns_pattern() -> None:
+    from embps.client import PSClient, shard_addresses
+
+    assert shard_addresses("embps-{i}.embps-headless:50051", 3) == [
+        "embps-0.embps-headless:50051",
+        "embps-1.embps-headless:50051",
+        "embps-2.embps-headless:50051",
+    ]
+    with pytest.raises(ValueError, match="placeholder"):
+        shard_addresses("embps.embps-headless:50051", 2)
+    with pytest.raises(ValueError, match="num_shards"):
+        shard_addresses("embps-{i}:1", 0)
+    ps = PSClient("127.0.0.1:{i}", num_shards=2)  # channels connect lazily: no server needed
+    try:
+        assert ps.addresses == ["127.0.0.1:0", "127.0.0.1:1"] and ps.num_shards == 2
+    finally:
+        ps.close()
+    with pytest.raises(ValueError, match="needs num_shards"):
+        PSClient("embps-{i}:50051")
+    with pytest.raises(ValueError, match="2 addresses"):
+        PSClient(["a:1", "b:2"], num_shards=3)
