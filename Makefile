@@ -8,13 +8,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test lint unit integration demo bench protos clean
+.PHONY: venv test lint unit integration demo demo-quick bench protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
-	$(PY) -m pip install -q -e '.[dev,torch]'
+	$(PY) -m pip install -q -e '.[dev,torch,demo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,10 +34,16 @@ integration: venv
 	$(PY) -m pytest -q tests/integration
 
 demo: venv
-	$(VENV)/bin/embps bench engine --quick
+	$(VENV)/bin/embps demo
+
+demo-quick: venv
+	$(VENV)/bin/embps demo --quick
 
 bench: venv
+	mkdir -p bench-results
 	$(VENV)/bin/embps bench engine --json bench-results/engine.json
+	$(VENV)/bin/embps bench service --json bench-results/service.json
+	$(VENV)/bin/embps bench checkpoint --json bench-results/checkpoint.json
 
 protos: venv
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos \

@@ -12,6 +12,10 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "embps.client.demo",
+        "train a DLRM on synthetic clicks against a local 2-shard PS; write a report",
+    ),
     "serve": ("embps.server.main", "start N local shard processes (gRPC + metrics)"),
     "export": (
         "embps.server.export",
