@@ -45,9 +45,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import os
-import platform
 import queue
 import re
 import shutil
@@ -68,6 +66,7 @@ import numpy as np
 
 from embps.protos import codec
 from embps.protos.routing import mix64
+from embps.server.benchreport import Target, fmt_num, fmt_ratio, machine_line, table, write_json
 from embps.v1 import embps_pb2 as pb
 
 from .ps_client import DEFAULT_MAX_MESSAGE_BYTES, PSClient
@@ -94,22 +93,6 @@ def grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tup
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
-
-
-@dataclass(frozen=True)
-class Target:
-    """A project target: the ratio ``ratio`` (a JSON key) must be >= ``bound``."""
-
-    ratio: str
-    bound: float
-
-    def met(self, value: float) -> bool:
-        """Whether ``value`` meets the target."""
-        return value >= self.bound
-
-    def text(self) -> str:
-        """The target as printed, e.g. '>= 0.8x'."""
-        return f">= {self.bound:g}x"
 
 
 TARGETS: tuple[Target, ...] = (
@@ -681,14 +664,6 @@ _LINES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _num(v: float) -> str:
-    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
-
-
-def _ratio(v: float) -> str:
-    return f"{v:#.3g}".rstrip(".") + "x"  # three significant digits: 0.541x, 2.90x, 35.1x
-
-
 def report(r: dict[str, Any]) -> str:
     """The readable table: each measurement beside its baselines, the ratio and the target."""
     targets = {t.ratio: t for t in TARGETS}
@@ -701,41 +676,27 @@ def report(r: dict[str, Any]) -> str:
             rows.append(
                 (
                     what if i == 0 else "",
-                    _num(r[f"{ours}_rows_s"] / 1e6) if i == 0 else "",
+                    fmt_num(r[f"{ours}_rows_s"] / 1e6) if i == 0 else "",
                     _NAMES[base],
-                    _num(r[f"{base}_rows_s"] / 1e6),
-                    _ratio(r[key]),
+                    fmt_num(r[f"{base}_rows_s"] / 1e6),
+                    fmt_ratio(r[key]),
                     t.text() if t else "",
                     ("yes" if t.met(r[key]) else "NO") if t else "",
                 )
             )
-    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    right = {1, 3, 4}
-
-    def fmt(row: tuple[str, ...]) -> str:
-        cells = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        return "  ".join(cells).rstrip()
 
     title = (
         f"embps bench service{' --quick' if r['quick'] else ''}: batches of {r['rows']:,} "
         f"distinct keys, dim {r['dim']}, {r['batches']} calls per repetition, best of "
         f"{r['reps']}; table: dynamic, SGD; each server its own process, loopback TCP"
     )
-    machine = (
-        f"machine: {platform.machine()}, {os.cpu_count()} cores; Python "
-        f"{platform.python_version()}, grpcio {grpc.__version__}, numpy {np.__version__}"
-    )
+    machine = machine_line(f", grpcio {grpc.__version__}")
     return "\n".join(
         [
             title,
             machine,
             "",
-            fmt(head),
-            "  ".join("-" * w for w in widths),
-            *(fmt(row) for row in rows),
+            *table(head, rows, right={1, 3, 4}),
             "",
             f"targets met: {r['targets_met']} of {r['targets_total']}",
         ]
@@ -781,10 +742,7 @@ def run(args: argparse.Namespace) -> int:
     print(report(r))
     print(f"(run took {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_json(args.json, r)
     return 0
 
 

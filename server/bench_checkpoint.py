@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -44,6 +42,7 @@ import numpy as np
 
 from embps.protos.config import Adam, TableConfig
 
+from .benchreport import machine_line, table, write_json
 from .checkpoint import Checkpointer, load_chain, restore_tables
 from .tables import make_table
 
@@ -205,22 +204,15 @@ def report(r: dict[str, Any]) -> str:
         )
         for what, ours, base, b, ratio in rows
     ]
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-
-    def fmt(row: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
 
     return "\n".join(
         [
             f"embps bench checkpoint{' --quick' if r['quick'] else ''}: one dynamic table, "
             f"{r['rows']:,} rows, dim {DIM} fp32, Adam ({r['gb']:.2f} GB of arrays), "
             f"best of {r['reps']}, cold reads",
-            f"machine: {platform.machine()}, {os.cpu_count()} cores; "
-            f"Python {platform.python_version()}, numpy {np.__version__}; disk of {r['dir']}",
+            machine_line(f"; disk of {r['dir']}"),
             "",
-            fmt(lines[0]),
-            "  ".join("-" * w for w in widths),
-            *(fmt(row) for row in lines[1:]),
+            *table(lines[0], lines[1:], right=set()),
             "",
             f"breakdown (not compared): the snapshot (copy under the table lock) alone "
             f"{r['snapshot_gb_s']:.2f} GB/s; reading and CRC-checking the files alone "
@@ -253,8 +245,5 @@ def run(args: argparse.Namespace) -> int:
     print(report(r))
     print(f"(run took {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_json(args.json, r)
     return 0

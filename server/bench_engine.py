@@ -38,9 +38,6 @@ import argparse
 import gc
 import importlib.util
 import itertools
-import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +49,7 @@ import numpy as np
 from numba import njit, typed, types
 
 from . import hashmap as hm
+from .benchreport import Target, fmt_num, fmt_ratio, machine_line, table, write_json
 
 FULL_KEYS = 10_000_000
 QUICK_KEYS = 2_000_000
@@ -65,23 +63,6 @@ SEED = 20240611
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-@dataclass(frozen=True)
-class Target:
-    """A project target: ``ratio`` (a JSON key) compared with ``bound``."""
-
-    ratio: str
-    bound: float
-    at_most: bool = False  # True: lower is better (memory)
-
-    def met(self, value: float) -> bool:
-        """Whether ``value`` meets the target."""
-        return value <= self.bound if self.at_most else value >= self.bound
-
-    def text(self) -> str:
-        """The target as printed, e.g. '>= 2.5x'."""
-        return f"{'<=' if self.at_most else '>='} {self.bound:g}x"
 
 
 TARGETS: tuple[Target, ...] = (
@@ -443,14 +424,6 @@ def _lines() -> list[_Line]:
     return lines
 
 
-def _num(v: float) -> str:
-    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
-
-
-def _ratio(v: float) -> str:
-    return f"{v:#.3g}".rstrip(".") + "x"  # three significant digits: 0.541x, 2.90x, 35.1x
-
-
 def report(r: dict[str, Any]) -> str:
     """The readable table: each measurement beside its baseline, the ratio and the target."""
     targets = {t.ratio: t for t in TARGETS}
@@ -462,44 +435,30 @@ def report(r: dict[str, Any]) -> str:
             rows.append(
                 (
                     what if i == 0 else "",
-                    _num(r[ours]) if i == 0 else "",
+                    fmt_num(r[ours]) if i == 0 else "",
                     name,
-                    _num(r[base]),
-                    _ratio(r[ratio]),
+                    fmt_num(r[base]),
+                    fmt_ratio(r[ratio]),
                     t.text() if t else "",
                     ("yes" if t.met(r[ratio]) else "NO") if t else "",
                 )
             )
-    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    right = {1, 3, 4}
-
-    def fmt(row: tuple[str, ...]) -> str:
-        cells = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        return "  ".join(cells).rstrip()
 
     title = (
         f"embps bench engine{' --quick' if r['quick'] else ''}: {r['keys']:,} keys, "
         f"query batches of {r['batch']:,}, best of {r['reps']}, single thread; "
         f"table: dynamic, dim {DIM} fp32, Adagrad"
     )
-    machine = (
-        f"machine: {platform.machine()}, {os.cpu_count()} cores; "
-        f"Python {platform.python_version()}, numpy {np.__version__}"
-    )
+    machine = machine_line()
     return "\n".join(
         [
             title,
             machine,
             "",
-            fmt(head),
-            "  ".join("-" * w for w in widths),
-            *(fmt(row) for row in rows),
+            *table(head, rows, right={1, 3, 4}),
             "",
             f"not compared: filling the table by training pulls (new rows initialised), "
-            f"{_num(r['table_insert_mkeys_s'])} M keys/s, one run",
+            f"{fmt_num(r['table_insert_mkeys_s'])} M keys/s, one run",
             f"targets met: {r['targets_met']} of {r['targets_total']}",
         ]
     )
@@ -535,8 +494,5 @@ def run(args: argparse.Namespace) -> int:
     print(report(r))
     print(f"(run took {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_json(args.json, r)
     return 0

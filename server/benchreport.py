@@ -1,0 +1,75 @@
+"""What every benchmark prints and writes: targets, the results table, the JSON file.
+
+Each benchmark runs its baseline beside itself and reports the ratio; these
+helpers keep the three benchmarks' output alike (``bench_engine``,
+``bench_checkpoint`` and ``embps.client.bench_service``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Target:
+    """A project target: ``ratio`` (a JSON key) compared with ``bound``."""
+
+    ratio: str
+    bound: float
+    at_most: bool = False  # True: lower is better (memory)
+
+    def met(self, value: float) -> bool:
+        """Whether ``value`` meets the target."""
+        return value <= self.bound if self.at_most else value >= self.bound
+
+    def text(self) -> str:
+        """The target as printed, e.g. '>= 2.5x'."""
+        return f"{'<=' if self.at_most else '>='} {self.bound:g}x"
+
+
+def fmt_num(v: float) -> str:
+    """A throughput with 3-4 significant digits."""
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def fmt_ratio(v: float) -> str:
+    """A ratio with three significant digits: 0.541x, 2.90x, 35.1x."""
+    return f"{v:#.3g}".rstrip(".") + "x"
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
+    """Aligned text lines: the header, a rule, the rows; columns in ``right`` align right."""
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+
+    def fmt(row: Sequence[str]) -> str:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    return [fmt(head), "  ".join("-" * w for w in widths), *(fmt(row) for row in rows)]
+
+
+def machine_line(extra: str = "") -> str:
+    """'machine: x86_64, 2 cores; Python 3.11.7, numpy 2.4.6' plus ``extra``."""
+    line = (
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; "
+        f"Python {platform.python_version()}, numpy {np.__version__}"
+    )
+    return line + extra
+
+
+def write_json(path: str, results: dict[str, Any]) -> None:
+    """Write the flat results object to ``path`` (creating its folder)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
