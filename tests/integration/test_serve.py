@@ -99,7 +99,11 @@ def test_serve_health_reflection_metrics_and_sigterm_drain(
 ) -> None:
     cfg = tmp_path / "embps.yaml"
     cfg.write_text(YAML_CONFIG)
-    c = cluster_factory(1, "--config", str(cfg), "--drain-delay-seconds", "1.0")
+    # The big pull below must be ONE request (a split pull's later chunks would be refused
+    # once draining starts): both limits allow 5M keys.
+    c = cluster_factory(
+        1, "--config", str(cfg), "--drain-delay-seconds", "1.0", "--max-keys-per-request", "5000000"
+    )
     addr = c.addresses[0]
     SERVING = health_pb2.HealthCheckResponse.SERVING
     assert health_status(addr) == SERVING
@@ -109,13 +113,13 @@ def test_serve_health_reflection_metrics_and_sigterm_drain(
         services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
     assert {"embps.v1.ParameterServer", "grpc.health.v1.Health"} <= services
 
-    with PSClient([addr], timeout=60.0) as ps:
+    with PSClient([addr], timeout=60.0, max_keys_per_request=5_000_000) as ps:
         assert [t.name for t in ps.describe_tables()] == ["big", "small"]
         # calibrate: a pull of new keys that holds the table for seconds
         t0 = time.perf_counter()
         ps.pull("big", np.arange(200_000))
         per_key = (time.perf_counter() - t0) / 200_000
-        n_big = int(min(5_000_000, max(1_000_000, 4.0 / per_key)))
+        n_big = int(min(5_000_000, max(1_000_000, 6.0 / per_key)))
 
         metrics = (
             urllib.request.urlopen(
@@ -162,13 +166,25 @@ def _not_serving(addr: str) -> bool:
         return False
 
 
-def _table_busy(addr: str, table: str) -> bool:
-    """True while another call holds the table's lock (a Stats call cannot finish)."""
+def _table_busy(addr: str, table: str, other: str = "small") -> bool:
+    """True while another call holds ``table``'s lock.
+
+    Stats on ``table`` cannot finish within 1.5 s while Stats on ``other`` (an
+    idle table) does: the shard is answering, only ``table`` is held. A slow,
+    loaded machine alone does not pass for a busy table.
+    """
     with grpc.insecure_channel(addr) as ch:
+        stub = pb_grpc.ParameterServerStub(ch)
         try:
-            pb_grpc.ParameterServerStub(ch).Stats(pb.StatsRequest(table=table), timeout=0.3)
+            stub.Stats(pb.StatsRequest(table=table), timeout=1.5)
         except grpc.RpcError as e:
-            return e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                return False
+            try:
+                stub.Stats(pb.StatsRequest(table=other), timeout=10)
+            except grpc.RpcError:
+                return False
+            return True
     return False
 
 
