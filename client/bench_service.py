@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import gc
 import os
 import queue
 import re
@@ -66,7 +65,15 @@ import numpy as np
 
 from embps.protos import codec
 from embps.protos.routing import mix64
-from embps.server.benchreport import Target, fmt_num, fmt_ratio, machine_line, table, write_json
+from embps.server.benchreport import (
+    Target,
+    best_interleaved,
+    fmt_num,
+    fmt_ratio,
+    machine_line,
+    table,
+    write_json,
+)
 from embps.v1 import embps_pb2 as pb
 
 from .ps_client import DEFAULT_MAX_MESSAGE_BYTES, PSClient
@@ -483,26 +490,6 @@ def _mset(keys: np.ndarray, rows: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------
-
-
-def best_interleaved(reps: int, work: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Shortest wall time (seconds) of each callable over ``reps`` rounds.
-
-    Each round runs every contender once, in turn, so all of them see the same
-    state of a shared machine; garbage collection is paused while one runs.
-    """
-    best = dict.fromkeys(work, float("inf"))
-    for _ in range(reps):
-        for name, fn in work.items():
-            gc.collect()
-            gc.disable()
-            try:
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
-            finally:
-                gc.enable()
-    return best
 
 
 class Cycle:

@@ -40,7 +40,6 @@ import importlib.util
 import itertools
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -49,7 +48,15 @@ import numpy as np
 from numba import njit, typed, types
 
 from . import hashmap as hm
-from .benchreport import Target, fmt_num, fmt_ratio, machine_line, table, write_json
+from .benchreport import (
+    Target,
+    best_interleaved,
+    fmt_num,
+    fmt_ratio,
+    machine_line,
+    table,
+    write_json,
+)
 
 FULL_KEYS = 10_000_000
 QUICK_KEYS = 2_000_000
@@ -137,26 +144,6 @@ def batches(n: int, batch: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------
-
-
-def best_interleaved(reps: int, work: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Shortest wall time (seconds) of each callable over ``reps`` rounds.
-
-    Each round runs every contender once, in turn, so all of them see the same
-    state of a shared machine; garbage collection is paused while one runs.
-    """
-    best = dict.fromkeys(work, float("inf"))
-    for _ in range(reps):
-        for name, fn in work.items():
-            gc.collect()
-            gc.disable()
-            try:
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
-            finally:
-                gc.enable()
-    return best
 
 
 def mops(n: int, seconds: float) -> float:

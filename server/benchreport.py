@@ -7,10 +7,12 @@ helpers keep the three benchmarks' output alike (``bench_engine``,
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,3 +75,23 @@ def write_json(path: str, results: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def best_interleaved(reps: int, work: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Shortest wall time (seconds) of each callable over ``reps`` rounds.
+
+    Each round runs every contender once, in turn, so all of them see the same
+    state of a shared machine; garbage collection is paused while one runs.
+    """
+    best = dict.fromkeys(work, float("inf"))
+    for _ in range(reps):
+        for name, fn in work.items():
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+            finally:
+                gc.enable()
+    return best

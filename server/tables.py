@@ -789,6 +789,10 @@ class Table:
             )
         return np.ascontiguousarray(m.reshape(-1))
 
+    def _touch(self, block: Block, rows: np.ndarray) -> None:
+        """Stamp a training sighting of ``rows`` (int64 (n,), -1 skipped) in ``block``."""
+        touch_rows(block.freq, block.last_step, block.version, rows, self.step, self.version)
+
     def _apply(self, block: Block, rows: np.ndarray, grads: np.ndarray, step: int) -> int:
         """Sum grads per row, run the optimizer, stamp metadata. Returns rows updated."""
         urows, ugrads = dedup_sum(rows, grads)
@@ -928,14 +932,7 @@ class DynamicTable(_DynamicBase):
                     part.block.version[new_rows] = self.version
                     rows[miss] = part.find(keys[miss])
                 self.counters["admissions_rejected"] += rejected
-            touch_rows(
-                part.block.freq,
-                part.block.last_step,
-                part.block.version,
-                rows,
-                self.step,
-                self.version,
-            )
+            self._touch(part.block, rows)
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         gather(part.block.values, rows, np.float32(self.config.default_value), out)
         return out
@@ -973,14 +970,7 @@ class StaticTable(Table):
     def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
         rows = self.rows_of(keys)
         if train:
-            touch_rows(
-                self.block.freq,
-                self.block.last_step,
-                self.block.version,
-                rows,
-                self.step,
-                self.version,
-            )
+            self._touch(self.block, rows)
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         gather(self.block.values, rows, np.float32(0), out)
         return out
@@ -1039,28 +1029,14 @@ class AdaptiveTable(_DynamicBase):
                     new_rows, inserted = part.insert(new_keys)
                     self._promote(new_rows[inserted], new_keys[inserted])
                     rows[miss] = part.find(keys[miss])
-            touch_rows(
-                part.block.freq,
-                part.block.last_step,
-                part.block.version,
-                rows,
-                self.step,
-                self.version,
-            )
+            self._touch(part.block, rows)
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         gather(part.block.values, rows, np.float32(0), out)
         st = np.flatnonzero(rows < 0)
         if st.shape[0]:
             srows = self.static_rows_of(keys[st])
             if train:
-                touch_rows(
-                    self.static.freq,
-                    self.static.last_step,
-                    self.static.version,
-                    srows,
-                    self.step,
-                    self.version,
-                )
+                self._touch(self.static, srows)
             sout = np.empty((st.shape[0], self.dim), dtype=np.float32)
             gather(self.static.values, srows, np.float32(0), sout)
             out[st] = sout
@@ -1129,22 +1105,8 @@ class QRTable(Table):
     def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
         qr, rr = self.parts_of(keys)
         if train:
-            touch_rows(
-                self.quotient.freq,
-                self.quotient.last_step,
-                self.quotient.version,
-                qr,
-                self.step,
-                self.version,
-            )
-            touch_rows(
-                self.remainder.freq,
-                self.remainder.last_step,
-                self.remainder.version,
-                rr,
-                self.step,
-                self.version,
-            )
+            self._touch(self.quotient, qr)
+            self._touch(self.remainder, rr)
         vq = self.quotient.values[qr]
         vr = self.remainder.values[rr]
         comb = self.config.qr_combiner
