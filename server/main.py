@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -194,6 +195,8 @@ def run_shard(cfg: ShardConfig) -> int:
     2: the shard cannot start; 3: its restore failed; 4: its exit checkpoint failed.
     """
     stop = threading.Event()
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: for a shard that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         if not stop.is_set():

@@ -27,7 +27,7 @@ import pytest
 READY_RE = re.compile(
     r"^shard (\d+)/(\d+) listening on (\S+):(\d+), metrics on :(\d+) \(pid (\d+)\)$"
 )
-START_TIMEOUT_S = 90.0  # shard processes import numba and load cached kernels: slow on 2 cores
+START_TIMEOUT_S = 150.0  # shard processes import numba and load cached kernels: slow on 2 cores
 STOP_TIMEOUT_S = 30.0
 
 
@@ -166,6 +166,16 @@ def launch(args: list[str], log_dir: str | Path | None = None) -> Cluster:
     return cluster
 
 
+def _dump_stacks(cluster: Cluster) -> None:
+    """Ask every shard still alive to write its threads' stacks into the log (SIGUSR1)."""
+    m = re.search(r"started \d+ shards: pids \[([\d, ]+)\]", cluster.log())
+    for pid in [int(p) for p in m.group(1).split(",")] if m else []:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+    time.sleep(1.0)
+
+
 def wait_ready(cluster: Cluster, n: int, timeout: float = START_TIMEOUT_S) -> Cluster:
     """Read readiness lines until n shards are listening; fail with the log otherwise."""
     deadline = time.monotonic() + timeout
@@ -176,6 +186,7 @@ def wait_ready(cluster: Cluster, n: int, timeout: float = START_TIMEOUT_S) -> Cl
             line = cluster.lines.get(timeout=max(0.01, min(left, 0.5)))
         except queue.Empty:
             if cluster.proc.poll() is not None or left <= 0:
+                _dump_stacks(cluster)
                 cluster.kill_all()
                 pytest.fail(
                     f"embps serve: {len(found)} of {n} shards ready "
