@@ -26,6 +26,17 @@ def _col(key, d, mask):
     return np.int64(fmix64(np.uint64(key) ^ (np.uint64(d + 1) * _ROW_SEED)) & mask)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _min_count(counters, key, mask):
+    """The key's estimate: the smallest of its ``depth`` counters."""
+    lo = _SAT
+    for d in range(counters.shape[0]):
+        c = counters[d, _col(key, d, mask)]
+        if c < lo:
+            lo = c
+    return lo
+
+
 @njit(nogil=True, cache=True)
 def sketch_add(counters, keys, out):
     """Count one sighting of each key (in order) and write its new estimate.
@@ -36,11 +47,7 @@ def sketch_add(counters, keys, out):
     mask = np.uint64(width - 1)
     for i in range(keys.shape[0]):
         k = keys[i]
-        lo = _SAT
-        for d in range(depth):
-            c = counters[d, _col(k, d, mask)]
-            if c < lo:
-                lo = c
+        lo = _min_count(counters, k, mask)
         if lo < _SAT:
             lo += np.uint32(1)
         for d in range(depth):
@@ -53,16 +60,10 @@ def sketch_add(counters, keys, out):
 @njit(nogil=True, cache=True)
 def sketch_estimate(counters, keys, out):
     """Estimated count of each key, no update. out: int64 (n,)."""
-    depth, width = counters.shape
+    width = counters.shape[1]
     mask = np.uint64(width - 1)
     for i in range(keys.shape[0]):
-        k = keys[i]
-        lo = _SAT
-        for d in range(depth):
-            c = counters[d, _col(k, d, mask)]
-            if c < lo:
-                lo = c
-        out[i] = lo
+        out[i] = _min_count(counters, keys[i], mask)
 
 
 @njit(nogil=True, cache=True)
