@@ -68,8 +68,8 @@ from embps.protos.routing import mix64
 from embps.server.benchreport import (
     Target,
     best_interleaved,
-    compare_row,
     fmt_num,
+    fmt_ratio,
     machine_line,
     table,
     write_json,
@@ -661,13 +661,14 @@ def report(r: dict[str, Any]) -> str:
         for i, (base, key) in enumerate(bases):
             t = targets.get(key)
             rows.append(
-                compare_row(
+                (
                     what if i == 0 else "",
                     fmt_num(r[f"{ours}_rows_s"] / 1e6) if i == 0 else "",
                     _NAMES[base],
                     fmt_num(r[f"{base}_rows_s"] / 1e6),
-                    r[key],
-                    t,
+                    fmt_ratio(r[key]),
+                    t.text() if t else "",
+                    ("yes" if t.met(r[key]) else "NO") if t else "",
                 )
             )
 

@@ -51,8 +51,8 @@ from . import hashmap as hm
 from .benchreport import (
     Target,
     best_interleaved,
-    compare_row,
     fmt_num,
+    fmt_ratio,
     machine_line,
     table,
     write_json,
@@ -420,13 +420,14 @@ def report(r: dict[str, Any]) -> str:
         for i, (name, base, ratio) in enumerate(bases):
             t = targets.get(ratio)
             rows.append(
-                compare_row(
+                (
                     what if i == 0 else "",
                     fmt_num(r[ours]) if i == 0 else "",
                     name,
                     fmt_num(r[base]),
-                    r[ratio],
-                    t,
+                    fmt_ratio(r[ratio]),
+                    t.text() if t else "",
+                    ("yes" if t.met(r[ratio]) else "NO") if t else "",
                 )
             )
 

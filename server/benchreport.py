@@ -46,24 +46,6 @@ def fmt_ratio(v: float) -> str:
     return f"{v:#.3g}".rstrip(".") + "x"
 
 
-def compare_row(
-    what: str, ours: str, base_name: str, base: str, ratio: float, target: Target | None
-) -> tuple[str, ...]:
-    """One results row: measurement, ours, baseline name and value, ratio, target, met.
-
-    ``what`` and ``ours`` are "" on the second and later baselines of one measurement.
-    """
-    return (
-        what,
-        ours,
-        base_name,
-        base,
-        fmt_ratio(ratio),
-        target.text() if target else "",
-        ("yes" if target.met(ratio) else "NO") if target else "",
-    )
-
-
 def table(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
     """Aligned text lines: the header, a rule, the rows; columns in ``right`` align right."""
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]

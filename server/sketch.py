@@ -26,17 +26,6 @@ def _col(key, d, mask):
     return np.int64(fmix64(np.uint64(key) ^ (np.uint64(d + 1) * _ROW_SEED)) & mask)
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _min_count(counters, key, mask):
-    """The key's estimate: the smallest of its ``depth`` counters."""
-    lo = _SAT
-    for d in range(counters.shape[0]):
-        c = counters[d, _col(key, d, mask)]
-        if c < lo:
-            lo = c
-    return lo
-
-
 @njit(nogil=True, cache=True)
 def sketch_add(counters, keys, out):
     """Count one sighting of each key (in order) and write its new estimate.
@@ -47,7 +36,11 @@ def sketch_add(counters, keys, out):
     mask = np.uint64(width - 1)
     for i in range(keys.shape[0]):
         k = keys[i]
-        lo = _min_count(counters, k, mask)
+        lo = _SAT
+        for d in range(depth):
+            c = counters[d, _col(k, d, mask)]
+            if c < lo:
+                lo = c
         if lo < _SAT:
             lo += np.uint32(1)
         for d in range(depth):
@@ -60,10 +53,16 @@ def sketch_add(counters, keys, out):
 @njit(nogil=True, cache=True)
 def sketch_estimate(counters, keys, out):
     """Estimated count of each key, no update. out: int64 (n,)."""
-    width = counters.shape[1]
+    depth, width = counters.shape
     mask = np.uint64(width - 1)
     for i in range(keys.shape[0]):
-        out[i] = _min_count(counters, keys[i], mask)
+        k = keys[i]
+        lo = _SAT
+        for d in range(depth):
+            c = counters[d, _col(k, d, mask)]
+            if c < lo:
+                lo = c
+        out[i] = lo
 
 
 @njit(nogil=True, cache=True)

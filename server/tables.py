@@ -904,7 +904,8 @@ class DynamicTable(_DynamicBase):
         self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, config.max_rows)
         self.sketch: FrequencySketch | None = None
         if config.admission_threshold > 1:
-            self.sketch = _sketch_for(config)
+            self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
+                                          config.sketch_depth or DEFAULT_DEPTH)  # fmt: skip
 
     def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
         part = self.part
@@ -1000,7 +1001,8 @@ class AdaptiveTable(_DynamicBase):
             np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
         )
         self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, config.max_rows)
-        self.sketch = _sketch_for(config)
+        self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
+                                      config.sketch_depth or DEFAULT_DEPTH)  # fmt: skip
 
     def _blocks(self) -> dict[str, Block]:
         return {"static": self.static}
@@ -1149,13 +1151,6 @@ TABLE_CLASSES: dict[TableKind, type[Table]] = {
 def make_table(config: TableConfig) -> Table:
     """A new, empty table of ``config.kind``."""
     return TABLE_CLASSES[config.kind](config)
-
-
-def _sketch_for(config: TableConfig) -> FrequencySketch:
-    """The count-min sketch of a table (admission or promotion), at its configured size."""
-    return FrequencySketch(
-        config.sketch_width or DEFAULT_SKETCH_WIDTH, config.sketch_depth or DEFAULT_DEPTH
-    )
 
 
 def _adoptable(a: np.ndarray) -> bool:
