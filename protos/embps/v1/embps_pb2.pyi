@@ -151,7 +151,7 @@ class Optimizer(_message.Message):
     def __init__(self, sgd: _Optional[_Union[Sgd, _Mapping]] = ..., adagrad: _Optional[_Union[Adagrad, _Mapping]] = ..., adam: _Optional[_Union[Adam, _Mapping]] = ..., ftrl: _Optional[_Union[Ftrl, _Mapping]] = ...) -> None: ...
 
 class TableConfig(_message.Message):
-    __slots__ = ("name", "dim", "kind", "optimizer", "initializer", "seed", "initial_capacity", "admission_threshold", "default_value", "max_rows", "eviction", "steps_to_live", "l2_evict_threshold", "hash_bucket_size", "promote_threshold", "sketch_width", "sketch_depth", "qr_quotient_buckets", "qr_remainder_buckets", "qr_combiner")
+    __slots__ = ("name", "dim", "kind", "optimizer", "initializer", "seed", "initial_capacity", "admission_threshold", "default_value", "max_rows", "eviction", "steps_to_live", "l2_evict_threshold", "max_bytes", "hash_bucket_size", "promote_threshold", "sketch_width", "sketch_depth", "qr_quotient_buckets", "qr_remainder_buckets", "qr_combiner")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class TableConfig(_message.Message):
     EVICTION_FIELD_NUMBER: _ClassVar[int]
     STEPS_TO_LIVE_FIELD_NUMBER: _ClassVar[int]
     L2_EVICT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     HASH_BUCKET_SIZE_FIELD_NUMBER: _ClassVar[int]
     PROMOTE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SKETCH_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +186,7 @@ class TableConfig(_message.Message):
     eviction: Eviction
     steps_to_live: int
     l2_evict_threshold: float
+    max_bytes: int
     hash_bucket_size: int
     promote_threshold: int
     sketch_width: int
@@ -192,7 +194,7 @@ class TableConfig(_message.Message):
     qr_quotient_buckets: int
     qr_remainder_buckets: int
     qr_combiner: Combiner
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., kind: _Optional[_Union[TableKind, str]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., initializer: _Optional[_Union[Initializer, _Mapping]] = ..., seed: _Optional[int] = ..., initial_capacity: _Optional[int] = ..., admission_threshold: _Optional[int] = ..., default_value: _Optional[float] = ..., max_rows: _Optional[int] = ..., eviction: _Optional[_Union[Eviction, str]] = ..., steps_to_live: _Optional[int] = ..., l2_evict_threshold: _Optional[float] = ..., hash_bucket_size: _Optional[int] = ..., promote_threshold: _Optional[int] = ..., sketch_width: _Optional[int] = ..., sketch_depth: _Optional[int] = ..., qr_quotient_buckets: _Optional[int] = ..., qr_remainder_buckets: _Optional[int] = ..., qr_combiner: _Optional[_Union[Combiner, str]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., kind: _Optional[_Union[TableKind, str]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., initializer: _Optional[_Union[Initializer, _Mapping]] = ..., seed: _Optional[int] = ..., initial_capacity: _Optional[int] = ..., admission_threshold: _Optional[int] = ..., default_value: _Optional[float] = ..., max_rows: _Optional[int] = ..., eviction: _Optional[_Union[Eviction, str]] = ..., steps_to_live: _Optional[int] = ..., l2_evict_threshold: _Optional[float] = ..., max_bytes: _Optional[int] = ..., hash_bucket_size: _Optional[int] = ..., promote_threshold: _Optional[int] = ..., sketch_width: _Optional[int] = ..., sketch_depth: _Optional[int] = ..., qr_quotient_buckets: _Optional[int] = ..., qr_remainder_buckets: _Optional[int] = ..., qr_combiner: _Optional[_Union[Combiner, str]] = ...) -> None: ...
 
 class TableStats(_message.Message):
     __slots__ = ("name", "keys", "dynamic_rows", "static_rows", "bytes", "dynamic_bytes", "static_bytes", "load_factor", "promotions", "admissions_rejected", "evictions", "pruned_rows", "pulled_rows", "pushed_rows", "pulled_static", "pulled_dynamic", "step")
@@ -259,28 +261,34 @@ class PullResponse(_message.Message):
     def __init__(self, values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("table", "keys", "grads", "dtype", "step", "num_shards")
+    __slots__ = ("table", "keys", "grads", "dtype", "step", "num_shards", "client_id", "sequence")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     table: str
     keys: bytes
     grads: bytes
     dtype: DType
     step: int
     num_shards: int
-    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    client_id: str
+    sequence: int
+    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., num_shards: _Optional[int] = ..., client_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("applied", "dropped")
+    __slots__ = ("applied", "dropped", "replayed")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     applied: int
     dropped: int
-    def __init__(self, applied: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, applied: _Optional[int] = ..., dropped: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class CreateTableRequest(_message.Message):
     __slots__ = ("config",)
@@ -335,6 +343,22 @@ class PruneResponse(_message.Message):
     rows_freed: int
     bytes_freed: int
     def __init__(self, rows_freed: _Optional[int] = ..., bytes_freed: _Optional[int] = ...) -> None: ...
+
+class FrequenciesRequest(_message.Message):
+    __slots__ = ("table", "keys", "num_shards")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    keys: bytes
+    num_shards: int
+    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class FrequenciesResponse(_message.Message):
+    __slots__ = ("counts",)
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    counts: bytes
+    def __init__(self, counts: _Optional[bytes] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("table",)

@@ -74,6 +74,11 @@ class ParameterServerStub:
                 request_serializer=embps_dot_v1_dot_embps__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=embps_dot_v1_dot_embps__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
+        self.Frequencies = channel.unary_unary(
+                '/embps.v1.ParameterServer/Frequencies',
+                request_serializer=embps_dot_v1_dot_embps__pb2.FrequenciesRequest.SerializeToString,
+                response_deserializer=embps_dot_v1_dot_embps__pb2.FrequenciesResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -127,6 +132,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Frequencies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=embps_dot_v1_dot_embps__pb2.CheckpointRequest.FromString,
                     response_serializer=embps_dot_v1_dot_embps__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'Frequencies': grpc.unary_unary_rpc_method_handler(
+                    servicer.Frequencies,
+                    request_deserializer=embps_dot_v1_dot_embps__pb2.FrequenciesRequest.FromString,
+                    response_serializer=embps_dot_v1_dot_embps__pb2.FrequenciesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class ParameterServer:
             '/embps.v1.ParameterServer/Checkpoint',
             embps_dot_v1_dot_embps__pb2.CheckpointRequest.SerializeToString,
             embps_dot_v1_dot_embps__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Frequencies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/Frequencies',
+            embps_dot_v1_dot_embps__pb2.FrequenciesRequest.SerializeToString,
+            embps_dot_v1_dot_embps__pb2.FrequenciesResponse.FromString,
             options,
             channel_credentials,
             insecure,
