@@ -35,6 +35,18 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "embps.server.bench_checkpoint",
         "checkpoint write and restore throughput beside numpy.save / numpy.load",
     ),
+    "memory": (
+        "embps.client.bench_memory",
+        "AUC vs embedding memory: dynamic, static, adaptive, qr, mixed-dim, pruned",
+    ),
+    "train": (
+        "embps.client.bench_train",
+        "end-to-end training samples/s through a 2-shard PS beside local torch embeddings",
+    ),
+    "soak": (
+        "embps.client.bench_soak",
+        "several clients push exact gradients for M minutes; verify nothing lost or doubled",
+    ),
 }
 
 
