@@ -38,6 +38,7 @@ from .ps_client import (
     ShardStats,
     shard_addresses,
 )
+from .security import TLSConfig
 
 __all__ = [
     "FTRL",
@@ -62,6 +63,7 @@ __all__ = [
     "ResourceExhaustedError",
     "ShardMismatchError",
     "ShardStats",
+    "TLSConfig",
     "TableConfig",
     "TableNotFoundError",
     "UnauthenticatedError",

@@ -11,6 +11,9 @@ Two top-level sections, both optional; unknown keys are an error::
       checkpoint_dir: /var/lib/embps/checkpoints
       checkpoint_every: 600       # seconds
       restore: latest
+      tls_cert: /etc/embps/tls/tls.crt     # TLS (README "Security")
+      tls_key: /etc/embps/tls/tls.key
+      auth_token_file: /etc/embps/auth/tokens
     tables:                      # each entry: TableConfig.from_dict
       - name: user
         dim: 16
@@ -50,6 +53,10 @@ SERVER_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "checkpoint_incremental": int,
     "checkpoint_on_exit": bool,
     "restore": str,
+    "tls_cert": str,
+    "tls_key": str,
+    "tls_client_ca": str,
+    "auth_token_file": str,
 }
 
 

@@ -29,6 +29,11 @@ already answers UNAVAILABLE. Exit codes of a shard: 0 stopped cleanly, 2 bad
 config or port, 3 the restore failed (the log says which file and why), 4 the
 exit checkpoint failed.
 
+Security (README "Security", server/auth.py): ``--tls-cert/--tls-key`` serve
+TLS only, ``--tls-client-ca`` adds mutual TLS, ``--auth-token-file`` requires
+bearer tokens with read/write/admin permissions (SIGHUP re-reads the file). A
+missing or malformed certificate, key or token file is exit code 2 at start.
+
 Options come from the command line, then the ``--config`` file's ``server``
 section, then the defaults below; tables come from the file's ``tables``.
 """
@@ -51,6 +56,7 @@ from typing import Any
 
 from embps.protos.config import TableConfig
 
+from .auth import load_token_file, server_credentials
 from .config_file import SERVER_OPTIONS, load_serve_file
 from .service import (
     DEFAULT_MAX_KEYS_PER_REQUEST,
@@ -77,6 +83,10 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_incremental": 0,
     "checkpoint_on_exit": None,
     "restore": None,
+    "tls_cert": None,
+    "tls_key": None,
+    "tls_client_ca": None,
+    "auth_token_file": None,
 }
 EXIT_OK, EXIT_SHARD_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 EXIT_RESTORE_FAILED, EXIT_CHECKPOINT_FAILED = 3, 4
@@ -131,6 +141,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restore", metavar="latest|PATH", help="at start, load the newest "
                         "complete checkpoint under --checkpoint-dir (none: start empty) or the "
                         "checkpoint DIR/<step> (any shard count)")  # fmt: skip
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this "
+                        "certificate (needs --tls-key; README 'Security')")  # fmt: skip
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", metavar="PEM", help="mutual TLS: refuse clients "
+                        "without a certificate signed by this CA")  # fmt: skip
+    parser.add_argument("--auth-token-file", metavar="FILE", help="bearer tokens, one "
+                        "'read|write|admin TOKEN' per line; every call but health needs one "
+                        "(SIGHUP reloads the file)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -156,6 +174,10 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[Tab
         if opts[key] < 0 or last > 65535:
             raise ValueError(f"{key} {opts[key]} with {opts['shards']} shards leaves [0, 65535]")
     shard_config(opts, tables, 0)  # validates every option once, before any shard starts
+    if opts["tls_cert"] and opts["tls_key"]:  # and the certificates and tokens (ValueError)
+        server_credentials(opts["tls_cert"], opts["tls_key"], opts["tls_client_ca"])
+    if opts["auth_token_file"]:
+        load_token_file(opts["auth_token_file"])
     return opts, tables
 
 
@@ -181,6 +203,10 @@ def shard_config(
         checkpoint_incremental=int(opts["checkpoint_incremental"]),
         checkpoint_on_exit=opts["checkpoint_on_exit"],
         restore=opts["restore"],
+        tls_cert=opts["tls_cert"],
+        tls_key=opts["tls_key"],
+        tls_client_ca=opts["tls_client_ca"],
+        auth_token_file=opts["auth_token_file"],
     )
 
 
@@ -211,6 +237,9 @@ def run_shard(cfg: ShardConfig) -> int:
     except (OSError, ValueError) as e:
         log.error("shard %d/%d cannot start: %s", cfg.shard_id, cfg.num_shards, e)
         return EXIT_BAD_CONFIG
+    if shard.authorizer is not None:  # `kill -HUP <pid>`: re-read --auth-token-file
+        auth = shard.authorizer
+        signal.signal(signal.SIGHUP, lambda _s, _f: auth.reload())
     print(
         f"shard {cfg.shard_id}/{cfg.num_shards} listening on {cfg.host}:{shard.port}, "
         f"metrics on :{shard.metrics_port} (pid {os.getpid()})",
@@ -289,8 +318,15 @@ def supervise(args: argparse.Namespace, opts: dict[str, Any]) -> int:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
 
+    def forward_hup(_signum: int, _frame: FrameType | None) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    if opts["auth_token_file"]:  # SIGHUP: every shard re-reads its token file
+        signal.signal(signal.SIGHUP, forward_hup)
     for i in range(n):
         procs.append(subprocess.Popen(_child_argv(args, opts, i), preexec_fn=_die_with_parent))
         if stopping.is_set():  # a signal arrived while starting
