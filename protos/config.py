@@ -25,6 +25,14 @@ from embps.v1 import embps_pb2 as pb
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 MAX_DIM = 65536
 
+# Memory layout of a table's arrays, for ``max_bytes`` (server/tables.py owns the
+# arrays; tests/unit/test_memory_cap.py holds these numbers equal to their nbytes).
+ROW_META_BYTES = 24  # freq, last_step, version: int64 each, per row
+INDEX_MIN_BYTES = 16 * 16 + 6 * 8  # the smallest hash index: 16 [key, row] buckets + map state
+SKETCH_DEFAULT_WIDTH = 1 << 18  # count-min columns when sketch_width is 0
+SKETCH_DEFAULT_DEPTH = 4  # count-min rows when sketch_depth is 0
+SKETCH_COUNTER_BYTES = 4  # uint32 counters
+
 
 class TableKind(StrEnum):
     """How keys map to rows."""
@@ -203,10 +211,15 @@ class TableConfig:
     eviction: Eviction = Eviction.NONE  # policy at the cap
     steps_to_live: int = 0  # evict rows untouched for this many steps (0: never)
     l2_evict_threshold: float = 0.0  # evict rows whose L2 norm is below this (0: never)
+    # every kind: bytes this table may hold on one shard (0: no cap). At the cap a new
+    # dynamic row evicts (with eviction set) or is refused (RESOURCE_EXHAUSTED); an
+    # adaptive table keeps the key in its static part instead. static/qr never grow:
+    # only checked at create (their fixed arrays must fit).
+    max_bytes: int = 0
     # static, and the static part of adaptive
     hash_bucket_size: int = 0
     promote_threshold: int = 0  # adaptive: sightings that promote a key to a dynamic row
-    sketch_width: int = 0  # count-min columns (power of two; 0: 2**20)
+    sketch_width: int = 0  # count-min columns (power of two; 0: 2**18)
     sketch_depth: int = 0  # count-min rows (0: 4)
     # qr
     qr_quotient_buckets: int = 0
@@ -229,8 +242,8 @@ class TableConfig:
         if type(self.optimizer) not in SLOTS_PER_OPTIMIZER:
             raise ValueError(f"table {self.name!r}: optimizer must be SGD, Adagrad, Adam or FTRL")
         ints = ("seed", "initial_capacity", "admission_threshold", "max_rows", "steps_to_live",
-                "hash_bucket_size", "promote_threshold", "sketch_width", "sketch_depth",
-                "qr_quotient_buckets", "qr_remainder_buckets")  # fmt: skip
+                "max_bytes", "hash_bucket_size", "promote_threshold", "sketch_width",
+                "sketch_depth", "qr_quotient_buckets", "qr_remainder_buckets")  # fmt: skip
         for name in ints:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 2**63:
@@ -253,6 +266,55 @@ class TableConfig:
                 f"table {self.name!r}: eviction={self.eviction.value} needs max_rows > 0"
             )
         self._check_kind_options()
+        if self.max_bytes and self.fixed_bytes > self.max_bytes:
+            raise ValueError(
+                f"table {self.name!r}: max_bytes={self.max_bytes} is below the "
+                f"{self.fixed_bytes} bytes its fixed arrays need ({self._fixed_parts()}); "
+                f"raise max_bytes to at least {self.fixed_bytes} or make the table smaller"
+            )
+
+    # ---------------------------------------------------------------- memory
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of this table's blocks: values, optimizer slots, metadata.
+
+        For a qr table with the concat combiner a part row has dim / 2 columns.
+        """
+        d = (
+            self.dim // 2
+            if self.kind == TableKind.QR and self.qr_combiner == Combiner.CONCAT
+            else self.dim
+        )
+        return 4 * d * (1 + self.slots) + ROW_META_BYTES
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes of the arrays that never grow: static / qr blocks, the sketch, the smallest index.
+
+        A table holds at least this much from its creation on (a dynamic part's
+        arena, buckets and lists grow from there); ``max_bytes`` must not be below it.
+        """
+        return sum(self._fixed_sizes().values())
+
+    def _fixed_sizes(self) -> dict[str, int]:
+        kind = self.kind
+        out: dict[str, int] = {}
+        if kind in (TableKind.STATIC, TableKind.ADAPTIVE):
+            out["static rows"] = self.hash_bucket_size * self.row_bytes
+        if kind == TableKind.QR:
+            out["qr rows"] = (self.qr_quotient_buckets + self.qr_remainder_buckets) * self.row_bytes
+        if kind == TableKind.ADAPTIVE or (
+            kind == TableKind.DYNAMIC and self.admission_threshold > 1
+        ):
+            width = self.sketch_width or SKETCH_DEFAULT_WIDTH
+            depth = self.sketch_depth or SKETCH_DEFAULT_DEPTH
+            out["sketch"] = width * depth * SKETCH_COUNTER_BYTES
+        if kind in (TableKind.DYNAMIC, TableKind.ADAPTIVE):
+            out["empty index"] = INDEX_MIN_BYTES
+        return out
+
+    def _fixed_parts(self) -> str:
+        return ", ".join(f"{name} {n}" for name, n in self._fixed_sizes().items())
 
     def _check_kind_options(self) -> None:
         kind = self.kind
@@ -306,6 +368,7 @@ class TableConfig:
             eviction=_EVICTION_TO_PB[self.eviction],
             steps_to_live=self.steps_to_live,
             l2_evict_threshold=self.l2_evict_threshold,
+            max_bytes=self.max_bytes,
             hash_bucket_size=self.hash_bucket_size,
             promote_threshold=self.promote_threshold,
             sketch_width=self.sketch_width,
@@ -371,7 +434,13 @@ class TableConfig:
             kind=_KIND_FROM_PB[msg.kind],
             optimizer=opt,
             initializer=Initializer(
-                kind=_INIT_FROM_PB.get(msg.initializer.kind, InitKind.UNIFORM),
+                kind=_from_pb(
+                    _INIT_FROM_PB,
+                    msg.initializer.kind,
+                    InitKind.UNIFORM,
+                    "initializer kind",
+                    msg.name,
+                ),
                 a=msg.initializer.a,
                 b=msg.initializer.b,
             )
@@ -382,16 +451,19 @@ class TableConfig:
             admission_threshold=msg.admission_threshold,
             default_value=msg.default_value,
             max_rows=msg.max_rows,
-            eviction=_EVICTION_FROM_PB.get(msg.eviction, Eviction.NONE),
+            eviction=_from_pb(_EVICTION_FROM_PB, msg.eviction, Eviction.NONE, "eviction", msg.name),
             steps_to_live=msg.steps_to_live,
             l2_evict_threshold=msg.l2_evict_threshold,
+            max_bytes=msg.max_bytes,
             hash_bucket_size=msg.hash_bucket_size,
             promote_threshold=msg.promote_threshold,
             sketch_width=msg.sketch_width,
             sketch_depth=msg.sketch_depth,
             qr_quotient_buckets=msg.qr_quotient_buckets,
             qr_remainder_buckets=msg.qr_remainder_buckets,
-            qr_combiner=_COMBINER_FROM_PB.get(msg.qr_combiner, Combiner.MULT),
+            qr_combiner=_from_pb(
+                _COMBINER_FROM_PB, msg.qr_combiner, Combiner.MULT, "qr_combiner", msg.name
+            ),
         )
 
     @classmethod
@@ -469,3 +541,14 @@ _INIT_TO_PB = {
 _INIT_FROM_PB = {v: k for k, v in _INIT_TO_PB.items()}
 NORM_TO_PB = {Norm.L2: pb.NORM_L2, Norm.L1: pb.NORM_L1, Norm.LINF: pb.NORM_LINF}
 NORM_FROM_PB = {v: k for k, v in NORM_TO_PB.items()}
+
+
+def _from_pb(mapping: dict[int, Any], value: int, default: Any, what: str, table: str) -> Any:
+    """A wire enum value as its config enum: 0 (unspecified) is the default; an unknown value
+    (a newer or a corrupt client) is a ValueError, never silently the default."""
+    if value == 0:
+        return default
+    if value not in mapping:
+        known = ", ".join(str(v) for v in sorted(mapping))
+        raise ValueError(f"table {table!r}: {what} {value} is unknown (known values: {known})")
+    return mapping[value]

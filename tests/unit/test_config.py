@@ -37,8 +37,9 @@ KIND_CONFIGS = {
         eviction="lru",
         steps_to_live=9,
         l2_evict_threshold=0.25,
+        max_bytes=1 << 26,
     ),
-    "static": dict(kind="static", hash_bucket_size=1000),
+    "static": dict(kind="static", hash_bucket_size=1000, max_bytes=1 << 26),
     "adaptive": dict(
         kind="adaptive",
         initial_capacity=32,
@@ -50,8 +51,15 @@ KIND_CONFIGS = {
         promote_threshold=4,
         sketch_width=4096,
         sketch_depth=3,
+        max_bytes=1 << 26,
     ),
-    "qr": dict(kind="qr", qr_quotient_buckets=10, qr_remainder_buckets=20, qr_combiner="concat"),
+    "qr": dict(
+        kind="qr",
+        qr_quotient_buckets=10,
+        qr_remainder_buckets=20,
+        qr_combiner="concat",
+        max_bytes=1 << 26,
+    ),
 }
 
 
@@ -79,6 +87,17 @@ BAD = {
     "bool-capacity": (dict(initial_capacity=True), "initial_capacity"),
     "negative-max-rows": (dict(max_rows=-5), "max_rows"),
     "nan-default": (dict(default_value=float("nan")), "default_value"),
+    "negative-max-bytes": (dict(max_bytes=-1), "max_bytes"),
+    "float-max-bytes": (dict(max_bytes=1e9), "max_bytes"),
+    "max-bytes-below-the-index": (dict(max_bytes=303), "max_bytes=303 is below the 304"),
+    "max-bytes-below-static-rows": (
+        dict(kind="static", hash_bucket_size=1000, max_bytes=10_000),
+        "below the 40000 bytes its fixed arrays need",
+    ),
+    "max-bytes-below-qr-rows": (
+        dict(kind="qr", qr_quotient_buckets=100, qr_remainder_buckets=100, max_bytes=7999),
+        "qr rows 8000",
+    ),
     "negative-l2-threshold": (dict(l2_evict_threshold=-0.1), "l2_evict_threshold"),
     "static-without-buckets": (dict(kind="static"), "hash_bucket_size"),
     "static-with-max-rows": (dict(kind="static", hash_bucket_size=4, max_rows=10), "max_rows"),
@@ -198,6 +217,22 @@ def test_from_proto_defaults_of_unset_enums():
     assert cfg.optimizer == SGD(lr=0.5)
 
 
+@pytest.mark.parametrize(
+    "field, setter",
+    [
+        ("eviction", lambda m: setattr(m, "eviction", 9)),
+        ("initializer kind", lambda m: m.initializer.CopyFrom(pb.Initializer(kind=42))),
+        ("qr_combiner", lambda m: setattr(m, "qr_combiner", -3)),
+    ],
+)
+def test_from_proto_refuses_unknown_enum_values_instead_of_a_silent_default(field, setter):
+    msg = pb.TableConfig(name="t", dim=2, kind=pb.TABLE_KIND_DYNAMIC)
+    msg.optimizer.sgd.lr = 0.5
+    setter(msg)
+    with pytest.raises(ValueError, match=f"{field} -?\\d+ is unknown"):
+        TableConfig.from_proto(msg)
+
+
 def test_from_proto_without_optimizer_or_kind_names_them():
     msg = pb.TableConfig(name="t", dim=2, kind=pb.TABLE_KIND_DYNAMIC)
     with pytest.raises(ValueError, match="optimizer"):
@@ -273,3 +308,17 @@ def test_configs_are_frozen_and_comparable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.dim = 3  # type: ignore[misc]
     assert cfg == make("dynamic") and cfg != make("dynamic", dim=4)
+
+
+def test_max_bytes_fixed_parts_name_both_numbers_and_every_part():
+    """An adaptive table's fixed arrays: static rows, sketch and the empty index, each named."""
+    cfg = dict(name="t", dim=4, kind="adaptive", hash_bucket_size=10, promote_threshold=2,
+               sketch_width=64, sketch_depth=2, optimizer=Adagrad())  # fmt: skip
+    need = 10 * (4 * 4 * 2 + 24) + 64 * 2 * 4 + 304
+    assert TableConfig(**cfg).fixed_bytes == need
+    assert TableConfig(**cfg, max_bytes=need).max_bytes == need
+    with pytest.raises(ValueError) as info:
+        TableConfig(**cfg, max_bytes=need - 1)
+    msg = str(info.value)
+    assert f"max_bytes={need - 1}" in msg and f"{need} bytes" in msg
+    assert "static rows 560, sketch 512, empty index 304" in msg
