@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,11 +144,17 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
-def launch(args: list[str], log_dir: str | Path | None = None) -> Cluster:
-    """Start `embps serve ARGS` (python -m embps.client.cli) without waiting for readiness."""
+def launch(
+    args: list[str], log_dir: str | Path | None = None, prefix: Sequence[str] = ()
+) -> Cluster:
+    """Start `embps serve ARGS` (python -m embps.client.cli) without waiting for readiness.
+
+    prefix: a command that runs it, e.g. ``["ip", "netns", "exec", NS]`` (it must exec
+    the server, so that the pid stays the server's).
+    """
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="embps-test-"))
     log_path = log_dir / f"serve-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "embps.client.cli", "serve", *args]
+    cmd = [*prefix, sys.executable, "-m", "embps.client.cli", "serve", *args]
     log_file = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed below
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1,
@@ -176,11 +182,15 @@ def _dump_stacks(cluster: Cluster) -> None:
     time.sleep(1.0)
 
 
-def wait_ready(cluster: Cluster, n: int, timeout: float = START_TIMEOUT_S) -> Cluster:
-    """Read readiness lines until n shards are listening; fail with the log otherwise."""
+def wait_ready(
+    cluster: Cluster, n: int, timeout: float = START_TIMEOUT_S, ids: Sequence[int] | None = None
+) -> Cluster:
+    """Read readiness lines until n shards (or exactly the shards ``ids``) are listening;
+    fail with the log otherwise."""
+    want = list(range(n)) if ids is None else list(ids)
     deadline = time.monotonic() + timeout
     found: dict[int, Shard] = {}
-    while len(found) < n:
+    while not all(i in found for i in want):
         left = deadline - time.monotonic()
         try:
             line = cluster.lines.get(timeout=max(0.01, min(left, 0.5)))
@@ -197,7 +207,7 @@ def wait_ready(cluster: Cluster, n: int, timeout: float = START_TIMEOUT_S) -> Cl
         if m:
             sid, num, host, port, mport, pid = m.groups()
             found[int(sid)] = Shard(int(sid), int(num), f"{host}:{port}", int(mport), int(pid))
-    cluster.shards = [found[i] for i in range(n)]
+    cluster.shards = [found[i] for i in want]
     return cluster
 
 
@@ -205,6 +215,24 @@ def start_cluster(n: int, *extra: str, log_dir: str | Path | None = None) -> Clu
     """`embps serve --shards n` on 127.0.0.1, any free ports; returns once every shard listens."""
     args = ["--shards", str(n), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     return wait_ready(launch([*args, *extra], log_dir), n)
+
+
+def start_shard(
+    shard_id: int,
+    num_shards: int,
+    *extra: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    log_dir: str | Path | None = None,
+    prefix: Sequence[str] = (),
+) -> Cluster:
+    """One shard alone, `embps serve --shard-id i --shards n` (no supervisor: the way a
+    Kubernetes pod runs it, so that a test can kill and restart it by itself); returns
+    once it listens. ``proc`` is the shard; ``shards`` holds its one readiness line."""
+    args = ["--shard-id", str(shard_id), "--shards", str(num_shards), "--host", host,
+            "--port", str(port), "--metrics-port", "0"]  # fmt: skip
+    cluster = launch([*args, *extra], log_dir, prefix)
+    return wait_ready(cluster, num_shards, ids=[shard_id])
 
 
 @contextlib.contextmanager
