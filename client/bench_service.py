@@ -76,6 +76,7 @@ from embps.server.benchreport import (
 )
 from embps.v1 import embps_pb2 as pb
 
+from .memory import tune_malloc
 from .ps_client import DEFAULT_MAX_MESSAGE_BYTES, PSClient
 
 DIM = 64
@@ -510,11 +511,21 @@ class Cycle:
 
 
 def measure(
-    rows: int, batches: int, reps: int, quick: bool, redis_server: str, seed: int = SEED
+    rows: int,
+    batches: int,
+    reps: int,
+    quick: bool,
+    redis_server: str,
+    seed: int = SEED,
+    malloc_tuned: bool = False,
 ) -> dict[str, Any]:
-    """Start every server, fill the tables and Redis, time every contender; the flat results."""
+    """Start every server, fill the tables and Redis, time every contender; the flat results.
+
+    malloc_tuned: whether ``tune_malloc()`` ran in this process (recorded only; every
+    client contender lives in this process, so it applies to all of them alike).
+    """
     r: dict[str, Any] = {"rows": rows, "dim": DIM, "batches": batches, "reps": reps,
-                         "quick": quick}  # fmt: skip
+                         "quick": quick, "malloc_tuned": malloc_tuned}  # fmt: skip
     pool = make_batches(batches, rows, seed)
     grads = [
         np.random.default_rng(seed + i).standard_normal((rows, DIM), dtype=np.float32) * 1e-3
@@ -675,7 +686,8 @@ def report(r: dict[str, Any]) -> str:
     title = (
         f"embps bench service{' --quick' if r['quick'] else ''}: batches of {r['rows']:,} "
         f"distinct keys, dim {r['dim']}, {r['batches']} calls per repetition, best of "
-        f"{r['reps']}; table: dynamic, SGD; each server its own process, loopback TCP"
+        f"{r['reps']}; table: dynamic, SGD; each server its own process, loopback TCP; "
+        f"client process malloc: {'tune_malloc()' if r.get('malloc_tuned') else 'glibc default'}"
     )
     machine = machine_line(f", grpcio {grpc.__version__}")
     return "\n".join(
@@ -705,6 +717,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as a JSON object")
     parser.add_argument("--redis-server", default="redis-server", help="redis-server executable")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone in the benchmark's process (by default "
+        "it calls embps.client.memory.tune_malloc(), as a trainer should; every client "
+        "contender runs in this process)",
+    )
     parser.add_argument("--rows", type=int, default=BATCH, help=argparse.SUPPRESS)  # tests
     parser.add_argument("--batches", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=0, help=argparse.SUPPRESS)
@@ -725,7 +744,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     t0 = time.perf_counter()
-    r = measure(args.rows, batches, reps, bool(args.quick), server)
+    tuned = False if args.default_malloc else tune_malloc()
+    r = measure(args.rows, batches, reps, bool(args.quick), server, malloc_tuned=tuned)
     print(report(r))
     print(f"(run took {time.perf_counter() - t0:.0f} s)")
     if args.json:

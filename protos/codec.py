@@ -13,8 +13,11 @@ building a message, again when the field is read, and once more when
 serializing; for a batch of 16384 rows of dim 64 each copy is a fresh 4 MiB
 buffer, and fresh buffers page-fault (about 1000 faults each). Written by
 hand, a pull's rows are read in place from gRPC's response buffer and a push's
-gradients are copied once, from the array into the request. Both functions
-are tested against the generated classes (tests/unit/test_codec.py).
+gradients are copied once, from the array into the request. The shard does
+the mirror image (``encode_pull_response``: the rows copied once into the
+answer; ``decode_push_request``: keys and gradients read in place from the
+request). All four are tested against the generated classes
+(tests/unit/test_codec.py).
 """
 
 from __future__ import annotations
@@ -188,8 +191,11 @@ def encode_push_request(
     dtype: int,
     num_shards: int,
     step: int | None,
+    client_id: str = "",
+    sequence: int = 0,
 ) -> bytes:
-    """The bytes of ``PushRequest(table, keys, grads, dtype, step, num_shards)``.
+    """The bytes of ``PushRequest(table, keys, grads, dtype, step, num_shards, client_id,
+    sequence)``.
 
     keys: int64 (n,); grads: the wire encoding, e.g. ``wire_values(g, dtype)``
     (n, dim), any C-contiguous array. The arrays are copied once, straight into
@@ -212,7 +218,76 @@ def encode_push_request(
         parts += [b"\x28", _varint(int(step))]  # field 5, varint
     if num_shards:
         parts += [b"\x30", _varint(num_shards)]  # field 6, varint
+    if client_id:
+        cid = client_id.encode("utf-8")
+        parts += [_len_field(7, len(cid)), cid]
+    if sequence:
+        parts += [b"\x40", _varint(sequence)]  # field 8, varint
     return b"".join(parts)
+
+
+def encode_pull_response(values: np.ndarray, dim: int, dtype: int) -> bytes:
+    """The bytes of ``PullResponse(values, dim, dtype)``: the shard's answer to a pull.
+
+    values: the rows in the wire encoding, e.g. ``wire_values(rows, dtype)`` (n, dim),
+    any C-contiguous array; copied once, straight into the result (protobuf would
+    copy them three times: ``tobytes``, into the message, then to serialize).
+    Fields at their proto3 default are left out, as protobuf does.
+    """
+    v = np.ascontiguousarray(values)
+    parts: list[bytes | memoryview] = []
+    if v.nbytes:
+        parts += [_len_field(1, v.nbytes), v.reshape(-1).data.cast("B")]
+    if dim:
+        parts += [b"\x10", _varint(dim)]  # field 2, varint
+    if dtype:
+        parts += [b"\x18", _varint(dtype)]  # field 3, varint
+    return b"".join(parts)
+
+
+def _scan(data: bytes | memoryview, message: str) -> dict[tuple[int, int], memoryview | int]:
+    """Every field of a protobuf message: {(field number, wire type): last value}.
+
+    Length-delimited values are views into ``data``; varints are uint64. A known
+    field seen with another wire type stays apart (upb keeps it as an unknown
+    field), and the last occurrence of a field wins, as protobuf parses.
+    CodecError for a truncated or malformed message.
+    """
+    buf = memoryview(data).cast("B")
+    fields: dict[tuple[int, int], memoryview | int] = {}
+    i, end = 0, len(buf)
+    while i < end:
+        key, i = _read_varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise CodecError(f"malformed {message}: field number 0")
+        if wire == _WIRE_LEN:
+            size, i = _read_varint(buf, i)
+            if i + size > end:
+                raise CodecError(f"malformed {message}: field {field} runs past the end")
+            fields[field, wire] = buf[i : i + size]
+            i += size
+        elif wire == _WIRE_VARINT:
+            fields[field, wire], i = _read_varint(buf, i)
+        elif wire in (_WIRE_I64, _WIRE_I32):
+            i += 8 if wire == _WIRE_I64 else 4
+        else:
+            raise CodecError(f"malformed {message}: wire type {wire} of field {field}")
+    if i != end:
+        raise CodecError(f"malformed {message}: truncated")
+    return fields
+
+
+def _string(value: memoryview | int, message: str, name: str) -> str:
+    """A string field's text; CodecError if it is not UTF-8 (protobuf refuses it too)."""
+    assert isinstance(value, memoryview)
+    try:
+        return str(value, "utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(f"malformed {message}: field {name!r} is not valid UTF-8") from None
+
+
+_EMPTY = memoryview(b"")
 
 
 def decode_pull_response(data: bytes) -> tuple[memoryview, int, int]:
@@ -222,29 +297,62 @@ def decode_pull_response(data: bytes) -> tuple[memoryview, int, int]:
     wire type, as upb does) are skipped, the last occurrence of a field wins.
     CodecError for a truncated or malformed message.
     """
-    buf = memoryview(data).cast("B")
-    values, dim, dtype = buf[:0], 0, 0
-    i, end = 0, len(buf)
-    while i < end:
-        key, i = _read_varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == _WIRE_LEN:
-            size, i = _read_varint(buf, i)
-            if i + size > end:
-                raise CodecError(f"malformed PullResponse: field {field} runs past the end")
-            if field == 1:
-                values = buf[i : i + size]
-            i += size
-        elif wire == _WIRE_VARINT:
-            value, i = _read_varint(buf, i)
-            if field == 2:
-                dim = value & 0xFFFFFFFF
-            elif field == 3:
-                dtype = _as_int32(value)
-        elif wire in (_WIRE_I64, _WIRE_I32):
-            i += 8 if wire == _WIRE_I64 else 4
-        else:
-            raise CodecError(f"malformed PullResponse: wire type {wire} of field {field}")
-    if i != end:
-        raise CodecError("malformed PullResponse: truncated")
-    return values, dim, dtype
+    f = _scan(data, "PullResponse")
+    values = f.get((1, _WIRE_LEN), _EMPTY)
+    assert isinstance(values, memoryview)
+    dim = int(f.get((2, _WIRE_VARINT), 0)) & 0xFFFFFFFF
+    return values, dim, _as_int32(int(f.get((3, _WIRE_VARINT), 0)))
+
+
+class PushRequestView:
+    """A ``PushRequest`` read in place (``decode_push_request``): its fields under the
+    proto names; ``keys`` and ``grads`` are views into the request's bytes (no copy);
+    ``step`` is None when the request has none (an absent optional field)."""
+
+    __slots__ = ("client_id", "dtype", "grads", "keys", "num_shards", "sequence", "step", "table")
+
+    def __init__(
+        self,
+        table: str = "",
+        keys: memoryview = _EMPTY,
+        grads: memoryview = _EMPTY,
+        dtype: int = 0,
+        step: int | None = None,
+        num_shards: int = 0,
+        client_id: str = "",
+        sequence: int = 0,
+    ) -> None:
+        self.table = table
+        self.keys = keys
+        self.grads = grads
+        self.dtype = dtype
+        self.step = step
+        self.num_shards = num_shards
+        self.client_id = client_id
+        self.sequence = sequence
+
+
+def decode_push_request(data: bytes) -> PushRequestView:
+    """``PushRequest`` bytes -> ``PushRequestView``, keys and grads read in place.
+
+    The same fields, with the same values, as ``pb.PushRequest.FromString`` gives
+    (int64 ``step`` signed, uint32 ``num_shards`` and int32 ``dtype`` truncated as
+    protobuf truncates); CodecError where protobuf would fail to parse.
+    """
+    f = _scan(data, "PushRequest")
+    m = "PushRequest"
+    out = PushRequestView()
+    if (1, _WIRE_LEN) in f:
+        out.table = _string(f[1, _WIRE_LEN], m, "table")
+    keys, grads = f.get((2, _WIRE_LEN), _EMPTY), f.get((3, _WIRE_LEN), _EMPTY)
+    assert isinstance(keys, memoryview) and isinstance(grads, memoryview)
+    out.keys, out.grads = keys, grads
+    out.dtype = _as_int32(int(f.get((4, _WIRE_VARINT), 0)))
+    if (5, _WIRE_VARINT) in f:
+        step = int(f[5, _WIRE_VARINT])
+        out.step = step - (1 << 64) if step >= 1 << 63 else step
+    out.num_shards = int(f.get((6, _WIRE_VARINT), 0)) & 0xFFFFFFFF
+    if (7, _WIRE_LEN) in f:
+        out.client_id = _string(f[7, _WIRE_LEN], m, "client_id")
+    out.sequence = int(f.get((8, _WIRE_VARINT), 0))
+    return out

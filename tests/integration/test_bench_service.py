@@ -54,7 +54,9 @@ REQUIRED = (
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     path = tmp_path_factory.mktemp("bench") / "service.json"
-    argv = ["bench", "service", "--rows", "300", "--batches", "2", "--reps", "1"]
+    # --default-malloc: tune_malloc() would change this test process's allocator for good
+    argv = ["bench", "service", "--rows", "300", "--batches", "2", "--reps", "1",
+            "--default-malloc"]  # fmt: skip
     assert main([*argv, "--json", str(path)]) == 0
     result: dict[str, object] = json.loads(path.read_text())
     return result
@@ -67,7 +69,7 @@ def test_json_has_every_required_key_with_a_positive_number(tiny_run) -> None:
         assert isinstance(v, int | float) and not isinstance(v, bool), (key, v)
         assert math.isfinite(v) and v > 0, (key, v)
     assert (tiny_run["rows"], tiny_run["dim"], tiny_run["batches"]) == (300, bs.DIM, 2)
-    assert tiny_run["quick"] is False
+    assert tiny_run["quick"] is False and tiny_run["malloc_tuned"] is False
     assert 0 <= tiny_run["targets_met"] <= tiny_run["targets_total"] == len(bs.TARGETS)
     assert tiny_run["pull_vs_echo"] == pytest.approx(
         tiny_run["pull_rows_s"] / tiny_run["echo_rows_s"]
@@ -108,3 +110,16 @@ def test_redis_rows_round_trip_and_a_missing_key_is_an_error(redis: bs.RespClien
     redis.sock.settimeout(0.5)
     with pytest.raises(bs.RedisError, match="missing key"):
         redis.mget_rows(np.array([1, 2], dtype=np.int64), np.dtype(np.float32), 4)
+
+
+def test_tune_malloc_takes_on_glibc() -> None:
+    """In a child process (the setting is process-wide): glibc accepts both thresholds."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("tune_malloc is for glibc; this C library is not glibc")
+    code = "from embps.client.memory import tune_malloc; print(tune_malloc())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr

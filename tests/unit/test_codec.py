@@ -156,6 +156,60 @@ def test_push_request_defaults_and_empty_arrays() -> None:
     np.testing.assert_array_equal(codec.decode_keys(pb.PushRequest.FromString(got).keys), [7, -7])
 
 
+@pytest.mark.parametrize("client_id", ["", "trainer-0", "é"])
+@pytest.mark.parametrize("sequence", [0, 1, 2**40, 2**64 - 1])
+def test_push_request_idempotency_fields_equal_protobuf(client_id: str, sequence: int) -> None:
+    keys, grads = np.array([3, 4], dtype=np.int64), np.ones((2, 2), np.float32)
+    got = codec.encode_push_request("t", keys, grads, F32, 1, 9, client_id, sequence)
+    want = pb.PushRequest(table="t", keys=codec.encode_keys(keys),
+                          grads=codec.encode_values(grads), dtype=F32, step=9, num_shards=1,
+                          client_id=client_id, sequence=sequence)  # fmt: skip
+    assert got == want.SerializeToString()
+
+
+def _same_push(view: codec.PushRequestView, msg: pb.PushRequest) -> None:
+    assert (view.table, bytes(view.keys), bytes(view.grads), view.dtype, view.num_shards,
+            view.client_id, view.sequence) == (msg.table, msg.keys, msg.grads, msg.dtype,
+                                               msg.num_shards, msg.client_id, msg.sequence)  # fmt: skip
+    assert view.step == (msg.step if msg.HasField("step") else None)
+
+
+@pytest.mark.parametrize("step", [None, 0, -1, 2**63 - 1, -(2**63)])
+def test_push_request_is_read_in_place_as_protobuf_reads_it(rng: np.random.Generator, step) -> None:
+    grads = rng.normal(size=(4, 3)).astype(np.float32)
+    msg = pb.PushRequest(table="tbl é", keys=codec.encode_keys(np.arange(4)),
+                         grads=codec.encode_values(grads), dtype=F16, step=step, num_shards=7,
+                         client_id="c", sequence=2**64 - 1)  # fmt: skip
+    data = msg.SerializeToString()
+    view = codec.decode_push_request(data)
+    _same_push(view, msg)
+    assert view.grads.obj is data  # a view: the gradients are not copied
+    # defaults, unknown fields, repeated fields (last wins), truncation of 32-bit fields
+    for extra in (b"", b"\x48\x01", b"\x30\x05", b"\x20" + b"\xff" * 9 + b"\x01",
+                  b"\x30" + b"\xff" * 9 + b"\x01", b"\x0a\x01z", b"\x12\x00"):  # fmt: skip
+        _same_push(codec.decode_push_request(data + extra), pb.PushRequest.FromString(data + extra))
+    _same_push(codec.decode_push_request(b""), pb.PushRequest())
+
+
+@pytest.mark.parametrize(
+    "data", [b"\x0a\x02\xff\xfe", b"\x3a\x01\x80", b"\x12\x09abc", b"\x28", b"\x0b"]
+)
+def test_malformed_push_requests_are_codec_errors(data: bytes) -> None:
+    with pytest.raises(codec.CodecError, match="malformed"):
+        codec.decode_push_request(data)
+    with pytest.raises(Exception):  # noqa: B017 - protobuf refuses them too (DecodeError)
+        pb.PushRequest.FromString(data)
+
+
+@pytest.mark.parametrize("dtype", [0, F32, F16, BF16])
+@pytest.mark.parametrize("n", [0, 1, 300])
+def test_pull_response_bytes_equal_protobuf(rng: np.random.Generator, dtype: int, n: int) -> None:
+    values = rng.normal(size=(n, 5)).astype(np.float32)
+    got = codec.encode_pull_response(codec.wire_values(values, dtype), 5, dtype)
+    want = pb.PullResponse(values=codec.encode_values(values, dtype), dim=5, dtype=dtype)
+    assert got == want.SerializeToString()
+
+
 @pytest.mark.parametrize("dtype", [0, F32, F16, BF16])
 def test_pull_response_is_read_in_place(rng: np.random.Generator, dtype: int) -> None:
     values = rng.normal(size=(6, 5)).astype(np.float32)
