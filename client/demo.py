@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -611,8 +611,12 @@ def train(
     ps: PSClient,
     curve: Any,
     progress: Progress,
+    extra_loss: Callable[[], Any] | None = None,
 ) -> TrainLog:
     """Train ``model`` on ``cfg.steps`` batches; evaluate on ``curve`` and sample memory as it goes.
+
+    extra_loss: a term added to each step's loss (e.g. ``OptEmbedMask.regularization``);
+    the logged losses stay the log loss.
 
     Pipelined steps (staleness >= 1) pull the next batch's rows while the current
     batch's backward runs; steps ``[steps/2, steps/2 + sync_steps)`` use the
@@ -673,7 +677,7 @@ def train(
                 model.prefetch(nxt.sparse)  # overlaps this step's backward and push
             loss = loss_fn(logits, labels)
             opt.zero_grad(set_to_none=True)
-            loss.backward()  # the embeddings' gradients are pushed here
+            (loss if extra_loss is None else loss + extra_loss()).backward()  # pushes rows' grads
             opt.step()
             log.losses.append(float(loss.detach()))
             log.clicks += float(batch.labels.sum())

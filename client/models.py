@@ -15,8 +15,11 @@ reach it directly instead of through ``<x0, e_f>``. On the demo's synthetic data
 
 The embeddings are any modules mapping int64 ids (B,) to float (B, dim): a
 ``RemoteEmbedding`` (rows on the PS, pushed in ``backward``) in the demo, a
-``torch.nn.Embedding`` in unit tests. ``prefetch`` / ``flush`` / ``close``
-forward to the embeddings that have them (``RemoteEmbedding`` with
+``torch.nn.Embedding`` in unit tests. Or one module for every field at once
+(``num_fields=F`` with a single embedding), mapping (B, F) -> (B, F, dim): a
+``RemoteEmbedding`` over one table that holds every field (the ids are
+field-tagged), so a step costs one pull and one push instead of F of each.
+``prefetch`` / ``flush`` / ``close`` forward to the embeddings that have them (``RemoteEmbedding`` with
 ``staleness >= 1``), so a training loop can pipeline the next batch's pulls.
 
 Example::
@@ -78,6 +81,9 @@ class DLRM(nn.Module):
     """DLRM: bottom MLP on dense features, dot-product interactions, top MLP -> logits.
 
     embeddings: one module per categorical field, ids int64 (B,) -> float (B, dim).
+    num_fields: categorical fields; default ``len(embeddings)``. With one embedding
+    and ``num_fields`` F > 1 that embedding is shared: it maps the ids of every
+    field at once, int64 (B, F) -> (B, F, dim).
     num_dense: dense features per sample (0: no bottom MLP; the interactions are
     then among the embeddings only). bottom / top: hidden sizes of the MLPs.
     concat_embeddings: also feed the F embeddings to the top MLP (see above).
@@ -93,14 +99,21 @@ class DLRM(nn.Module):
         bottom: Sequence[int] = (64,),
         top: Sequence[int] = (128, 64),
         concat_embeddings: bool = False,
+        num_fields: int | None = None,
     ) -> None:
         super().__init__()
         if not embeddings:
             raise ValueError("DLRM needs at least one embedding (one per categorical field)")
         if num_dense < 0 or dim < 1:
             raise ValueError(f"need num_dense >= 0 and dim >= 1, got {num_dense}, {dim}")
+        if num_fields is not None and num_fields != len(embeddings) and len(embeddings) != 1:
+            raise ValueError(
+                f"num_fields={num_fields} needs one embedding per field or one shared "
+                f"embedding, got {len(embeddings)}"
+            )
         self.embeddings = nn.ModuleList(embeddings)
-        self.num_fields = len(embeddings)
+        self.num_fields = len(embeddings) if num_fields is None else num_fields
+        self.shared = len(embeddings) != self.num_fields
         self.num_dense = num_dense
         self.dim = dim
         self.concat_embeddings = concat_embeddings
@@ -115,7 +128,10 @@ class DLRM(nn.Module):
         sparse = torch.as_tensor(sparse)
         if sparse.dim() != 2 or sparse.shape[1] != self.num_fields:
             raise ValueError(f"sparse must be (B, {self.num_fields}), got {tuple(sparse.shape)}")
-        vecs = [emb(sparse[:, f]) for f, emb in enumerate(self.embeddings)]
+        if self.shared:
+            vecs = list(self.embeddings[0](sparse).unbind(1))  # F x (B, dim)
+        else:
+            vecs = [emb(sparse[:, f]) for f, emb in enumerate(self.embeddings)]
         head: list[torch.Tensor] = list(vecs) if self.concat_embeddings else []
         if self.bottom is not None:
             if dense is None or dense.shape != (sparse.shape[0], self.num_dense):
@@ -137,7 +153,7 @@ class DLRM(nn.Module):
         for f, emb in enumerate(self.embeddings):
             fn = getattr(emb, "prefetch", None)
             if fn is not None and getattr(emb, "staleness", 1) >= 1:
-                fn(sparse[:, f])
+                fn(sparse if self.shared else sparse[:, f])
 
     def flush(self) -> None:
         """Wait for every outstanding push of the embeddings; re-raise the first error."""
