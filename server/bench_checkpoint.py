@@ -3,11 +3,12 @@
 What runs (one shard, one table; every contender on the same arrays, the same disk):
 
   write    ``Checkpointer.checkpoint(step, incremental=False)``: the table's
-           consistent snapshot (a copy under its lock), one .npy per array with
-           its CRC-32, fsync of every file and directory, the atomic rename,
-           beside ``numpy.save`` of the same arrays (the snapshot's) into open
-           files, each followed by ``fsync``: the same durability, no CRC, no
-           copy, no rename.
+           consistent snapshot (a copy under its lock, each large array written
+           while it is being copied), one .npy per array with its CRC-32, fsync
+           of every file and directory, the atomic rename, beside ``numpy.save``
+           of the same arrays (the snapshot's: values, slots, metadata, keys)
+           into open files in the same directory, each followed by ``fsync``,
+           then the directory's: the same durability, no CRC, no copy, no rename.
   restore  ``restore_tables`` (read, CRC-32 check, rebuild of the hash map and
            the table: ``Table.load``) beside ``numpy.load(allow_pickle=False)`` of the numpy
            files. Before every read both sets of files are dropped from the page

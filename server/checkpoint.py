@@ -64,14 +64,15 @@ from embps.protos.config import TableConfig
 from embps.protos.routing import shard_of
 
 from .metrics import ShardMetrics
-from .tables import BLOCK_FIELDS, Snapshot, Table, make_table
+from .tables import BLOCK_FIELDS, CopyRows, Snapshot, Table, copy_rows, make_table
 
 log = logging.getLogger("embps.server")
 
 FORMAT = "embps-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_CHUNK = 1 << 24
+_CHUNK = 1 << 24  # bytes per write (and per copy step of a streamed snapshot)
+_READ_CHUNK = 1 << 26  # bytes per read: fewer, larger reads restore faster
 T = TypeVar("T")
 
 
@@ -159,21 +160,25 @@ _IO_THREADS = 4  # files of one table written (or read) at once: a disk takes pa
 _IO_POOL: ThreadPoolExecutor | None = None
 
 
+def _io_pool() -> ThreadPoolExecutor:
+    global _IO_POOL
+    with _CRC_POOL_LOCK:
+        if _IO_POOL is None:
+            _IO_POOL = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="embps-io")
+        return _IO_POOL
+
+
 def _in_parallel(jobs: list[Callable[[], T]], done: Callable[[T], None] | None = None) -> list[T]:
     """Run file jobs on the I/O pool; their results in order (``done`` called as each ends,
     in order). Waits for every job before raising the first failure, so no job outlives
     the caller's cleanup."""
-    global _IO_POOL
     if len(jobs) <= 1:
         out = [job() for job in jobs]
         if done is not None:
             for r in out:
                 done(r)
         return out
-    with _CRC_POOL_LOCK:
-        if _IO_POOL is None:
-            _IO_POOL = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="embps-io")
-        pool = _IO_POOL
+    pool = _io_pool()
     futs = [pool.submit(job) for job in jobs]
     wait(futs)
     out = []
@@ -187,20 +192,35 @@ def _in_parallel(jobs: list[Callable[[], T]], done: Callable[[T], None] | None =
 
 def write_array(path: Path, arr: np.ndarray) -> str:
     """Write ``arr`` as .npy, fsync it, and return the CRC-32 (hex) of the file's bytes."""
-    arr = np.ascontiguousarray(arr)
+    return _write_npy(path, np.ascontiguousarray(arr))
+
+
+def _write_npy(path: Path, arr: np.ndarray, ready: Callable[[int], int] | None = None) -> str:
+    """``write_array`` of a C-contiguous ``arr``; ``ready(off)`` (if given) blocks until more
+    than ``off`` bytes of ``arr`` hold their final contents and returns how many do: the file
+    is written while the array is still being filled (``_StreamingCopy``)."""
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
     header = head.getvalue()
     data = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b"")  # type: ignore[arg-type]
     crc = _RunningCrc(zlib.crc32(header))
-    with open(path, "wb") as f:
-        f.write(header)
-        for off in range(0, len(data), _CHUNK):
-            chunk = data[off : off + _CHUNK]
-            crc.add(chunk)
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(header)
+            off, total = 0, len(data)
+            while off < total:
+                end = total if ready is None else ready(off)
+                while off < end:
+                    chunk = data[off : min(end, off + _CHUNK)]
+                    crc.add(chunk)
+                    f.write(chunk)
+                    off += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:  # write, flush and fsync errors (disk full) name no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     return crc.hex()
 
 
@@ -218,7 +238,7 @@ def read_array(path: Path, crc32: str) -> np.ndarray:
             crc = _RunningCrc()
             got = 0
             while got < size:
-                n = f.readinto(view[got : min(size, got + _CHUNK)])
+                n = f.readinto(view[got : min(size, got + _READ_CHUNK)])
                 if not n:
                     break
                 crc.add(view[got : got + n])
@@ -253,15 +273,110 @@ def read_array(path: Path, crc32: str) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
+_STREAM_MIN_BYTES = 1 << 22  # smaller arrays are copied whole, then written
+
+
+class _Stream:
+    """One array being copied under a table lock, chunk by chunk, while an I/O thread
+    writes the chunks already copied (``_write_npy`` with ``ready=self.wait``)."""
+
+    def __init__(self, dst: np.ndarray) -> None:
+        self.dst = dst
+        self._ready = 0  # bytes of dst that hold their final contents
+        self._aborted = False
+        self._cond = threading.Condition()
+
+    def publish(self, nbytes: int) -> None:
+        """The first ``nbytes`` bytes of dst are final."""
+        with self._cond:
+            self._ready = nbytes
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        """The copy failed: the writer stops (its file is never used)."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+    def wait(self, off: int) -> int:
+        """Block until more than ``off`` bytes are final; returns how many are."""
+        with self._cond:
+            while self._ready <= off and not self._aborted:
+                self._cond.wait()
+            if self._ready <= off:
+                raise CheckpointError("the snapshot copy was interrupted")
+            return self._ready
+
+
+class _StreamingCopy:
+    """The ``copy`` a checkpoint passes to ``Table.snapshot`` (``tables.CopyRows``).
+
+    HOW IT WORKS. A snapshot copies every array under the table's lock, so
+    that values, slots and metadata are one moment of the table. Copying all
+    of them and only then writing the files makes a checkpoint take copy time
+    + write time. Here each large array's file is opened on the I/O pool as
+    soon as its copy starts; the copy fills the private array in ``_CHUNK``
+    pieces and publishes each, and the writer writes (and checksums) every
+    piece once it is final. Copy and write overlap: a checkpoint takes about
+    max(copy, write), and the lock is held exactly as long as before (the copy
+    never waits for the disk). Every byte written is a byte of the private
+    copy, so the snapshot stays consistent while pushes continue.
+    """
+
+    def __init__(self, tdir: Path) -> None:
+        self.tdir = tdir
+        self.streams: dict[str, tuple[np.ndarray, Future[str]]] = {}  # name -> (copy, crc32)
+        self._live: list[_Stream] = []
+
+    def __call__(self, name: str, src: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+        n = src.shape[0] if rows is None else int(rows.shape[0])
+        row_bytes = src.dtype.itemsize * math.prod(src.shape[1:])
+        if n * row_bytes < _STREAM_MIN_BYTES or name in self.streams:
+            return copy_rows(name, src, rows)  # written with the others after the snapshot
+        dst = np.empty((n, *src.shape[1:]), dtype=src.dtype)
+        stream = _Stream(dst)
+        self._live.append(stream)
+        self.streams[name] = (
+            dst,
+            _io_pool().submit(_write_npy, self.tdir / f"{name}.npy", dst, stream.wait),
+        )
+        step = max(1, _CHUNK // max(row_bytes, 1))
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            if rows is None:
+                dst[lo:hi] = src[lo:hi]
+            else:  # mode="clip": rows are valid, and "raise" would buffer the output
+                np.take(src, rows[lo:hi], axis=0, out=dst[lo:hi], mode="clip")
+            stream.publish(hi * row_bytes)
+        return dst
+
+    def finish(self) -> None:
+        """Stop every writer still waiting for a copy that will not come (the snapshot
+        failed) and wait for all writers to end."""
+        for st in self._live:
+            st.abort()
+        wait([fut for _, fut in self.streams.values()])
+
+
+@dataclass(frozen=True)
+class SnapshotSource:
+    """A table's snapshot still to be taken: ``take(copy)`` calls ``Table.snapshot(..., copy=copy)``
+    so that ``write_shard`` writes the arrays while they are being copied."""
+
+    name: str
+    take: Callable[[CopyRows], Snapshot]
+
+
 def write_shard(
-    snapshots: Iterable[Snapshot],
+    snapshots: Iterable[Snapshot | SnapshotSource],
     ck: ShardCheckpoint,
     base_step: int | None = None,
 ) -> Path:
     """Write one shard's checkpoint atomically; returns its directory.
 
     snapshots: one per table, full ones (``base_version is None``) or
-    increments over the checkpoint at ``base_step``.
+    increments over the checkpoint at ``base_step``; a ``SnapshotSource`` is
+    taken here, its large arrays written while they are copied.
     """
     final = ck.path
     step_dir = final.parent
@@ -270,20 +385,38 @@ def write_shard(
     tmp.mkdir()
     try:
         tables = []
-        for snap in snapshots:
-            tdir = tmp / snap.config.name
+        for item in snapshots:
+            name = item.name if isinstance(item, SnapshotSource) else item.config.name
+            tdir = tmp / name
             tdir.mkdir()
+            copier = _StreamingCopy(tdir)
+            try:
+                snap = item.take(copier) if isinstance(item, SnapshotSource) else item
+            except BaseException:
+                copier.finish()
+                raise
+            assert snap.config.name == name, (snap.config.name, name)
             arrays = dict(snap.arrays)
             if snap.deleted is not None:
                 arrays["deleted.keys"] = snap.deleted
             names = sorted(arrays)
-            rels = [f"{snap.config.name}/{name}.npy" for name in names]
-            crcs = _in_parallel(
-                [
-                    partial(write_array, tmp / rel, arrays[n])
-                    for n, rel in zip(names, rels, strict=True)
-                ]
-            )
+            rels = [f"{name}/{n}.npy" for n in names]
+            streamed = {n: fut for n, (dst, fut) in copier.streams.items() if arrays.get(n) is dst}
+            try:
+                written = _in_parallel(
+                    [
+                        partial(write_array, tmp / rel, arrays[n])
+                        for n, rel in zip(names, rels, strict=True)
+                        if n not in streamed
+                    ]
+                )
+            finally:
+                copier.finish()  # every copy is complete: the writers just run to their end
+            for n in set(copier.streams) - set(streamed):  # a copy the snapshot did not keep
+                (tdir / f"{n}.npy").unlink(missing_ok=True)
+            crc_of = dict(zip([n for n in names if n not in streamed], written, strict=True))
+            crc_of.update({n: fut.result() for n, fut in streamed.items()})
+            crcs = [crc_of[n] for n in names]
             files = {
                 name: {
                     "file": rel,
@@ -838,23 +971,26 @@ class Checkpointer:
         nbytes = 0
         increments = 0
 
-        def snapshots() -> Iterator[Snapshot]:
+        def take(table: Table, copy: CopyRows) -> Snapshot:
             nonlocal nbytes, increments
+            snap = None
+            base = self._base.get(table.name) if inc else None
+            if base is not None and base[0] is table:
+                try:
+                    snap = table.snapshot(since_version=base[1], copy=copy)
+                    increments += 1
+                except ValueError as e:  # raised before anything is copied
+                    log.info("shard %d: %s; writing it whole", self.shard, e)
+            if snap is None:
+                snap = table.snapshot(copy=copy)
+            written[table.name] = (table, snap.version)
+            nbytes += sum(int(a.nbytes) for a in snap.arrays.values())
+            nbytes += int(snap.deleted.nbytes) if snap.deleted is not None else 0
+            return snap
+
+        def snapshots() -> Iterator[SnapshotSource]:
             for table in self._tables():
-                snap = None
-                base = self._base.get(table.name) if inc else None
-                if base is not None and base[0] is table:
-                    try:
-                        snap = table.snapshot(since_version=base[1])
-                        increments += 1
-                    except ValueError as e:
-                        log.info("shard %d: %s; writing it whole", self.shard, e)
-                if snap is None:
-                    snap = table.snapshot()
-                written[table.name] = (table, snap.version)
-                nbytes += sum(int(a.nbytes) for a in snap.arrays.values())
-                nbytes += int(snap.deleted.nbytes) if snap.deleted is not None else 0
-                yield snap
+                yield SnapshotSource(table.name, partial(take, table))
 
         path = write_shard(snapshots(), ck, base_step=base_step if inc else None)
         for table, version in written.values():

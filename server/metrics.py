@@ -14,6 +14,8 @@ base units in the name, ``_total`` for counters.
 | embps_table_rows | gauge | table, part (static, dynamic) |
 | embps_table_bytes | gauge | table, part (static, dynamic) |
 | embps_table_max_rows | gauge | table (0 = unbounded) |
+| embps_table_max_bytes | gauge | table (0 = no cap) |
+| embps_capacity_refusals_total | counter | table (keys refused a row at max_rows / max_bytes) |
 | embps_table_load_factor | gauge | table |
 | embps_promotions_total, embps_admissions_rejected_total, embps_evictions_total, embps_pruned_rows_total | counter | table |
 | embps_checkpoint_duration_seconds | histogram | kind (full, incremental) |
@@ -21,14 +23,26 @@ base units in the name, ``_total`` for counters.
 | embps_checkpoint_failures_total | counter | |
 | embps_restore_progress_ratio | gauge | (1 when serving) |
 | embps_shard_info | gauge | shard, num_shards (always 1) |
+| embps_memory_limit_bytes | gauge | (the process's cgroup memory limit; 0: none) |
+| process_resident_memory_bytes, process_virtual_memory_bytes, process_cpu_seconds_total, process_open_fds, process_max_fds, process_start_time_seconds | gauge/counter | (prometheus_client's ProcessCollector, Linux) |
+| python_info | gauge | implementation, major, minor, patchlevel, version |
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -72,6 +86,14 @@ class TableCollector(Collector):
         lf = GaugeMetricFamily(
             "embps_table_load_factor", "Hash-map keys per bucket.", labels=["table"]
         )
+        cap_bytes = GaugeMetricFamily(
+            "embps_table_max_bytes", "Byte cap of the table (0: none).", labels=["table"]
+        )
+        refused = CounterMetricFamily(
+            "embps_capacity_refusals",
+            "Keys refused an own row at max_rows / max_bytes (refused pulls, skipped promotions).",
+            labels=["table"],
+        )
         counters = {
             "pulled_rows": CounterMetricFamily(
                 "embps_rows_pulled", "Keys served by pulls.", labels=["table"]
@@ -103,9 +125,31 @@ class TableCollector(Collector):
             nbytes.add_metric([s.name, "static"], s.static_bytes)
             cap.add_metric([s.name], t.config.max_rows)
             lf.add_metric([s.name], s.load_factor)
+            cap_bytes.add_metric([s.name], t.config.max_bytes)
+            refused.add_metric([s.name], t.capacity_refusals)
             for field, fam in counters.items():
                 fam.add_metric([s.name], getattr(s, field))
-        yield from (keys, rows, nbytes, cap, lf, *counters.values())
+        yield from (keys, rows, nbytes, cap, lf, cap_bytes, refused, *counters.values())
+
+
+_CGROUP_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),  # cgroup v1
+)
+
+
+def memory_limit_bytes() -> float:
+    """The memory limit of this process's cgroup (a container's limit) in bytes; 0 when
+    there is none ("max", the v1 "unlimited" value near 2**63, or no cgroup file)."""
+    for path in _CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if not text.isdigit() or int(text) >= 1 << 60:
+            return 0.0
+        return float(int(text))
+    return 0.0
 
 
 class ShardMetrics:
@@ -151,6 +195,14 @@ class ShardMetrics:
         )
         info.labels(str(shard), str(num_shards)).set(1)
         r.register(TableCollector(tables))
+        ProcessCollector(registry=r)  # resident memory, CPU seconds, open fds, start time
+        PlatformCollector(registry=r)  # python_info
+        limit = Gauge(
+            "embps_memory_limit_bytes",
+            "Memory limit of the shard's cgroup (the container's limit; 0: none).",
+            registry=r,
+        )
+        limit.set_function(memory_limit_bytes)
 
     def observe(self, method: str, table: str, code: str, seconds: float) -> None:
         """Count one RPC and its latency."""

@@ -372,3 +372,152 @@ def test_export_round_trip_and_refusals(tmp_path: Path, rng: np.random.Generator
     (tmp_path / "out" / "dyn_sgd" / "values.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(ExportFormatError, match=r"values\.npy"):
         ExportedModel(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------
+# Streamed writes (copy and write overlap), chunked CRC, the adopting restore
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks and the streaming threshold scaled down, so small arrays take the big-array paths."""
+    import embps.server.checkpoint as ck_mod
+
+    monkeypatch.setattr(ck_mod, "_CHUNK", 1 << 14)
+    monkeypatch.setattr(ck_mod, "_READ_CHUNK", 1 << 14)
+    monkeypatch.setattr(ck_mod, "_STREAM_MIN_BYTES", 1 << 12)
+    monkeypatch.setattr(ck_mod, "_INLINE_CRC_BYTES", 1 << 10)  # CRC on the worker thread
+
+
+def test_chunked_crc_finds_a_flipped_byte_in_the_middle_of_a_large_file(
+    tmp_path: Path, small_chunks: None
+) -> None:
+    arr = np.random.default_rng(SEED).standard_normal((5000, 16)).astype(np.float32)  # 20 chunks
+    p = tmp_path / "v.npy"
+    crc = write_array(p, arr)
+    np.testing.assert_array_equal(read_array(p, crc), arr)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2 + 3] ^= 0x40  # inside a middle chunk, not on a boundary
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{p}.*corrupt"):
+        read_array(p, crc)
+
+
+def test_streamed_checkpoint_is_one_moment_while_pushes_continue(
+    tmp_path: Path, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every push adds 1 to every row (SGD, lr 1, grad -1): a consistent snapshot shows the
+    same number of pushes in every row, although the files are written after the lock is
+    released, while the pusher goes on."""
+    import threading
+
+    import embps.server.checkpoint as ck_mod
+
+    n, dim = 20_000, 8
+    cfg = TableConfig.from_dict(
+        {"name": "t", "dim": dim, "optimizer": {"name": "sgd", "lr": 1.0}, "initial_capacity": n}
+    )
+    table = make_table(cfg)
+    keys = np.arange(n, dtype=np.int64) * 13
+    table.pull(keys)
+    before = canon(table)[0]
+    whole: list[str] = []  # files written by write_array, after the snapshot (not streamed)
+    real = ck_mod.write_array
+
+    def recording(path: Path, arr: np.ndarray) -> str:
+        whole.append(path.name)
+        return real(path, arr)
+
+    monkeypatch.setattr(ck_mod, "write_array", recording)
+    grads = -np.ones((n, dim), dtype=np.float32)
+    stop = threading.Event()
+    pushes = [0]
+
+    def pusher() -> None:
+        while not stop.is_set() and pushes[0] < 5000:
+            table.push(keys, grads, step=pushes[0])
+            pushes[0] += 1
+
+    thread = threading.Thread(target=pusher)
+    thread.start()
+    try:
+        while pushes[0] < 2:
+            thread.join(0.01)
+        ck = Checkpointer(tmp_path, 0, 1, lambda: [table])
+        ck.checkpoint(1)
+        at_checkpoint = pushes[0]
+        ck.checkpoint(2)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert "dynamic.values.npy" not in whole and "dynamic.version.npy" not in whole  # streamed
+    assert pushes[0] > at_checkpoint  # pushes went on between and after the checkpoints
+    for step in (1, 2):
+        restored, _ = restore_tables(tmp_path, step, 0, 1)
+        after = canon(restored[0])[0]
+        np.testing.assert_array_equal(after["dynamic.keys"], before["dynamic.keys"])
+        added = after["dynamic.values"] - before["dynamic.values"]
+        count = float(np.round(added[0, 0]))
+        assert count >= 2
+        np.testing.assert_allclose(added, count, atol=1e-3 * count)  # every row, one moment
+        assert len(set(after["dynamic.version"].tolist())) == 1
+        assert len(set(after["dynamic.last_step"].tolist())) == 1
+
+
+def test_a_failed_streamed_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    """A real write failure in the middle of a streamed file (the file-size limit: EFBIG)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import resource, signal, sys
+        import numpy as np
+        from embps.protos.config import TableConfig
+        from embps.server.checkpoint import Checkpointer
+        from embps.server.tables import make_table
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        cfg = TableConfig.from_dict({"name": "t", "dim": 64, "initial_capacity": 40000})
+        t = make_table(cfg)
+        t.pull(np.arange(20000, dtype=np.int64))
+        ck = Checkpointer(sys.argv[1], 0, 1, lambda: [t])
+        ck.checkpoint(1)
+        t.pull(np.arange(20000, 40000, dtype=np.int64))  # values: 10 MB, streamed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6 << 20, 6 << 20))
+        try:
+            ck.checkpoint(2)
+        except OSError as e:
+            print("failed", e.errno, e.filename)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("failed 27 ") and "dynamic.values.npy" in done.stdout  # EFBIG
+    assert latest_step(tmp_path) == 1
+    assert not (tmp_path / "2").exists() or list((tmp_path / "2").iterdir()) == []
+    restored, _ = restore_tables(tmp_path, 1, 0, 1)
+    assert restored[0].stats().keys == 20000
+
+
+@pytest.mark.parametrize("initial_capacity", [100, 1024], ids=["buckets-reused", "new-buckets"])
+def test_adopting_load_refuses_duplicate_keys_and_changes_nothing(initial_capacity: int) -> None:
+    cfg = TableConfig.from_dict(
+        {"name": "dyn_sgd", "dim": DIM, "initial_capacity": initial_capacity}
+    )
+    src = make_table(cfg)
+    keys = np.arange(100, dtype=np.int64) * 7
+    src.pull(keys)
+    snap = src.snapshot()
+    snap.arrays["dynamic.keys"][50] = snap.arrays["dynamic.keys"][10]
+    table = make_table(cfg)
+    with pytest.raises(ValueError, match=r"dynamic\.keys of table 'dyn_sgd' has duplicate keys"):
+        table.load(snap, adopt=True)
+    assert table.stats().keys == 0 and table.part.size == 0  # type: ignore[attr-defined]
+    good = src.snapshot()
+    table.load(good, adopt=True)  # the same table takes a good snapshot afterwards
+    assert_same(src, table)
