@@ -24,7 +24,9 @@ as a single in-process table's would.
 
 Retries. ``pull`` and the table calls retry UNAVAILABLE (and CANCELLED, which a
 shard that is shutting down answers) with exponential backoff until
-``retry_deadline``; ``push`` is never retried: if a shard fails
+``retry_deadline``; ``push`` is retried only with a client id (push idempotency:
+each push carries (client_id, sequence) and a shard drops one it already applied,
+server/replay.py); without one, if a shard fails
 in a way that leaves the outcome unknown (or only some shards applied it),
 ``PushOutcomeUnknownError`` says which shards applied, refused or may have.
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +65,7 @@ from embps.v1 import embps_pb2_grpc as pb_grpc
 from .exceptions import (
     CancelledError,
     CheckpointFailedError,
+    DeadlineExceededError,
     EmbpsError,
     InconsistentShardsError,
     InvalidArgumentError,
@@ -70,10 +74,13 @@ from .exceptions import (
     UnavailableError,
     from_rpc_error,
 )
+from .security import TLSConfig, make_channel, warn_plaintext_token
 
 # Errors an idempotent call retries: the shard is unreachable, or it cancelled the call
 # while shutting down (the client itself never cancels a call).
 _RETRIABLE = (UnavailableError, CancelledError)
+# Errors after which a push's outcome is unknown; retried only with a client id (idempotent).
+_PUSH_RETRIABLE = (UnavailableError, CancelledError, DeadlineExceededError)
 # Same defaults as the server (embps.server.service); the client never imports the server.
 DEFAULT_MAX_KEYS_PER_REQUEST = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
@@ -94,10 +101,39 @@ _FINITE_MAX = {
 
 @dataclass(frozen=True)
 class PushResult:
-    """Summed over shards. applied: keys whose gradient reached a row; dropped: keys with no row."""
+    """Summed over shards. applied: keys whose gradient reached a row; dropped: keys with no row.
+
+    With push idempotency (``PSClient(client_id=...)``): replayed: keys of the requests a
+    shard had already applied (a retry of a push whose first answer was lost), and
+    replayed_shards those shards, ascending; their keys count in neither applied nor dropped.
+    """
 
     applied: int
     dropped: int
+    replayed: int = 0
+    replayed_shards: tuple[int, ...] = ()
+
+
+class _Sequencer:
+    """The push sequences of one client id (none: empty id, no idempotency). Thread-safe.
+
+    Starts at the clock in microseconds, so a client restarted with the same id
+    continues above every sequence it used before (shards refuse or drop old ones).
+    """
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self._next = max(1, time.time_ns() // 1000)
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> int:
+        """The first of ``count`` new consecutive sequences (0 without a client id)."""
+        if not self.client_id:
+            return 0
+        with self._lock:
+            first = self._next
+            self._next += count
+            return first
 
 
 @dataclass(frozen=True)
@@ -314,7 +350,18 @@ class PSClient:
     (keep it equal to the server's). dtype: wire dtype of pulled values and
     pushed gradients ("float32", "float16", "bfloat16"). retry_deadline:
     seconds within which pulls and table calls retry UNAVAILABLE and CANCELLED.
-    Thread-safe.
+    tls: None (plaintext), True (TLS, system CA roots) or a ``TLSConfig`` (own CA,
+    client certificate for mutual TLS, server name). token: bearer token sent on
+    every call (README "Security"); with tls=None it warns, as the token then
+    crosses the network in clear. wait_for_ready: a call to a shard that cannot be
+    reached (down, restarting, cut off) waits for it, up to the call's timeout, instead
+    of failing at once with UNAVAILABLE (gRPC's ``wait_for_ready``): a push sent while a
+    shard restarts is applied once it listens again, if that is within ``timeout``
+    (pulls and table calls also retry a restoring shard's UNAVAILABLE for at least
+    ``timeout``; a push is never retried). client_id: push idempotency (README "Push
+    idempotency"): pushes carry (client_id, sequence), shards drop copies they already
+    applied, and a push whose outcome is unknown is retried until ``retry_deadline``;
+    idempotent_push=True picks a uuid4 client id. Thread-safe.
     """
 
     def __init__(
@@ -328,6 +375,11 @@ class PSClient:
         dtype: str = "float32",
         retry_deadline: float = 30.0,
         num_shards: int | None = None,
+        tls: bool | TLSConfig | None = None,
+        token: str | None = None,
+        wait_for_ready: bool = False,
+        client_id: str | None = None,
+        idempotent_push: bool = False,
     ) -> None:
         if isinstance(addresses, str) and "{i}" in addresses:
             if num_shards is None:
@@ -350,12 +402,15 @@ class PSClient:
         self.max_message_bytes = max_message_bytes
         self.dtype = codec.dtype_from_name(dtype)
         self.retry_deadline = retry_deadline
+        self.wait_for_ready = bool(wait_for_ready)
+        self._pushes = _Sequencer(client_id or (uuid.uuid4().hex if idempotent_push else ""))
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             *(grpc_options or ()),
         ]
-        self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
+        warn_plaintext_token(tls, token)
+        self._channels = [make_channel(a, options, tls, token) for a in self.addresses]
         self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
         # Pull answers and push requests as raw bytes (codec reads and writes them)
         self._raw: dict[str, list[Any]] = {
@@ -477,6 +532,41 @@ class PSClient:
             out.append(ShardStats(r.shard_id, r.num_shards, self.addresses[s], tables))
         return out
 
+    def frequencies(self, table: str, keys: Any) -> np.ndarray:
+        """Training sightings of ``keys``: int64 (n,), in the keys' order (n = keys.size).
+
+        Per key: its row's own count where it has a dynamic row, else the table's
+        count-min sketch estimate (adaptive tables, dynamic tables with admission),
+        else 0 (static and qr tables keep no counts). Read only; retried like a pull.
+        """
+        k = _as_keys(keys)
+        n = k.shape[0]
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        plan = _plan(k, self.num_shards)
+        jobs: list[tuple[int, pb.FrequenciesRequest]] = []
+        spans: list[tuple[int, int]] = []
+        for s in range(self.num_shards):
+            for a, b in _slices(plan.bounds[s], plan.bounds[s + 1], self._chunk_keys(16)):
+                if a == b:
+                    continue
+                req = pb.FrequenciesRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
+                                            num_shards=self.num_shards)  # fmt: skip
+                jobs.append((s, req))
+                spans.append((a, b))
+        counts = np.empty(plan.keys.shape[0], dtype=np.int64)
+        resps = self._call_all("Frequencies", jobs)
+        for (s, _req), (a, b), r in zip(jobs, spans, resps, strict=True):
+            try:
+                counts[a:b] = codec.decode_keys(r.counts)
+            except (codec.CodecError, ValueError) as e:
+                raise EmbpsError(
+                    f"malformed frequencies response ({b - a} keys asked): {e}",
+                    shard=s,
+                    address=self.addresses[s],
+                ) from None
+        return counts if plan.same else counts[plan.where]
+
     # ---------------------------------------------------------------- durability
     def checkpoint(
         self, step: int, incremental: bool | None = None, timeout: float | None = 600.0
@@ -506,7 +596,11 @@ class PSClient:
         errors: dict[int, EmbpsError] = {}
         pending = list(range(self.num_shards))
         while True:
-            futs = [(s, self._stubs[s].Checkpoint.future(req, timeout=timeout)) for s in pending]
+            futs = [
+                (s, self._stubs[s].Checkpoint.future(
+                    req, timeout=timeout, wait_for_ready=self.wait_for_ready))
+                for s in pending
+            ]  # fmt: skip
             errors = {}
             for s, f in futs:
                 try:
@@ -611,7 +705,12 @@ class PSClient:
 
         Duplicate keys' gradients are summed. step: the trainer's 0-based global
         step (Adam's bias correction, LRU and steps-to-live stamps); None: each
-        shard's own push counter. Never retried; see PushOutcomeUnknownError.
+        shard's own push counter. Without a client id never retried (see
+        PushOutcomeUnknownError); with one (``PSClient(client_id=...)`` or
+        ``idempotent_push=True``) each request wave carries the client's next sequence, and
+        a request whose outcome is unknown (UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED) is
+        sent again with the same sequence until ``retry_deadline``: a shard that had
+        applied it drops the copy (``PushResult.replayed``).
         """
         karr = np.asarray(keys)
         k = _as_keys(karr)
@@ -636,42 +735,59 @@ class PSClient:
                     f"table {table!r}: gradients contain NaN or Inf (or exceed the range of the "
                     "wire dtype after summing duplicates); nothing was sent"
                 )
-        waves: list[list[tuple[int, bytes]]] = []  # PushRequest bytes
         wire = codec.wire_values(ug, self.dtype)  # float32: ug itself
         chunk = self._chunk_keys(8 + g.shape[1] * codec.ITEMSIZE[self.dtype])
-        for s in range(self.num_shards):  # every shard, even without keys: one step each
-            pieces = _slices(plan.bounds[s], plan.bounds[s + 1], chunk)
-            if len(pieces) > 1 and step is None:
+        # every shard, even without keys: one step each
+        pieces = [
+            _slices(plan.bounds[s], plan.bounds[s + 1], chunk) for s in range(self.num_shards)
+        ]
+        for s, p in enumerate(pieces):
+            if len(p) > 1 and step is None:
                 warnings.warn(
-                    f"push to table {table!r} is split into {len(pieces)} requests on shard {s}: "
+                    f"push to table {table!r} is split into {len(p)} requests on shard {s}: "
                     "without step= each advances the table's push counter; pass step=",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            for w, (a, b) in enumerate(pieces):
+        cid = self._pushes.client_id
+        first_seq = self._pushes.take(max(len(p) for p in pieces))  # one sequence per wave
+        waves: list[list[tuple[int, bytes]]] = []  # PushRequest bytes
+        sizes: list[list[int]] = []  # keys per request
+        for s, p in enumerate(pieces):
+            for w, (a, b) in enumerate(p):
                 req = codec.encode_push_request(table, plan.keys[a:b], wire[a:b], self.dtype,
-                                                self.num_shards, step)  # fmt: skip
+                                                self.num_shards, step, cid,
+                                                first_seq + w if cid else 0)  # fmt: skip
                 if w == len(waves):
                     waves.append([])
+                    sizes.append([])
                 waves[w].append((s, req))
-        applied = dropped = 0
+                sizes[w].append(b - a)
+        applied = dropped = replayed = 0
         done: list[int] = []
-        for wave in waves:
-            outcomes = self._call_outcomes("Push", wave)
+        replayed_shards: set[int] = set()
+        deadline = time.monotonic() + self.retry_deadline
+        for wave, wave_sizes in zip(waves, sizes, strict=True):
+            outcomes, unsure = self._push_wave(wave, deadline if cid else None)
             errors = [e for e in outcomes if isinstance(e, EmbpsError)]
-            ok = [
-                (s, r) for (s, _), r in zip(wave, outcomes, strict=True)
-                if not isinstance(r, EmbpsError)
-            ]  # fmt: skip
-            done += [s for s, _ in ok]
-            for _, r in ok:
+            for (s, _), size, r in zip(wave, wave_sizes, outcomes, strict=True):
+                if isinstance(r, EmbpsError):
+                    continue
+                done.append(s)
+                if r.replayed:
+                    replayed += size
+                    replayed_shards.add(s)
                 applied += r.applied
                 dropped += r.dropped
             if errors:
-                rejected = sorted({e.shard for e in errors if e.rejected and e.shard is not None})
+                rejected = sorted(
+                    {e.shard for e in errors
+                     if e.shard is not None and e.rejected and e.shard not in unsure}
+                )  # fmt: skip
                 unknown = sorted(
-                    {e.shard for e in errors if not e.rejected and e.shard is not None}
-                )
+                    {e.shard for e in errors
+                     if e.shard is not None and (not e.rejected or e.shard in unsure)}
+                )  # fmt: skip
                 if not done and not unknown:
                     raise errors[0]  # refused everywhere it was sent: nothing changed
                 raise PushOutcomeUnknownError(
@@ -683,7 +799,39 @@ class PSClient:
                     unknown=unknown,
                     errors=errors,
                 )
-        return PushResult(applied=applied, dropped=dropped)
+        return PushResult(applied, dropped, replayed, tuple(sorted(replayed_shards)))
+
+    def _push_wave(
+        self, wave: list[tuple[int, bytes]], deadline: float | None
+    ) -> tuple[list[Any], set[int]]:
+        """Send one wave of pushes; (per request its PushResponse or EmbpsError, the shards
+        whose outcome was unknown at some attempt).
+
+        deadline None: no retries (no client id). Else a request whose outcome is
+        unknown (UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED, not refused) is sent
+        again, the same bytes (the same sequence: a shard that applied it answers
+        ``replayed``), with backoff, until ``deadline``.
+        """
+        outcomes = self._call_outcomes("Push", wave)
+        unsure: set[int] = set()
+        backoff = _BACKOFF_FIRST_S
+        while deadline is not None:
+            again = [
+                i for i, r in enumerate(outcomes)
+                if isinstance(r, _PUSH_RETRIABLE) and not r.rejected
+            ]  # fmt: skip
+            if not again:
+                break
+            unsure.update(wave[i][0] for i in again)
+            sleep = backoff * (0.5 + random.random() / 2)
+            if time.monotonic() + sleep > deadline:
+                break
+            time.sleep(sleep)
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+            retried = self._call_outcomes("Push", [wave[i] for i in again])
+            for i, r in zip(again, retried, strict=True):
+                outcomes[i] = r
+        return outcomes, unsure
 
     # ---------------------------------------------------------------- helpers
     def _chunk_keys(self, bytes_per_key: int) -> int:
@@ -721,10 +869,16 @@ class PSClient:
         if len(jobs) == 1:  # in this thread: a future would start a thread to wait on it
             ((s, req),) = jobs
             try:
-                return [self._callable(method, s)(req, timeout=self.timeout)]
+                call = self._callable(method, s)
+                return [call(req, timeout=self.timeout, wait_for_ready=self.wait_for_ready)]
             except grpc.RpcError as e:
                 return [from_rpc_error(e, s, self.addresses[s])]
-        futs = [self._callable(method, s).future(req, timeout=self.timeout) for s, req in jobs]
+        futs = [
+            self._callable(method, s).future(
+                req, timeout=self.timeout, wait_for_ready=self.wait_for_ready
+            )
+            for s, req in jobs
+        ]
         out: list[Any] = []
         for (s, _), f in zip(jobs, futs, strict=True):
             try:
@@ -737,9 +891,11 @@ class PSClient:
         """Responses of every job (in order); raises the first error.
 
         retry: resend the jobs that failed with UNAVAILABLE or CANCELLED, with
-        exponential backoff and jitter, until ``retry_deadline``.
+        exponential backoff and jitter, until ``retry_deadline`` (with ``wait_for_ready``,
+        at least ``timeout``: a shard that is back but still restoring is waited for too).
         """
-        deadline = time.monotonic() + self.retry_deadline
+        budget = max(self.retry_deadline, self.timeout if self.wait_for_ready else 0.0)
+        deadline = time.monotonic() + budget
         results: list[Any] = [None] * len(jobs)
         pending = list(range(len(jobs)))
         backoff = _BACKOFF_FIRST_S

@@ -44,6 +44,7 @@ from embps.protos.routing import shard_of
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
 
+from .auth import AuthInterceptor, Authorizer, load_token_file, server_credentials
 from .checkpoint import (
     CheckpointConflict,
     Checkpointer,
@@ -65,6 +66,8 @@ from .errors import (
     Unavailable,
 )
 from .metrics import ShardMetrics
+from .replay import ReplayGuard
+from .tables import PushResult
 
 log = logging.getLogger("embps.server")
 
@@ -114,6 +117,10 @@ class ShardConfig:
     checkpoint_incremental: int = 0  # K >= 2: every K-th checkpoint full, others incremental
     checkpoint_on_exit: bool | None = None  # after draining on stop (None: on with a dir)
     restore: str | None = None  # at start: "latest" (in checkpoint_dir) or a <dir>/<step> path
+    tls_cert: str | None = None  # PEM server certificate: serve TLS only (with tls_key)
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA: mutual TLS, clients need a cert it signed
+    auth_token_file: str | None = None  # bearer tokens with permissions (server/auth.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))
@@ -170,6 +177,16 @@ class ShardConfig:
                 )
         if self.restore is not None and not self.restore:
             raise ValueError("restore must be 'latest' or a checkpoint path <dir>/<step>")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("cert", "key") if self.tls_cert else ("key", "cert")
+            raise ValueError(
+                f"--tls-{given} needs --tls-{missing}: TLS needs the certificate and its key"
+            )
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(
+                "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: clients can only "
+                "present certificates over TLS"
+            )
 
     @property
     def exit_checkpoint(self) -> bool:
@@ -244,6 +261,45 @@ class ServingGate:
         return None if r is None else r()
 
 
+class _Undecodable:
+    """Stands for request bytes that do not parse as the method's message (see ``_lenient``)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = f"{type(error).__name__}: {error}"
+
+
+def _lenient(
+    deserialize: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    """The method's request parser, returning ``_Undecodable`` instead of raising.
+
+    grpc answers a parser exception with INTERNAL ("Exception deserializing
+    request!"); a malformed message is the client's mistake, so the
+    interceptor answers it with INVALID_ARGUMENT instead.
+    """
+    if deserialize is None:
+        return None
+    parse = deserialize
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:
+            return _Undecodable(e)
+
+    return lenient
+
+
+MAX_DETAILS_CHARS = 2048  # status details travel in a header: keep them well under 8 KiB
+
+
+def _clip(message: str) -> str:
+    """``message`` cut to MAX_DETAILS_CHARS (a request may echo megabytes of a bad name)."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return f"{message[: MAX_DETAILS_CHARS - 40]}... ({len(message)} characters in all)"
+
+
 class CheckpointFailed(EmbpsServerError):
     """A checkpoint could not be written (the shard keeps serving; the previous one is intact)."""
 
@@ -286,7 +342,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             return handler
         return grpc.unary_unary_rpc_method_handler(
             self._wrap(method_path[len(_METHOD_PREFIX) :], handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -300,18 +356,25 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 closed = self._gate.reason() if self._gate is not None else None
                 if closed is not None:
                     raise Unavailable(closed)
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(
+                        f"the request is not a valid {method} request message ({request.error}); "
+                        "build it with the embps.v1 generated code"
+                    )
                 return behavior(request, context)
             except EmbpsServerError as e:
                 code = e.code.name
                 context.set_trailing_metadata(((OUTCOME_KEY, OUTCOME_REJECTED),))
-                context.abort(e.code, str(e))
+                context.abort(e.code, _clip(str(e)))
             except Exception as e:
                 code = "INTERNAL"
                 log.exception("shard %d: %s failed unexpectedly", self._shard_id, method)
                 context.abort(
                     grpc.StatusCode.INTERNAL,
-                    f"shard {self._shard_id}: {method} failed with {type(e).__name__}: {e}; "
-                    "this is a bug, the shard's log has the traceback",
+                    _clip(
+                        f"shard {self._shard_id}: {method} failed with {type(e).__name__}: {e}; "
+                        "this is a bug, the shard's log has the traceback"
+                    ),
                 )
             finally:
                 if self._metrics is not None:
@@ -351,10 +414,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.engine = engine
         self.config = config
         self.checkpointer = checkpointer
+        self.replay = ReplayGuard()  # push idempotency (client_id, sequence), server/replay.py
 
     # ---------------------------------------------------------------- data
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PullResponse:
-        """Rows of ``keys`` in the requested dtype: values (n, dim) as bytes."""
+    # Pull answers and Push requests skip protobuf objects (the rows are copied once, or not
+    # at all): register the servicer with ``add_servicer_to_server``, which wires the
+    # matching (de)serializers.
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
+        """Rows of ``keys`` in the requested dtype: the bytes of a ``PullResponse`` whose
+        values are (n, dim) in the wire dtype (``codec.encode_pull_response``)."""
         self._check_shards(request.num_shards)
         table = self.engine.table(request.table)
         keys = self._keys(request.keys)
@@ -364,12 +432,19 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         except codec.CodecError as e:
             raise InvalidArgument(f"table {request.table!r}: {e}") from None
         values = table.pull(keys, train=request.train, mask=mask)
-        return pb.PullResponse(
-            values=codec.encode_values(values, dtype), dim=table.dim, dtype=dtype
-        )
+        return codec.encode_pull_response(codec.wire_values(values, dtype), table.dim, dtype)
 
-    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
-        """Apply gradients (n, dim) to the rows of ``keys``; counts applied and dropped keys."""
+    def Push(
+        self, request: codec.PushRequestView | codec.CodecError, context: grpc.ServicerContext
+    ) -> pb.PushResponse:
+        """Apply gradients (n, dim) to the rows of ``keys``; counts applied and dropped keys.
+
+        request: read in place by ``_push_request`` (a CodecError if malformed). With a
+        ``client_id``, a (client_id, sequence) pair already applied is dropped:
+        ``replayed=true``, nothing changes (``ReplayGuard``).
+        """
+        if isinstance(request, codec.CodecError):
+            raise InvalidArgument(f"{request}; send a PushRequest as embps.v1 defines it")
         self._check_shards(request.num_shards)
         table = self.engine.table(request.table)
         keys = self._keys(request.keys)
@@ -386,8 +461,18 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 "send one gradient row of the table's dim per key"
             )
         grads = codec.decode_values(request.grads, dtype, n, table.dim)
-        step = request.step if request.HasField("step") else None
-        res = table.push(keys, grads, step=step)
+        ReplayGuard.check(request.client_id, request.sequence)
+        res: PushResult | None
+        if not request.client_id:
+            res = table.push(keys, grads, step=request.step)
+        else:
+            res = self.replay.apply_once(
+                request.client_id,
+                request.sequence,
+                lambda: table.push(keys, grads, step=request.step),
+            )
+            if res is None:
+                return pb.PushResponse(replayed=True)
         return pb.PushResponse(applied=res.applied, dropped=res.dropped)
 
     # ---------------------------------------------------------------- tables
@@ -468,13 +553,28 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         except OSError as e:
             if is_disk_full(e):
                 raise ResourceExhausted(
-                    f"{where}: {e}; free disk space or delete old checkpoints "
+                    f"{where}: {e.strerror} writing {e.filename or 'the checkpoint'}; free disk "
+                    "space (delete old checkpoints) or point --checkpoint-dir at a larger disk "
                     "(the previous checkpoint is intact)"
                 ) from None
             raise CheckpointFailed(f"{where}: {e} (the previous checkpoint is intact)") from None
         except (CheckpointError, ValueError) as e:
             raise CheckpointFailed(f"{where}: {e} (the previous checkpoint is intact)") from None
         return _checkpoint_response(res)
+
+    # ---------------------------------------------------------------- statistics
+    def Frequencies(
+        self, request: pb.FrequenciesRequest, context: grpc.ServicerContext
+    ) -> pb.FrequenciesResponse:
+        """Training sightings of ``keys`` (int64 (n,) as bytes), one per key in order.
+
+        The row's own count for keys with a dynamic row, else the table's
+        frequency sketch estimate (0 for a table without one). Read only.
+        """
+        self._check_shards(request.num_shards)
+        table = self.engine.table(request.table)
+        keys = self._keys(request.keys)
+        return pb.FrequenciesResponse(counts=codec.encode_keys(table.frequencies(keys)))
 
     # ---------------------------------------------------------------- checks
     def _check_shards(self, num_shards: int) -> None:
@@ -552,6 +652,54 @@ def _dtype(dtype: int) -> int:
     return dtype
 
 
+def _push_request(data: bytes) -> codec.PushRequestView | codec.CodecError:
+    """Request deserializer of Push: keys and grads read in place; a malformed message
+    becomes its CodecError (answered INVALID_ARGUMENT by ``Push``, not INTERNAL)."""
+    try:
+        return codec.decode_push_request(data)
+    except codec.CodecError as e:
+        return e
+
+
+def _as_is(data: bytes) -> bytes:
+    """Response serializer of Pull: the servicer already returns the message's bytes."""
+    return data
+
+
+class _Handlers:
+    """Stands in for a grpc.Server to catch the generated registration's method handlers."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, methods: dict) -> None:
+        self.methods = dict(methods)
+
+
+def add_servicer_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like ``add_ParameterServerServicer_to_server``, every method
+    the generated code knows, with Pull answering raw bytes and Push reading its
+    request in place (``codec.encode_pull_response``, ``codec.decode_push_request``)."""
+    caught = _Handlers()
+    pb_grpc.add_ParameterServerServicer_to_server(servicer, caught)
+    methods = caught.methods
+    methods["Pull"] = grpc.unary_unary_rpc_method_handler(
+        servicer.Pull,
+        request_deserializer=pb.PullRequest.FromString,
+        response_serializer=_as_is,
+    )
+    methods["Push"] = grpc.unary_unary_rpc_method_handler(
+        servicer.Push,
+        request_deserializer=_push_request,
+        response_serializer=pb.PushResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
+    server.add_registered_method_handlers(SERVICE_NAME, methods)
+
+
 # --------------------------------------------------------------------------
 # The shard server (factory)
 # --------------------------------------------------------------------------
@@ -592,6 +740,7 @@ class ShardServer:
         self.restored = threading.Event()  # set once serving (restore finished or not needed)
         self.restore_error: str | None = None  # why the restore failed (the shard must exit)
         self.restore_summary: dict | None = None
+        self.authorizer: Authorizer | None = None  # bearer tokens (reload() on SIGHUP)
         self.on_restore_progress: Callable[[float], None] | None = None  # observer (tests)
         self._restore_from = ""
         self._restore_ratio = 0.0
@@ -754,8 +903,18 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
     ``config.restore``), its port bound, its checkpointer set up (with ``checkpoint_dir``).
 
     engine: an existing engine to serve (tests); None: a new one.
-    Raises ValueError for a bad table config, OSError if the port cannot be bound.
+    Raises ValueError for a bad table config, certificate or token file (the message names
+    the file), OSError if the port cannot be bound. With ``config.tls_cert`` the port
+    serves TLS only (mutual TLS with ``tls_client_ca``); with ``auth_token_file`` every
+    call but health needs a bearer token (server/auth.py).
     """
+    # security first: a bad certificate or token file stops the shard before any work
+    creds = None
+    if config.tls_cert and config.tls_key:
+        creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    authorizer = None
+    if config.auth_token_file:
+        authorizer = Authorizer(load_token_file(config.auth_token_file))
     engine = Engine() if engine is None else engine
     if not config.restore:
         for cfg in config.tables:
@@ -781,12 +940,14 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         futures.ThreadPoolExecutor(
             max_workers=config.max_workers, thread_name_prefix=f"embps-shard{config.shard_id}"
         ),
-        interceptors=[ErrorInterceptor(engine, metrics, config.shard_id, gate)],
+        # AuthInterceptor runs inside ErrorInterceptor: refusals are counted and answered there
+        interceptors=[
+            ErrorInterceptor(engine, metrics, config.shard_id, gate),
+            *([AuthInterceptor(authorizer)] if authorizer is not None else []),
+        ],
         options=options,
     )
-    pb_grpc.add_ParameterServerServicer_to_server(
-        ParameterServerServicer(engine, config, checkpointer), server
-    )
+    add_servicer_to_server(ParameterServerServicer(engine, config, checkpointer), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -798,9 +959,14 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
     )
     try:
-        port = server.add_insecure_port(target)
+        if creds is not None:
+            port = server.add_secure_port(target, creds)
+        else:
+            port = server.add_insecure_port(target)
     except RuntimeError as e:
         raise OSError(f"cannot listen on {target}: {e} (port in use?)") from None
     if port == 0:
         raise OSError(f"cannot listen on {target} (port in use?)")
-    return ShardServer(config, engine, server, port, health_servicer, metrics, gate, checkpointer)
+    shard = ShardServer(config, engine, server, port, health_servicer, metrics, gate, checkpointer)
+    shard.authorizer = authorizer
+    return shard

@@ -22,11 +22,18 @@ stamp rows with it (LRU, steps-to-live). Adam's bias correction uses t = s + 1.
 
 Memory. ``stats().bytes`` is the sum of ``nbytes`` of every array the table
 owns (index, arena, slots, metadata, free list, sketch): exact, not estimated.
+``max_bytes`` bounds it: ``row_limit`` turns the cap into a row count whose
+worst-case arrays fit, growth stops at that count (the last arena step is
+clipped), and at the limit a new key evicts (lfu/lru) or its batch is refused
+(RESOURCE_EXHAUSTED, nothing changed); an adaptive table under max_bytes
+skips the promotion instead, and the key keeps training its static row.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -115,6 +122,9 @@ class TableStats:
 
 
 BLOCK_FIELDS = ("values", "slots", "freq", "last_step", "version")
+
+# copy(name, src, rows) -> a private copy of src[rows] (all of src when rows is None)
+CopyRows = Callable[[str, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
 @dataclass
@@ -245,16 +255,50 @@ class Block:
         self.version[rows] = 0
 
 
+def row_limit(config: TableConfig) -> int | None:
+    """Most own (dynamic) rows a table of ``config`` may hold; None: unbounded.
+
+    min(max_rows, the rows that fit in max_bytes). Under max_bytes a row costs
+    its arena row (values, slots, metadata: ``config.row_bytes``), its
+    ``row_keys`` entry, and one entry each in the free list and the deletion log
+    (8 bytes each: both may hold every row), plus the buckets: the power of two
+    ``capacity_for(rows)``, 16 bytes each. No array grows past what this count
+    allows, so ``stats().bytes <= max_bytes`` at every moment (the fixed parts,
+    ``config.fixed_bytes``, are checked to fit when the config is made).
+    """
+    limit = config.max_rows or None
+    if not config.max_bytes or config.kind not in (TableKind.DYNAMIC, TableKind.ADAPTIVE):
+        return limit
+    meta = hm.META_LEN * 8
+    other = config.fixed_bytes - meta - 16 * hm.MIN_CAPACITY  # static part, sketch
+    per_row = config.row_bytes + 3 * 8
+
+    def total(rows: int) -> int:
+        return other + meta + rows * per_row + 16 * hm.capacity_for(rows)
+
+    lo, hi = 0, max(0, (config.max_bytes - other - meta) // per_row)
+    while lo < hi:  # total() grows with rows; total(0) == fixed_bytes <= max_bytes
+        mid = (lo + hi + 1) // 2
+        if total(mid) <= config.max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if limit is None else min(limit, lo)
+
+
 class DynamicPart:
     """Hash map int64 key -> row of a growable Block, with a free list.
 
-    The arena grows by ROW_GROWTH (never past ``max_rows`` when set); buckets
-    double before the load factor passes hashmap.MAX_LOAD.
+    The arena grows by ROW_GROWTH, the last step clipped to ``max_rows`` (the
+    table's ``row_limit``; None: unbounded); buckets double before the load
+    factor passes hashmap.MAX_LOAD; the free list never outgrows the arena.
     """
 
-    def __init__(self, dim: int, n_slots: int, initial_capacity: int, max_rows: int = 0) -> None:
+    def __init__(
+        self, dim: int, n_slots: int, initial_capacity: int, max_rows: int | None = None
+    ) -> None:
         row_cap = max(int(initial_capacity), 16)
-        if max_rows:
+        if max_rows is not None:
             row_cap = min(row_cap, max_rows)
         self.max_rows = max_rows
         self.block = Block(row_cap, dim, n_slots)
@@ -321,9 +365,10 @@ class DynamicPart:
 
     def erase_keys(self, keys: np.ndarray) -> np.ndarray:
         """Delete keys; their rows go to the free list. Returns the freed rows (-1: absent)."""
-        need = int(self.meta[hm.M_FREE_TOP]) + keys.shape[0]
+        # Every row may be on the free list at once, never more: the arena bounds it.
+        need = min(int(self.meta[hm.M_FREE_TOP]) + keys.shape[0], self.block.rows)
         if self.free.shape[0] < need:
-            grown = np.empty(max(need, 2 * self.free.shape[0]), dtype=np.int64)
+            grown = np.empty(min(max(need, 2 * self.free.shape[0]), self.block.rows), np.int64)
             grown[: self.free.shape[0]] = self.free
             self.free = grown
         rows = np.empty(keys.shape[0], dtype=np.int64)
@@ -359,10 +404,10 @@ class DynamicPart:
     def _grow_rows(self, at_least: int) -> None:
         old = self.block.rows
         new = max(old + at_least, int(old * ROW_GROWTH))
-        if self.max_rows:
-            new = min(new, self.max_rows)
+        if self.max_rows is not None:
+            new = min(new, self.max_rows)  # a partial last step, up to the row limit
         if new <= old:
-            raise AssertionError("arena at max_rows: the table must evict before inserting")
+            raise AssertionError("arena at its row limit: the table must evict before inserting")
         self.block.resize(new)
         keys = np.full(new, hm.EMPTY, dtype=np.int64)
         keys[:old] = self.row_keys
@@ -391,24 +436,40 @@ class DynamicPart:
     def adopt_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
         """Become exactly these rows (this part must be empty): the arrays are taken, not copied.
 
-        keys: int64 (k,) distinct; fields_: BLOCK_FIELDS arrays of k rows. Row i holds keys[i].
+        keys: int64 (k,); fields_: BLOCK_FIELDS arrays of k rows. Row i holds keys[i]
+        (``keys`` itself becomes ``row_keys``). Raises ValueError("duplicate keys"),
+        the part unchanged, when a key repeats: the hash map is built aside first and
+        its insert finds the repeat, so no sort is needed to check the keys distinct.
         """
         assert self.size == 0, "adopt_rows needs an empty part"
         k = int(keys.shape[0])
         if k < 16:
+            if unique_keys(keys).shape[0] != k:
+                raise ValueError("duplicate keys")
             self.upsert_rows(keys, fields_)
             return
+        cap = hm.capacity_for(k)
+        # An empty part's buckets are all EMPTY: reuse them when they have the size needed
+        # (a table created with initial_capacity for its rows), sparing 16 bytes per bucket
+        # of fresh memory.
+        reuse = self.slots.shape[0] == 2 * cap
+        slots, meta = (self.slots if reuse else hm.new_slots(cap)), hm.new_meta(cap, k)
+        free = np.empty(0, dtype=np.int64)
+        rows = np.empty(k, dtype=np.int64)
+        inserted = np.zeros(k, dtype=np.bool_)
+        # k keys fit cap buckets and k rows: one call inserts all (a repeat takes no row).
+        done = hm.find_or_insert(slots, meta, free, keys, 0, rows, inserted)
+        if done != k or not inserted.all():
+            if reuse:  # back to empty buckets: the part is unchanged
+                slots[0::2] = hm.EMPTY
+                slots[1::2] = -1
+            raise ValueError("duplicate keys")
+        assert rows[0] == 0 and rows[-1] == k - 1, "the bump allocator hands out 0..k-1 in order"
         block = Block(0, self.block.dim, self.block.n_slots)
         for f in BLOCK_FIELDS:
             setattr(block, f, fields_[f])
-        self.block = block
-        self.row_keys = np.full(k, hm.EMPTY, dtype=np.int64)
-        cap = hm.capacity_for(k)
-        self.slots = hm.new_slots(cap)
-        self.meta = hm.new_meta(cap, k)
-        self.free = np.empty(0, dtype=np.int64)
-        rows, _ = self.insert(keys)  # the bump allocator hands out 0..k-1 in order
-        assert np.array_equal(rows, np.arange(k)), "adopted rows must keep their order"
+        self.block, self.slots, self.meta, self.free = block, slots, meta, free
+        self.row_keys = keys if _adoptable(keys) else keys.copy()
 
     def upsert_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
         """Set the rows of ``keys`` (int64 (k,), distinct) from ``fields_`` (BLOCK_FIELDS arrays)."""
@@ -498,6 +559,9 @@ class Table:
              "pushed_rows", "pulled_static", "pulled_dynamic"),
             0,
         )  # fmt: skip
+        # New own rows refused at the row limit (max_rows / max_bytes): keys of refused
+        # pulls, or adaptive promotions skipped. A process metric, not checkpointed.
+        self.capacity_refusals = 0
 
     # ---------------------------------------------------------------- API
     def pull(self, keys: object, train: bool = True, mask: object | None = None) -> np.ndarray:
@@ -572,6 +636,21 @@ class Table:
         with self._lock:
             return self._erase(k)
 
+    def frequencies(self, keys: object) -> np.ndarray:
+        """Training sightings of each key: int64 (n,), in the keys' order. Read only.
+
+        A key with an own (dynamic) row reads the row's count (``freq``: training
+        pulls of the key since its row was created, plus, in an adaptive table, the
+        sketch's count at promotion); any other key reads the table's count-min
+        sketch estimate (adaptive tables, dynamic tables with admission), never below
+        its true count of sightings; 0 where the table keeps no sketch (static and qr
+        tables, dynamic tables without admission: a key without a row was never
+        pulled for training, or its row was deleted).
+        """
+        k = as_keys(keys)
+        with self._lock:
+            return self._frequencies(k)
+
     def stats(self) -> TableStats:
         """Sizes and counters, taken under the lock."""
         with self._lock:
@@ -588,13 +667,18 @@ class Table:
             return self._sizes()[0]
 
     # ---------------------------------------------------------------- snapshots
-    def snapshot(self, since_version: int | None = None) -> Snapshot:
+    def snapshot(self, since_version: int | None = None, copy: CopyRows | None = None) -> Snapshot:
         """A consistent copy of the table, taken under its lock.
 
         since_version=None: everything. since_version=v: only rows changed
         after version v, plus the keys deleted after v (an increment to apply
         on top of a snapshot of version v).
+        copy: makes each array's private copy, ``copy(name, src, rows)`` ->
+        ``src[rows]`` (``src.copy()`` when rows is None), called under the lock;
+        the checkpoint writer passes one that streams each copied chunk to disk
+        while the rest is still being copied (default: ``copy_rows``).
         """
+        cp = copy_rows if copy is None else copy
         with self._lock:
             if since_version is not None and since_version < self._deleted_floor:
                 raise ValueError(
@@ -612,7 +696,7 @@ class Table:
                     arrays[f"{pname}.rows"] = rows
                 for f in BLOCK_FIELDS:
                     a = getattr(blk, f)
-                    arrays[f"{pname}.{f}"] = a.copy() if rows is None else a[rows]
+                    arrays[f"{pname}.{f}"] = cp(f"{pname}.{f}", a, rows)
             part: DynamicPart | None = getattr(self, "part", None)
             if part is not None:
                 live = part.live_rows()
@@ -621,20 +705,23 @@ class Table:
                 if live.shape[0] == int(part.meta[hm.M_NEXT_ROW]):
                     # Live rows are the dense prefix [0, k): slice copies, no gathers.
                     k = live.shape[0]
-                    keys = part.row_keys[:k].copy()
+                    keys = part.row_keys[:k]
                     sent = int(part.meta[hm.M_SENTINEL_ROW])
                     if sent >= 0:
+                        keys = keys.copy()
                         keys[sent] = hm.EMPTY
-                    arrays["dynamic.keys"] = keys
+                    arrays["dynamic.keys"] = cp("dynamic.keys", keys, None)
                     for f in BLOCK_FIELDS:
-                        arrays[f"dynamic.{f}"] = getattr(part.block, f)[:k].copy()
+                        arrays[f"dynamic.{f}"] = cp(
+                            f"dynamic.{f}", getattr(part.block, f)[:k], None
+                        )
                 else:
-                    arrays["dynamic.keys"] = part.keys_of(live)
+                    arrays["dynamic.keys"] = cp("dynamic.keys", part.keys_of(live), None)
                     for f in BLOCK_FIELDS:
-                        arrays[f"dynamic.{f}"] = getattr(part.block, f)[live]
+                        arrays[f"dynamic.{f}"] = cp(f"dynamic.{f}", getattr(part.block, f), live)
             sketch: FrequencySketch | None = getattr(self, "sketch", None)
             if sketch is not None:
-                arrays["sketch.counters"] = sketch.counters.copy()
+                arrays["sketch.counters"] = cp("sketch.counters", sketch.counters, None)
             if since_version is not None:
                 logged = [k for v, k in self._deleted if v > since_version]
                 deleted = np.concatenate(logged) if logged else np.empty(0, dtype=np.int64)
@@ -652,11 +739,28 @@ class Table:
         this table's config (a corrupt or foreign snapshot); nothing is
         changed in that case.
         """
-        self._check_snapshot(snap)
+        own = [a for n, a in snap.arrays.items() if n.startswith("dynamic.")]
+        adopt_own = adopt and "dynamic.keys" in snap.arrays and all(_adoptable(a) for a in own)
+        self._check_snapshot(snap, distinct=not adopt_own)  # else adopt_rows checks them
         with self._lock:
             part: DynamicPart | None = getattr(self, "part", None)
+            self._check_fits(snap)
             if snap.deleted is not None and part is not None and snap.deleted.shape[0]:
                 part.erase_keys(snap.deleted)
+            if part is not None and "dynamic.keys" in snap.arrays:
+                keys = snap.arrays["dynamic.keys"]
+                fields_ = {f: snap.arrays[f"dynamic.{f}"] for f in BLOCK_FIELDS}
+                if adopt_own and part.size == 0:
+                    try:
+                        part.adopt_rows(keys, fields_)  # first: a duplicate changes nothing
+                    except ValueError as e:
+                        raise ValueError(
+                            f"snapshot array dynamic.keys of table {self.name!r} has {e}"
+                        ) from None
+                else:
+                    if adopt_own:
+                        self._check_distinct(keys)
+                    part.upsert_rows(keys, fields_)
             for pname, blk in self._blocks().items():
                 if f"{pname}.values" not in snap.arrays:
                     continue
@@ -669,13 +773,6 @@ class Table:
                         getattr(blk, f)[...] = a
                     else:
                         getattr(blk, f)[rows] = a
-            if part is not None and "dynamic.keys" in snap.arrays:
-                keys = snap.arrays["dynamic.keys"]
-                fields_ = {f: snap.arrays[f"dynamic.{f}"] for f in BLOCK_FIELDS}
-                if adopt and part.size == 0 and all(_adoptable(a) for a in fields_.values()):
-                    part.adopt_rows(keys, fields_)
-                else:
-                    part.upsert_rows(keys, fields_)
             sketch: FrequencySketch | None = getattr(self, "sketch", None)
             if sketch is not None and "sketch.counters" in snap.arrays:
                 sketch.counters[...] = snap.arrays["sketch.counters"]
@@ -684,6 +781,24 @@ class Table:
             self.version = max(self.version, int(snap.state["version"]))
             for name in self.counters:
                 self.counters[name] = int(snap.state.get(name, 0))
+
+    def _check_fits(self, snap: Snapshot) -> None:
+        """ValueError (before any change) if ``snap`` would leave more own rows than ``row_limit``."""
+        limit: int | None = getattr(self, "row_limit", None)
+        part: DynamicPart | None = getattr(self, "part", None)
+        keys = snap.arrays.get("dynamic.keys")
+        if part is None or limit is None or keys is None:
+            return
+        present = part.find(keys) >= 0
+        size = part.size
+        if snap.deleted is not None and snap.deleted.shape[0]:  # erased before the upsert
+            size -= int((part.find(unique_keys(snap.deleted)) >= 0).sum())
+            present &= ~np.isin(keys, snap.deleted)
+        if size + int((~present).sum()) > limit:
+            raise ValueError(
+                f"table {self.name!r} would hold {size + int((~present).sum())} own rows, over its "
+                f"limit of {limit} (max_rows={self.config.max_rows}, max_bytes={self.config.max_bytes})"
+            )
 
     def trim_deleted(self, upto_version: int) -> None:
         """Forget deletions at or before ``upto_version`` (a checkpoint of it is durable)."""
@@ -694,8 +809,19 @@ class Table:
     def _log_bytes(self) -> int:
         return sum(int(k.nbytes) for _, k in self._deleted)
 
-    def _check_snapshot(self, snap: Snapshot) -> None:
-        """Every part present in ``snap`` must be complete and fit this table's shapes."""
+    def _check_distinct(self, keys: np.ndarray) -> None:
+        """ValueError if ``keys`` (a snapshot's ``dynamic.keys``) holds a key twice."""
+        if unique_keys(keys).shape[0] != keys.shape[0]:
+            raise ValueError(
+                f"snapshot array dynamic.keys of table {self.name!r} has duplicate keys"
+            )
+
+    def _check_snapshot(self, snap: Snapshot, distinct: bool = True) -> None:
+        """Every part present in ``snap`` must be complete and fit this table's shapes.
+
+        distinct=False leaves the check that ``dynamic.keys`` has no repeats to the caller
+        (``DynamicPart.adopt_rows`` finds them while it builds the hash map).
+        """
         if snap.config != self.config:
             raise ValueError(f"snapshot of table {snap.config.name!r} has a different config")
         parts: dict[str, Block] = dict(self._blocks())
@@ -738,10 +864,8 @@ class Table:
                         f"snapshot array {pname}.{f} of table {self.name!r} has shape {a.shape} "
                         f"dtype {a.dtype}; expected {(n, *want.shape[1:])} {want.dtype}"
                     )
-            if pname == "dynamic" and unique_keys(snap.arrays["dynamic.keys"]).shape[0] != n:
-                raise ValueError(
-                    f"snapshot array dynamic.keys of table {self.name!r} has duplicate keys"
-                )
+            if pname == "dynamic" and distinct:
+                self._check_distinct(snap.arrays["dynamic.keys"])
         sk: FrequencySketch | None = getattr(self, "sketch", None)
         if "sketch.counters" in snap.arrays:
             a = snap.arrays["sketch.counters"]
@@ -769,6 +893,20 @@ class Table:
 
     def _erase(self, keys: np.ndarray) -> int:
         return 0
+
+    def _frequencies(self, keys: np.ndarray) -> np.ndarray:
+        """Counts of ``keys`` (int64 (n,)): the own row's freq, else the sketch's estimate, else 0."""
+        out = np.zeros(keys.shape[0], dtype=np.int64)
+        part: DynamicPart | None = getattr(self, "part", None)
+        rows = part.find(keys) if part is not None else np.full(keys.shape[0], -1, np.int64)
+        own = rows >= 0
+        if part is not None:
+            out[own] = part.block.freq[rows[own]]
+        sketch: FrequencySketch | None = getattr(self, "sketch", None)
+        rest = np.flatnonzero(~own)
+        if sketch is not None and rest.shape[0]:
+            out[rest] = sketch.estimate(keys[rest])
+        return out
 
     def _sizes(self) -> tuple[int, int, int, int, int, float]:
         """(total bytes, dynamic bytes, static bytes, keys with own rows, shared rows, load factor)."""
@@ -807,45 +945,65 @@ class _DynamicBase(Table):
 
     part: DynamicPart
 
-    def _make_room(self, new: int, protect: np.ndarray) -> None:
-        """Ensure ``new`` more keys fit under max_rows, evicting by LFU/LRU if allowed.
+    def __init__(self, config: TableConfig) -> None:
+        super().__init__(config)
+        self.row_limit = row_limit(config)  # min(max_rows, rows within max_bytes); None: none
 
+    def _make_room(self, new: int, protect: np.ndarray, partial: bool = False) -> int:
+        """Make room for ``new`` more keys under the row limit, evicting by LFU/LRU if allowed.
+
+        Returns how many of the new keys fit: all of them, or raises
+        ResourceExhausted before any change; with ``partial`` it never raises
+        and may return fewer (down to 0): the caller keeps the rest without rows.
         protect: int64 rows not to evict (keys of the current batch).
         """
         cfg = self.config
-        if not cfg.max_rows or self.part.size + new <= cfg.max_rows:
-            return
-        over = self.part.size + new - cfg.max_rows
-        if cfg.eviction == Eviction.NONE:
-            raise ResourceExhausted(
-                f"table {self.name!r} is full ({self.part.size} of max_rows={cfg.max_rows} rows) and "
-                f"{new} new keys need rows; raise max_rows, set eviction to lfu or lru, or prune"
-            )
-        if new > cfg.max_rows:
-            raise ResourceExhausted(
-                f"table {self.name!r}: one request brings {new} new keys but max_rows is {cfg.max_rows}; "
-                "send smaller batches or raise max_rows"
-            )
-        live = self.part.live_rows()
-        cand = np.setdiff1d(live, protect, assume_unique=False)
-        if cand.shape[0] < over:
-            raise ResourceExhausted(
-                f"table {self.name!r}: cannot free {over} rows under max_rows={cfg.max_rows}: "
-                "the current request uses them; send smaller batches"
-            )
-        score = (
-            self.part.block.freq if cfg.eviction == Eviction.LFU else self.part.block.last_step
-        )[cand]
-        victims = cand[_smallest(score, self.part.keys_of(cand), over)]
-        self._drop_rows(victims)
-        self.counters["evictions"] += int(victims.shape[0])
+        limit = self.row_limit
+        size = self.part.size
+        if limit is None or size + new <= limit:
+            return new
+        over = size + new - limit
+        if cfg.max_rows and cfg.max_rows == limit:
+            why, knob = f"max_rows={cfg.max_rows}", "max_rows"
+        else:
+            why, knob = f"max_bytes={cfg.max_bytes} holds {limit} rows", "max_bytes"
+        cand = np.empty(0, dtype=np.int64)
+        if cfg.eviction != Eviction.NONE:
+            cand = np.setdiff1d(self.part.live_rows(), protect, assume_unique=False)
+        evict = min(over, int(cand.shape[0]))
+        if evict < over and not partial:
+            self.capacity_refusals += new
+            if cfg.eviction == Eviction.NONE:
+                msg = (f" is full ({size} of {limit} rows, {why}) and {new} new keys need "
+                       f"rows; raise {knob}, set eviction to lfu or lru, or prune")  # fmt: skip
+            elif new > limit:
+                msg = (f": one request brings {new} new keys but the table holds at most "
+                       f"{limit} rows ({why}); send smaller batches or raise {knob}")  # fmt: skip
+            else:
+                msg = (f": cannot free {over} rows under {why}: the current request uses "
+                       "them; send smaller batches")  # fmt: skip
+            raise ResourceExhausted(f"table {self.name!r}{msg}")
+        if evict:
+            score = (
+                self.part.block.freq if cfg.eviction == Eviction.LFU else self.part.block.last_step
+            )[cand]
+            victims = cand[_smallest(score, self.part.keys_of(cand), evict)]
+            self._drop_rows(victims)
+            self.counters["evictions"] += int(victims.shape[0])
+        fit = new - (over - evict)
+        self.capacity_refusals += new - fit
+        return fit
 
     def _make_room_or_undo(
-        self, new: int, protect: np.ndarray, undo: tuple[np.ndarray, np.ndarray] | None
-    ) -> None:
+        self,
+        new: int,
+        protect: np.ndarray,
+        undo: tuple[np.ndarray, np.ndarray] | None,
+        partial: bool = False,
+    ) -> int:
         """``_make_room``; on refusal take back this request's sketch sightings first."""
         try:
-            self._make_room(new, protect)
+            return self._make_room(new, protect, partial)
         except ResourceExhausted:
             if undo is not None:
                 self.sketch.undo(undo)  # type: ignore[attr-defined]
@@ -862,7 +1020,9 @@ class _DynamicBase(Table):
         self.version += 1
         if not self._track_deleted:
             return
-        if self._deleted_keys + keys.shape[0] > max(DELETED_LOG_MAX, self.part.size):
+        # Under max_bytes the log has one entry per row reserved (row_limit), no more.
+        bound = self.row_limit if self.config.max_bytes else max(DELETED_LOG_MAX, self.part.size)
+        if self._deleted_keys + keys.shape[0] > bound:
             self._deleted, self._deleted_keys = [], 0
             self._deleted_floor = self.version
             return
@@ -901,7 +1061,7 @@ class DynamicTable(_DynamicBase):
 
     def __init__(self, config: TableConfig) -> None:
         super().__init__(config)
-        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, config.max_rows)
+        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, self.row_limit)
         self.sketch: FrequencySketch | None = None
         if config.admission_threshold > 1:
             self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
@@ -1000,7 +1160,7 @@ class AdaptiveTable(_DynamicBase):
         self.static.init(
             np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
         )
-        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, config.max_rows)
+        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, self.row_limit)
         self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
                                       config.sketch_depth or DEFAULT_DEPTH)  # fmt: skip
 
@@ -1022,10 +1182,16 @@ class AdaptiveTable(_DynamicBase):
                 promote = (
                     mask[miss] if mask is not None else counts >= self.config.promote_threshold
                 )
-                cand = cand[promote]
-                if cand.shape[0]:
-                    new_keys = unique_keys(cand)
-                    self._make_room_or_undo(new_keys.shape[0], rows[rows >= 0], undo)
+                new_keys = unique_keys(cand[promote])
+                if new_keys.shape[0]:
+                    # Under max_bytes a full table keeps training the keys that do not
+                    # fit on their static rows (hottest promoted first) rather than
+                    # failing the pull; max_rows alone keeps refusing the batch.
+                    fit = self._make_room_or_undo(
+                        new_keys.shape[0], rows[rows >= 0], undo, partial=self.config.max_bytes > 0
+                    )
+                    new_keys = self._hottest(new_keys, fit)
+                if new_keys.shape[0]:
                     new_rows, inserted = part.insert(new_keys)
                     self._promote(new_rows[inserted], new_keys[inserted])
                     rows[miss] = part.find(keys[miss])
@@ -1043,6 +1209,15 @@ class AdaptiveTable(_DynamicBase):
         self.counters["pulled_static"] += int(st.shape[0])
         self.counters["pulled_dynamic"] += keys.shape[0] - int(st.shape[0])
         return out
+
+    def _hottest(self, keys: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` keys (of distinct, ascending int64 keys) with the largest sketch counts,
+        ties by the smaller key; ascending."""
+        if k >= keys.shape[0]:
+            return keys
+        if k <= 0:
+            return keys[:0]
+        return keys[_smallest(-self.sketch.estimate(keys), keys, k)]
 
     def _promote(self, rows: np.ndarray, keys: np.ndarray) -> None:
         """New dynamic rows start as a copy of the key's static row: values, slots, frequency."""
@@ -1149,8 +1324,54 @@ TABLE_CLASSES: dict[TableKind, type[Table]] = {
 
 
 def make_table(config: TableConfig) -> Table:
-    """A new, empty table of ``config.kind``."""
-    return TABLE_CLASSES[config.kind](config)
+    """A new, empty table of ``config.kind``.
+
+    Raises ResourceExhausted, allocating nothing, when the arrays the table
+    needs at creation (``create_bytes``) exceed this machine's memory, and
+    when an allocation fails: a config is never an out-of-memory kill.
+    """
+    need, have = create_bytes(config), _physical_memory()
+    if need > have:
+        raise ResourceExhausted(
+            f"table {config.name!r} needs {need} bytes at creation, more than this machine's "
+            f"{have} bytes of memory; lower hash_bucket_size, the qr buckets, sketch_width or "
+            "initial_capacity (or set max_bytes)"
+        )
+    try:
+        return TABLE_CLASSES[config.kind](config)
+    except MemoryError as e:
+        raise ResourceExhausted(
+            f"table {config.name!r}: its {need} bytes could not be allocated ({e}); "
+            "make it smaller or free memory on the shard"
+        ) from None
+
+
+def create_bytes(config: TableConfig) -> int:
+    """Bytes a new table of ``config`` allocates: its fixed parts and its first arena."""
+    need = config.fixed_bytes
+    if config.kind in (TableKind.DYNAMIC, TableKind.ADAPTIVE):
+        rows = max(int(config.initial_capacity), 16)
+        limit = row_limit(config)
+        if limit is not None:
+            rows = min(rows, limit)
+        need += rows * (config.row_bytes + 8) + 16 * (hm.capacity_for(rows) - hm.MIN_CAPACITY)
+    return need
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM of this machine (2**63 where the platform does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return 2**63
+
+
+def copy_rows(name: str, src: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """``src[rows]`` (int64 row indices), or ``src.copy()`` when rows is None: a private copy.
+
+    The default ``copy`` of ``Table.snapshot``; ``name`` (the snapshot array's name) is unused.
+    """
+    return src.copy() if rows is None else src[rows]
 
 
 def _adoptable(a: np.ndarray) -> bool:
