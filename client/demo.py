@@ -65,7 +65,7 @@ from .data import SyntheticCTR, auc, logloss
 from .ps_client import PSClient
 
 READY_RE = re.compile(
-    r"^shard (\d+)/(\d+) listening on (\S+):(\d+), metrics on :(\d+) \(pid (\d+)\)$"
+    r"shard (\d+)/(\d+) listening on (\S+):(\d+), metrics on :(\d+) \(pid (\d+)\)$"
 )
 START_TIMEOUT_S = 90.0  # shard processes import numba and load (or compile) kernels
 STOP_TIMEOUT_S = 30.0
@@ -245,6 +245,17 @@ class LocalPS:
                 line = self._lines.get(timeout=max(0.01, min(left, 0.5)))
             except queue.Empty:
                 line = ""
+                # shards log the readiness line too: read it there as well, so a stdout
+                # line that never reached the pipe reader cannot stall the start
+                for log_line in self.log_tail(10_000).splitlines():
+                    m = READY_RE.search(log_line)
+                    if m:
+                        sid, _num, host, port, mport, pid = m.groups()
+                        found[int(sid)] = ShardInfo(
+                            int(sid), f"{host}:{port}", int(mport), int(pid)
+                        )
+                if len(found) >= self.num_shards:
+                    break
             if line is None or (not line and (proc.poll() is not None or left <= 0)):
                 self.kill_all()
                 raise RuntimeError(

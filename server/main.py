@@ -240,11 +240,12 @@ def run_shard(cfg: ShardConfig) -> int:
     if shard.authorizer is not None:  # `kill -HUP <pid>`: re-read --auth-token-file
         auth = shard.authorizer
         signal.signal(signal.SIGHUP, lambda _s, _f: auth.reload())
-    print(
+    ready = (
         f"shard {cfg.shard_id}/{cfg.num_shards} listening on {cfg.host}:{shard.port}, "
-        f"metrics on :{shard.metrics_port} (pid {os.getpid()})",
-        flush=True,
+        f"metrics on :{shard.metrics_port} (pid {os.getpid()})"
     )
+    print(ready, flush=True)  # the readiness line on stdout (scripts wait for it) ...
+    log.info("%s", ready)  # ... and in the log
     while not stop.wait(0.5):
         if shard.restore_error is not None:
             shard.stop(grace=0, checkpoint=False)

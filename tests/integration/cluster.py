@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 READY_RE = re.compile(
-    r"^shard (\d+)/(\d+) listening on (\S+):(\d+), metrics on :(\d+) \(pid (\d+)\)$"
+    r"shard (\d+)/(\d+) listening on (\S+):(\d+), metrics on :(\d+) \(pid (\d+)\)$"
 )
 START_TIMEOUT_S = 150.0  # shard processes import numba and load cached kernels: slow on 2 cores
 STOP_TIMEOUT_S = 30.0
@@ -190,23 +190,37 @@ def wait_ready(
     want = list(range(n)) if ids is None else list(ids)
     deadline = time.monotonic() + timeout
     found: dict[int, Shard] = {}
+    stdout: list[str] = []
+
+    def take(line: str) -> None:
+        m = READY_RE.search(line)
+        if m:
+            sid, num, host, port, mport, pid = m.groups()
+            found[int(sid)] = Shard(int(sid), int(num), f"{host}:{port}", int(mport), int(pid))
+
     while not all(i in found for i in want):
         left = deadline - time.monotonic()
         try:
             line = cluster.lines.get(timeout=max(0.01, min(left, 0.5)))
         except queue.Empty:
+            # The shards log the readiness line too: read it from the log as well, so a
+            # stdout line that never reached the pipe reader cannot stall a start.
+            for log_line in cluster.log().splitlines():
+                if "listening on" in log_line:
+                    take(log_line)
+            if all(i in found for i in want):
+                break
             if cluster.proc.poll() is not None or left <= 0:
                 _dump_stacks(cluster)
                 cluster.kill_all()
                 pytest.fail(
                     f"embps serve: {len(found)} of {n} shards ready "
-                    f"(exit code {cluster.proc.poll()}); log:\n{cluster.log()}"
+                    f"(exit code {cluster.proc.poll()}); stdout lines: {stdout!r}; "
+                    f"log:\n{cluster.log()}"
                 )
             continue
-        m = READY_RE.match(line)
-        if m:
-            sid, num, host, port, mport, pid = m.groups()
-            found[int(sid)] = Shard(int(sid), int(num), f"{host}:{port}", int(mport), int(pid))
+        stdout.append(line)
+        take(line)
     cluster.shards = [found[i] for i in want]
     return cluster
 
