@@ -909,10 +909,11 @@ class PSClient:
             if not failed:
                 return results
             retriable = retry and all(isinstance(results[i], _RETRIABLE) for i in failed)
-            sleep = backoff * (0.5 + random.random() / 2)
-            if not retriable or time.monotonic() + sleep > deadline:
+            remaining = deadline - time.monotonic()
+            if not retriable or remaining <= 0:
                 raise results[failed[0]]
-            time.sleep(sleep)
+            # the last attempt lands at the deadline: a shard back just in time is used
+            time.sleep(min(backoff * (0.5 + random.random() / 2), remaining))
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
             pending = failed
 
