@@ -215,6 +215,17 @@ def shard_config(
 # --------------------------------------------------------------------------
 
 
+def announce_ready(line: str) -> None:
+    """Write ``line`` and its newline to stdout in ONE write(2).
+
+    The shards of `embps serve --shards N` share the supervisor's stdout pipe, and
+    print() under PYTHONUNBUFFERED=1 writes the text and the newline separately, so
+    two shards' readiness lines could interleave into one unparseable line.
+    """
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 def run_shard(cfg: ShardConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain, write the exit checkpoint and return 0.
 
@@ -244,7 +255,7 @@ def run_shard(cfg: ShardConfig) -> int:
         f"shard {cfg.shard_id}/{cfg.num_shards} listening on {cfg.host}:{shard.port}, "
         f"metrics on :{shard.metrics_port} (pid {os.getpid()})"
     )
-    print(ready, flush=True)  # the readiness line on stdout (scripts wait for it) ...
+    announce_ready(ready)  # on stdout (scripts wait for it) ...
     log.info("%s", ready)  # ... and in the log
     while not stop.wait(0.5):
         if shard.restore_error is not None:

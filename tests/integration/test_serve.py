@@ -9,8 +9,11 @@ which one and how, stop the others and exit 1.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -303,3 +306,18 @@ def test_single_shard_mode_for_kubernetes(cluster_factory: Factory) -> None:
     assert (stats.shard_id, stats.num_shards) == (2, 3)
     c.signal(signal.SIGTERM)
     assert c.wait() == 0
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (Debian: strace)")
+def test_readiness_line_is_one_write_even_unbuffered() -> None:
+    """Shards share the supervisor's stdout: each readiness line must be one write(2),
+    or two shards' lines interleave (print() under PYTHONUNBUFFERED=1 writes twice)."""
+    code = "from embps.server.main import announce_ready; announce_ready('shard 0/2 ready')"
+    res = subprocess.run(
+        ["strace", "-e", "trace=write", "-e", "signal=none", sys.executable, "-c", code],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "shard 0/2 ready\n"
+    writes = [" ".join(ln.split()) for ln in res.stderr.splitlines() if ln.startswith("write(1,")]
+    assert writes == ['write(1, "shard 0/2 ready\\n", 16) = 16'], res.stderr
