@@ -322,6 +322,18 @@ def _slices(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
 
 
+def _keyed_spans(plan: _Plan, size: int) -> list[tuple[int, int, int]]:
+    """(shard, a, b) pieces of at most ``size`` keys of ``plan.keys``, skipping shards
+    without keys (a read changes nothing there; a push still sends to every shard)."""
+    n = len(plan.bounds) - 1
+    return [
+        (s, a, b)
+        for s in range(n)
+        if plan.bounds[s] < plan.bounds[s + 1]
+        for a, b in _slices(plan.bounds[s], plan.bounds[s + 1], size)
+    ]
+
+
 # --------------------------------------------------------------------------
 # The client
 # --------------------------------------------------------------------------
@@ -546,14 +558,11 @@ class PSClient:
         plan = _plan(k, self.num_shards)
         jobs: list[tuple[int, pb.FrequenciesRequest]] = []
         spans: list[tuple[int, int]] = []
-        for s in range(self.num_shards):
-            for a, b in _slices(plan.bounds[s], plan.bounds[s + 1], self._chunk_keys(16)):
-                if a == b:
-                    continue
-                req = pb.FrequenciesRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
-                                            num_shards=self.num_shards)  # fmt: skip
-                jobs.append((s, req))
-                spans.append((a, b))
+        for s, a, b in _keyed_spans(plan, self._chunk_keys(16)):
+            req = pb.FrequenciesRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
+                                        num_shards=self.num_shards)  # fmt: skip
+            jobs.append((s, req))
+            spans.append((a, b))
         counts = np.empty(plan.keys.shape[0], dtype=np.int64)
         resps = self._call_all("Frequencies", jobs)
         for (s, _req), (a, b), r in zip(jobs, spans, resps, strict=True):
@@ -665,18 +674,14 @@ class PSClient:
         chunk = self._chunk_keys(per_key)
         jobs: list[tuple[int, pb.PullRequest]] = []
         spans: list[tuple[int, int]] = []
-        for s in range(self.num_shards):
-            lo, hi = plan.bounds[s], plan.bounds[s + 1]
-            if lo == hi:
-                continue  # a pull changes nothing on a shard without keys
-            for a, b in _slices(lo, hi, chunk):
-                req = pb.PullRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
-                                     train=bool(train), num_shards=self.num_shards,
-                                     dtype=self.dtype)  # fmt: skip
-                if umask is not None:
-                    req.mask = codec.encode_mask(umask[a:b])
-                jobs.append((s, req))
-                spans.append((a, b))
+        for s, a, b in _keyed_spans(plan, chunk):
+            req = pb.PullRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
+                                 train=bool(train), num_shards=self.num_shards,
+                                 dtype=self.dtype)  # fmt: skip
+            if umask is not None:
+                req.mask = codec.encode_mask(umask[a:b])
+            jobs.append((s, req))
+            spans.append((a, b))
         resps = self._call_all("Pull", jobs)  # PullResponse bytes
         parts: list[tuple[int, int, np.ndarray]] = []
         width = -1

@@ -231,6 +231,16 @@ def start_cluster(n: int, *extra: str, log_dir: str | Path | None = None) -> Clu
     return wait_ready(launch([*args, *extra], log_dir), n)
 
 
+def stop_all(clusters: Sequence[Cluster]) -> None:
+    """SIGTERM every cluster at once, wait for each, then kill whatever is left."""
+    for c in clusters:
+        c.signal(signal.SIGTERM)
+    for c in clusters:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            c.proc.wait(timeout=STOP_TIMEOUT_S)
+        c.kill_all()
+
+
 def start_shard(
     shard_id: int,
     num_shards: int,

@@ -41,7 +41,7 @@ from embps.client.exceptions import (
 from embps.protos.routing import shard_of
 from embps.server.checkpoint import latest_step, list_steps, restore_tables
 
-from .cluster import Cluster, start_shard, wait_until
+from .cluster import Cluster, start_shard, stop_all, wait_until
 from .sharded_model import ShardedModel
 
 DIM = 4
@@ -67,12 +67,7 @@ def shards_alone(n: int, *extra: str, log_dir: Path) -> Iterator[list[Cluster]]:
             started.append(start_shard(i, n, *extra, log_dir=log_dir))
         yield started
     finally:
-        for c in started:
-            c.signal(signal.SIGTERM)
-        for c in started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                c.proc.wait(timeout=30)
-            c.kill_all()
+        stop_all(started)
 
 
 def scrape(metrics_port: int, name: str) -> float:

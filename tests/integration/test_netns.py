@@ -28,7 +28,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ from embps.client import PSClient, TableConfig
 from embps.client.exceptions import DeadlineExceededError, UnavailableError
 from embps.protos.routing import shard_of
 
-from .cluster import Cluster, start_shard
+from .cluster import Cluster, start_shard, stop_all
 
 PORT = 50051  # each shard is alone in its namespace
 TABLE = TableConfig.from_dict({"name": "emb", "dim": 4, "optimizer": {"name": "sgd", "lr": 0.5}})
@@ -157,12 +156,7 @@ def shards_in(hosts: Hosts, log_dir: Path) -> Iterator[list[Cluster]]:
                                        prefix=["ip", "netns", "exec", hosts.ns[i]]))  # fmt: skip
         yield started
     finally:
-        for c in started:
-            c.signal(signal.SIGTERM)
-        for c in started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                c.proc.wait(timeout=30)
-            c.kill_all()
+        stop_all(started)
 
 
 # --------------------------------------------------------------------------
