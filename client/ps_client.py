@@ -3,7 +3,7 @@
 One call = one batch. ``pull`` and ``push`` take keys of any integer shape
 (flattened), with duplicates:
 
-    keys (n,) -> np.unique (dedup, keep the inverse) -> shard = mix64(key) % N
+    keys (n,) -> dedup (keep the inverse) -> shard = mix64(key) % N
     -> one RPC per shard, concurrently (chunks of <= max_keys_per_request keys)
     -> scatter the rows back by the inverse -> float32 (n, dim)
 
@@ -11,10 +11,11 @@ Hot path. Rows cross the client once each way: a pull reads the rows in place
 from gRPC's response buffer (``codec.decode_pull_response``, no protobuf
 object) and gathers them into the one array it returns; a push copies the
 summed gradients once, into the request bytes (``codec.encode_push_request``).
-Distinct keys are deduplicated by one argsort (``np.unique`` only runs when
-there are duplicates); keys already distinct and ascending (``np.unique``'s
-output) skip the sort and the gather. A call to a single shard runs in the
-calling thread (no future, no thread).
+Dedup and routing take one pass, no sort (``embps.client.dedup``): each shard
+gets its distinct keys in the order of their first occurrence in the batch, so
+distinct keys for one shard go out as they are and their rows come back in
+place (a copy, no gather). A call to a single shard runs in the calling thread
+(no future, no thread).
 
 A push sums the gradients of duplicate keys on the client (in batch order,
 float32, exactly as a shard sums them), checks them (dim, finite) and then
@@ -56,9 +57,9 @@ from typing import Any
 import grpc
 import numpy as np
 
+from embps.client.dedup import dedup_route, sum_rows
 from embps.protos import codec
 from embps.protos.config import NORM_TO_PB, Norm, TableConfig
-from embps.protos.routing import split_by_shard
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
 
@@ -208,12 +209,13 @@ def _as_grads(grads: Any, keys_shape: tuple[int, ...], n: int, dim: int) -> np.n
 class _Plan:
     """Where the keys of one call go.
 
-    keys:   int64 (u,) the distinct keys, grouped by owning shard (ascending within a shard)
+    keys:   int64 (u,) the distinct keys, grouped by owning shard; within a shard in
+            the order of their first occurrence in the batch
     where:  int64 (n,) position in ``keys`` of each of the caller's keys
     bounds: shard s owns keys[bounds[s]:bounds[s + 1]]
     first:  int64 (u,) batch index of each key's first occurrence (pushes only, else None)
-    same:   True when ``keys`` is the caller's batch itself (distinct and ascending keys,
-            one shard): ``where`` and ``first`` are the identity
+    same:   True when ``keys`` is the caller's batch itself (distinct keys, one shard):
+            ``where`` and ``first`` are the identity
     """
 
     keys: np.ndarray
@@ -223,71 +225,30 @@ class _Plan:
     same: bool = False
 
 
-def _dedup(keys: np.ndarray, first: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(distinct keys ascending (u,), position of each key in them (n,), first occurrence
-    of each (u,) or None unless ``first``) of int64 keys (n,).
-
-    Distinct keys (the usual batch) take one unstable argsort; only a batch with
-    duplicates pays for ``np.unique`` (a stable sort, for the first occurrences).
-    """
-    n = keys.shape[0]
-    order = np.argsort(keys)
-    uniq = keys[order]
-    if n < 2 or bool((uniq[1:] != uniq[:-1]).all()):
-        where = np.empty(n, dtype=np.int64)
-        where[order] = np.arange(n, dtype=np.int64)
-        return uniq, where, order if first else None
-    if first:
-        uniq, index, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        return uniq, inverse.reshape(-1), index
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    return uniq, inverse.reshape(-1), None
-
-
 def _plan(keys: np.ndarray, num_shards: int, first: bool = False) -> _Plan:
-    """Dedup and route keys: int64 (n,) -> _Plan. Per-shard key runs are contiguous, so
-    requests are slices and responses land with one copy each (no row scatter)."""
-    n = keys.shape[0]
-    if num_shards == 1 and (n < 2 or bool((keys[1:] > keys[:-1]).all())):
-        ident = np.arange(n, dtype=np.int64)  # ascending and distinct already (np.unique's output)
-        return _Plan(keys, ident, [0, n], ident if first else None, same=True)
-    uniq, inverse, index = _dedup(keys, first)
-    u = uniq.shape[0]
-    if num_shards == 1:
-        return _Plan(uniq, inverse, [0, u], index)
-    parts = split_by_shard(uniq, num_shards)
-    order = np.concatenate(parts)
-    pos = np.empty(u, dtype=np.int64)
-    pos[order] = np.arange(u, dtype=np.int64)
-    bounds = [0, *np.cumsum([p.shape[0] for p in parts]).tolist()]
-    return _Plan(uniq[order], pos[inverse], bounds, None if index is None else index[order])
+    """Dedup and route keys: int64 (n,) -> _Plan, in one pass (``dedup.dedup_route``: no
+    sort). Per-shard key runs are contiguous, so requests are slices and responses land
+    with one copy each (no row scatter)."""
+    uniq, where, index, bounds = dedup_route(keys, num_shards)
+    same = num_shards == 1 and uniq.shape[0] == keys.shape[0]
+    return _Plan(keys if same else uniq, where, bounds.tolist(), index if first else None, same)
 
 
 def _sum_duplicates(plan: _Plan, grads: np.ndarray) -> np.ndarray:
     """Gradient of each distinct key: float32 (u, dim), summed exactly as a shard sums them.
 
     A shard computes ((0 + g_first) + g_second) + ... in float32, in batch order
-    (``dedup_sum``); so does this: the first occurrences are gathered (plus 0, which
-    turns -0.0 into 0.0 as the shard's zero start does), then the other occurrences
-    are added in batch order by one flat ``np.add.at``. Distinct keys need no sum:
-    their rows are only put in the plan's order (``grads`` itself when it already is;
+    (``dedup_sum``); so does ``dedup.sum_rows``. Distinct keys need no sum: their
+    rows are only put in the plan's order (``grads`` itself when it already is;
     the shard's own zero start then does the same to -0.0).
     """
     assert plan.first is not None
     if plan.same:
         return grads
-    n, dim = grads.shape
-    ug = np.take(grads, plan.first, 0)
-    if ug.shape[0] == n:
-        return ug
-    ug += np.float32(0.0)
-    is_first = np.zeros(n, dtype=np.bool_)
-    is_first[plan.first] = True
-    rest = np.flatnonzero(~is_first)
-    flat = (plan.where[rest, None] * dim + np.arange(dim, dtype=np.int64)).reshape(-1)
-    with np.errstate(over="ignore", invalid="ignore"):  # the caller checks for Inf/NaN
-        np.add.at(ug.reshape(-1), flat, grads[rest].reshape(-1))
-    return ug
+    u = plan.keys.shape[0]
+    if u == grads.shape[0]:
+        return np.take(grads, plan.first, 0)
+    return sum_rows(plan.where, grads, u)
 
 
 def _assemble_rows(plan: _Plan, parts: list[tuple[int, int, np.ndarray]], dim: int) -> np.ndarray:

@@ -14,14 +14,15 @@ serializing; for a batch of 16384 rows of dim 64 each copy is a fresh 4 MiB
 buffer, and fresh buffers page-fault (about 1000 faults each). Written by
 hand, a pull's rows are read in place from gRPC's response buffer and a push's
 gradients are copied once, from the array into the request. The shard does
-the mirror image (``encode_pull_response``: the rows copied once into the
-answer; ``decode_push_request``: keys and gradients read in place from the
+the mirror image (``PullResponseBuffer``: the rows gathered straight into the
+bytes of the answer; ``decode_push_request``: keys and gradients read in place from the
 request). All four are tested against the generated classes
 (tests/unit/test_codec.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import numpy as np
@@ -226,23 +227,60 @@ def encode_push_request(
     return b"".join(parts)
 
 
-def encode_pull_response(values: np.ndarray, dim: int, dtype: int) -> bytes:
-    """The bytes of ``PullResponse(values, dim, dtype)``: the shard's answer to a pull.
+class PullResponseBuffer:
+    """The bytes of a ``PullResponse`` of (n, dim) rows, written in place.
 
-    values: the rows in the wire encoding, e.g. ``wire_values(rows, dtype)`` (n, dim),
-    any C-contiguous array; copied once, straight into the result (protobuf would
-    copy them three times: ``tobytes``, into the message, then to serialize).
-    Fields at their proto3 default are left out, as protobuf does.
+    ``rows`` is a writable (n, dim) array in the wire dtype that lies inside
+    ``data``, a new ``bytes`` object whose other fields (tag, length, dim, dtype)
+    are already written: the shard gathers the rows straight into the answer, and
+    the answer is the ``bytes`` gRPC sends (no copy of the rows in between). Fill
+    ``rows`` completely before ``data`` is shared; afterwards ``data`` is an
+    ordinary immutable ``bytes``, byte for byte protobuf's encoding (fields at their
+    proto3 default left out, as protobuf does).
     """
-    v = np.ascontiguousarray(values)
-    parts: list[bytes | memoryview] = []
-    if v.nbytes:
-        parts += [_len_field(1, v.nbytes), v.reshape(-1).data.cast("B")]
-    if dim:
-        parts += [b"\x10", _varint(dim)]  # field 2, varint
-    if dtype:
-        parts += [b"\x18", _varint(dtype)]  # field 3, varint
-    return b"".join(parts)
+
+    __slots__ = ("data", "rows")
+
+    def __init__(self, n: int, dim: int, dtype: int) -> None:
+        if dtype not in ITEMSIZE:
+            raise CodecError(f"unknown dtype {dtype}; use FLOAT32, FLOAT16 or BFLOAT16")
+        nbytes = n * dim * ITEMSIZE[dtype]
+        head = _len_field(1, nbytes) if nbytes else b""
+        tail = (b"\x10" + _varint(dim) if dim else b"") + (
+            b"\x18" + _varint(dtype) if dtype else b""
+        )
+        self.data, buf = _new_bytes(len(head) + nbytes + len(tail))
+        buf[: len(head)] = np.frombuffer(head, np.uint8)
+        buf[len(head) + nbytes :] = np.frombuffer(tail, np.uint8)
+        wire = {pb.DTYPE_FLOAT16: _LE_F2, pb.DTYPE_BFLOAT16: _LE_U2}.get(dtype, _LE_F4)
+        self.rows = buf[len(head) : len(head) + nbytes].view(wire).reshape(n, dim)
+
+    def fill(self, values: np.ndarray) -> None:
+        """Write float32 (n, dim) rows, converted to the wire dtype."""
+        if self.rows.dtype == _LE_U2:
+            self.rows[...] = _to_bf16(values)
+        else:
+            np.copyto(self.rows, values, casting="same_kind")
+
+
+_PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
+_PyBytes_FromStringAndSize.restype = ctypes.py_object
+_PyBytes_FromStringAndSize.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+_BYTES_HEADER = bytes.__basicsize__ - 1  # CPython: a bytes' data follow its header (ob_sval)
+
+
+def _new_bytes(size: int) -> tuple[bytes, np.ndarray]:
+    """A new, unfilled ``bytes`` of ``size`` and a writable uint8 (size,) view of its data.
+
+    The C API's way to build a bytes object in place (``PyBytes_FromStringAndSize(NULL,
+    size)``, then write its buffer before anyone else sees it). The view does not keep
+    the bytes alive: hold on to both.
+    """
+    data = _PyBytes_FromStringAndSize(None, size)
+    if size == 0:
+        return data, np.empty(0, np.uint8)
+    raw = (ctypes.c_ubyte * size).from_address(id(data) + _BYTES_HEADER)
+    return data, np.ctypeslib.as_array(raw)
 
 
 def _scan(data: bytes | memoryview, message: str) -> dict[tuple[int, int], memoryview | int]:

@@ -83,6 +83,18 @@ _SLOT_SEED = np.uint64(0x2545F4914F6CDD1D)
 # --------------------------------------------------------------------------
 
 
+def _emit_prefetch(builder: ir.IRBuilder, ptr: ir.Value) -> None:
+    """Emit llvm.prefetch(ptr, read, high locality, data cache)."""
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(
+        fn,
+        [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)],
+    )
+
+
 @intrinsic
 def _prefetch(typingctx, arr, idx):
     """Hint the CPU to load ``arr[idx]`` into cache (llvm.prefetch, read, high locality)."""
@@ -92,19 +104,24 @@ def _prefetch(typingctx, arr, idx):
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(
-            fn,
-            [
-                builder.bitcast(ptr, i8p),
-                ir.Constant(i32, 0),
-                ir.Constant(i32, 3),
-                ir.Constant(i32, 1),
-            ],
+        _emit_prefetch(builder, ptr)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch_item(typingctx, arr, i, j):
+    """Hint the CPU to load ``arr[i, j]`` of a 2-D array into cache (any layout)."""
+    sig = types.void(arr, i, j)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(
+            context, builder, aryty, ary, [args[1], args[2]], wraparound=False
         )
+        _emit_prefetch(builder, ptr)
         return context.get_dummy_value()
 
     return sig, codegen

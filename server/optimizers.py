@@ -29,7 +29,7 @@ from numba import njit
 
 from embps.protos.config import FTRL, SGD, Adagrad, Adam, InitKind, OptimizerConfig
 
-from .hashmap import copy_row, fmix64
+from .hashmap import copy_row, fmix64, prefetch_item
 
 # --------------------------------------------------------------------------
 # Duplicate handling
@@ -41,7 +41,8 @@ def dedup_sum(rows, grads):
     """Sum the gradients of equal rows; drop rows < 0.
 
     rows: int64 (n,), grads: float32 (n, dim) ->
-    (urows: int64 (m,) in first-seen order, ugrads: float32 (m, dim)).
+    (urows: int64 (m,) in first-seen order, ugrads: float32 (m, dim)), views of
+    arrays sized for n. Row p is ((0 + g_first) + g_second) + ... in float32.
     """
     n = rows.shape[0]
     dim = grads.shape[1]
@@ -52,7 +53,8 @@ def dedup_sum(rows, grads):
     tkeys = np.full(cap, -1, dtype=np.int64)
     tpos = np.empty(cap, dtype=np.int64)
     urows = np.empty(n, dtype=np.int64)
-    ugrads = np.zeros((n, dim), dtype=np.float32)
+    ugrads = np.empty((n, dim), dtype=np.float32)
+    zero = np.float32(0.0)
     m = 0
     for i in range(n):
         r = rows[i]
@@ -62,18 +64,19 @@ def dedup_sum(rows, grads):
         while True:
             if tkeys[j] == r:
                 p = tpos[j]
+                for d in range(dim):
+                    ugrads[p, d] += grads[i, d]
                 break
             if tkeys[j] == -1:
                 tkeys[j] = r
                 tpos[j] = m
                 urows[m] = r
-                p = m
+                for d in range(dim):  # 0 + g, as a zero start would (-0.0 becomes 0.0)
+                    ugrads[m, d] = zero + grads[i, d]
                 m += 1
                 break
             j = (j + 1) & mask
-        for d in range(dim):
-            ugrads[p, d] += grads[i, d]
-    return urows[:m].copy(), ugrads[:m].copy()
+    return urows[:m], ugrads[:m]
 
 
 # --------------------------------------------------------------------------
@@ -85,7 +88,10 @@ def dedup_sum(rows, grads):
 def sgd_update(values, rows, grads, lr):
     """w -= lr * g for each (row, grad)."""
     dim = values.shape[1]
-    for i in range(rows.shape[0]):
+    nrows = rows.shape[0]
+    for i in range(nrows):
+        if i + AHEAD < nrows:
+            _prefetch_row(values, rows[i + AHEAD])
         r = rows[i]
         for d in range(dim):
             values[r, d] = values[r, d] - lr * grads[i, d]
@@ -95,7 +101,11 @@ def sgd_update(values, rows, grads, lr):
 def adagrad_update(values, slots, rows, grads, lr, eps):
     """Adagrad; slot 0 is the squared-gradient accumulator."""
     dim = values.shape[1]
-    for i in range(rows.shape[0]):
+    nrows = rows.shape[0]
+    for i in range(nrows):
+        if i + AHEAD < nrows:
+            _prefetch_row(values, rows[i + AHEAD])
+            _prefetch_row(slots, rows[i + AHEAD])
         r = rows[i]
         for d in range(dim):
             g = np.float64(grads[i, d])
@@ -109,7 +119,11 @@ def adam_update(values, slots, rows, grads, lr, beta1, beta2, eps, t):
     """Lazy Adam at step t >= 1; slot 0 = m, slot 1 = v."""
     dim = values.shape[1]
     step = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-    for i in range(rows.shape[0]):
+    nrows = rows.shape[0]
+    for i in range(nrows):
+        if i + AHEAD < nrows:
+            _prefetch_row(values, rows[i + AHEAD])
+            _prefetch_row(slots, rows[i + AHEAD])
         r = rows[i]
         for d in range(dim):
             g = np.float64(grads[i, d])
@@ -124,7 +138,11 @@ def adam_update(values, slots, rows, grads, lr, beta1, beta2, eps, t):
 def ftrl_update(values, slots, rows, grads, alpha, beta, l1, l2):
     """FTRL-Proximal; slot 0 = n (accumulator), slot 1 = z (linear)."""
     dim = values.shape[1]
-    for i in range(rows.shape[0]):
+    nrows = rows.shape[0]
+    for i in range(nrows):
+        if i + AHEAD < nrows:
+            _prefetch_row(values, rows[i + AHEAD])
+            _prefetch_row(slots, rows[i + AHEAD])
         r = rows[i]
         for d in range(dim):
             g = np.float64(grads[i, d])
@@ -241,15 +259,29 @@ def fill_slots(slots, rows, dim, init):
 # --------------------------------------------------------------------------
 
 
+AHEAD = 4  # rows prefetched ahead by the row kernels (measured on gather: 4 beat 2, 8 and 16)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _prefetch_row(arr, r):  # pragma: no cover - compiled
+    """Prefetch every 64-byte line of row ``r`` of a 2-D float32 array."""
+    for d in range(0, arr.shape[1], 16):  # 16 float32 = one 64-byte line
+        prefetch_item(arr, r, d)  # type: ignore[call-arg]
+
+
 @njit(nogil=True, cache=True)
 def gather(values, rows, default, out):
     """out[i] <- values[rows[i]], or ``default`` where rows[i] < 0.
 
-    values: float32 (cap, dim), rows: int64 (n,), out: float32 (n, dim).
+    values: float32 (cap, dim), rows: int64 (n,), out: float32 (n, dim). The row
+    ``AHEAD`` rows on is prefetched: rows are scattered over the arena, so each
+    one is a few independent cache misses.
     """
     n = rows.shape[0]
     dim = values.shape[1]
     for i in range(n):
+        if i + AHEAD < n and rows[i + AHEAD] >= 0:
+            _prefetch_row(values, rows[i + AHEAD])
         r = rows[i]
         if r < 0:
             for d in range(dim):

@@ -422,7 +422,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     # matching (de)serializers.
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
         """Rows of ``keys`` in the requested dtype: the bytes of a ``PullResponse`` whose
-        values are (n, dim) in the wire dtype (``codec.encode_pull_response``)."""
+        values are (n, dim) in the wire dtype (``codec.PullResponseBuffer``)."""
         self._check_shards(request.num_shards)
         table = self.engine.table(request.table)
         keys = self._keys(request.keys)
@@ -431,8 +431,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             mask = codec.decode_mask(request.mask, keys.shape[0])
         except codec.CodecError as e:
             raise InvalidArgument(f"table {request.table!r}: {e}") from None
-        values = table.pull(keys, train=request.train, mask=mask)
-        return codec.encode_pull_response(codec.wire_values(values, dtype), table.dim, dtype)
+        answer = codec.PullResponseBuffer(keys.shape[0], table.dim, dtype)
+        if answer.rows.dtype == np.float32:  # gathered straight into the answer's bytes
+            table.pull(keys, train=request.train, mask=mask, out=answer.rows)
+        else:
+            answer.fill(table.pull(keys, train=request.train, mask=mask))
+        return answer.data
 
     def Push(
         self, request: codec.PushRequestView | codec.CodecError, context: grpc.ServicerContext
@@ -682,7 +686,7 @@ class _Handlers:
 def add_servicer_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
     """Register ``servicer`` like ``add_ParameterServerServicer_to_server``, every method
     the generated code knows, with Pull answering raw bytes and Push reading its
-    request in place (``codec.encode_pull_response``, ``codec.decode_push_request``)."""
+    request in place (``codec.PullResponseBuffer``, ``codec.decode_push_request``)."""
     caught = _Handlers()
     pb_grpc.add_ParameterServerServicer_to_server(servicer, caught)
     methods = caught.methods

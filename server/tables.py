@@ -59,6 +59,7 @@ from .optimizers import (
     initial_slot_values,
     row_norms,
 )
+from .parallel import run_in_pieces
 from .sketch import DEFAULT_DEPTH, FrequencySketch
 
 DEFAULT_SKETCH_WIDTH = 1 << 18
@@ -339,7 +340,8 @@ class DynamicPart:
     def find(self, keys: np.ndarray) -> np.ndarray:
         """Row of each key, -1 where absent: int64 (n,)."""
         rows = np.empty(keys.shape[0], dtype=np.int64)
-        hm.find(self.slots, self.meta, keys, rows)
+        slots, meta = self.slots, self.meta
+        run_in_pieces(keys.shape[0], lambda a, b: hm.find(slots, meta, keys[a:b], rows[a:b]))
         return rows
 
     def insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -483,6 +485,12 @@ class DynamicPart:
 # --------------------------------------------------------------------------
 
 
+def gather_rows(values: np.ndarray, rows: np.ndarray, default: np.float32, out: np.ndarray) -> None:
+    """``optimizers.gather`` (out[i] <- values[rows[i]], default where rows[i] < 0), a large
+    batch in pieces on helper threads (server/parallel.py)."""
+    run_in_pieces(rows.shape[0], lambda a, b: gather(values, rows[a:b], default, out[a:b]))
+
+
 def unique_keys(keys: np.ndarray) -> np.ndarray:
     """Distinct keys, ascending: int64 (m,). Sort-based: numpy 2's hash-based np.unique is
     several times slower on int64 batches of this size."""
@@ -505,6 +513,18 @@ def as_keys(keys: object) -> np.ndarray:
     return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
 
 
+@njit(nogil=True, cache=True)
+def all_finite(bits: np.ndarray) -> bool:  # pragma: no cover - compiled
+    """True when no float32 (given as its uint32 bits (n,)) is NaN or Inf (exponent all ones).
+
+    One pass, no temporary array (``np.isfinite(x).all()`` allocates n bools).
+    """
+    bad = np.uint32(0)
+    for i in range(bits.shape[0]):
+        bad |= np.uint32((bits[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+    return bad == 0
+
+
 def as_grads(grads: object, n: int, dim: int, table: str) -> np.ndarray:
     """float array (n, dim), finite -> contiguous float32 (n, dim). InvalidArgument otherwise."""
     arr = np.asarray(grads)
@@ -518,7 +538,7 @@ def as_grads(grads: object, n: int, dim: int, table: str) -> np.ndarray:
         )
     with np.errstate(over="ignore"):  # a float64 too large for float32 becomes Inf: refused below
         out = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(out).all():
+    if not all_finite(out.reshape(-1).view(np.uint32)):
         bad = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
         raise InvalidArgument(
             f"table {table!r}: gradients contain NaN or Inf (first at key index {bad}); nothing was applied"
@@ -564,20 +584,34 @@ class Table:
         self.capacity_refusals = 0
 
     # ---------------------------------------------------------------- API
-    def pull(self, keys: object, train: bool = True, mask: object | None = None) -> np.ndarray:
+    def pull(
+        self,
+        keys: object,
+        train: bool = True,
+        mask: object | None = None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Rows of ``keys`` (any integer shape, flattened): float32 (n, dim).
 
         train=True creates rows (dynamic), counts sightings (admission,
         promotion) and stamps metadata; train=False only reads, and keys
         without a row read the default value. ``mask`` (adaptive only, bool
         (n,)): True promotes the key now, False keeps it where it is.
+        ``out``: a writable float32 (n, dim) array to write the rows into
+        (e.g. the shard's answer buffer); it is returned.
         """
         k = as_keys(keys)
         m = self._as_mask(mask, k.shape[0])
+        if out is None:
+            out = np.empty((k.shape[0], self.dim), dtype=np.float32)
+        elif out.shape != (k.shape[0], self.dim) or out.dtype != np.float32:
+            raise ValueError(
+                f"out must be float32 {(k.shape[0], self.dim)}, got {out.dtype} {out.shape}"
+            )
         with self._lock:
             if train:
                 self.version += 1
-            out = self._pull(k, bool(train), m)
+            self._pull(k, bool(train), m, out)
             self.counters["pulled_rows"] += k.shape[0]
             return out
 
@@ -879,7 +913,10 @@ class Table:
         """Shared blocks by part name (static, quotient, remainder)."""
         return {}
 
-    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+    def _pull(
+        self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
+    ) -> None:
+        """Write the rows of ``keys`` into ``out`` float32 (n, dim)."""
         raise NotImplementedError
 
     def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
@@ -934,7 +971,11 @@ class Table:
     def _apply(self, block: Block, rows: np.ndarray, grads: np.ndarray, step: int) -> int:
         """Sum grads per row, run the optimizer, stamp metadata. Returns rows updated."""
         urows, ugrads = dedup_sum(rows, grads)
-        apply_optimizer(self.config.optimizer, block.values, block.slots, urows, ugrads, step + 1)
+        opt, values, slots = self.config.optimizer, block.values, block.slots
+        run_in_pieces(  # distinct rows: pieces never touch the same row
+            urows.shape[0],
+            lambda a, b: apply_optimizer(opt, values, slots, urows[a:b], ugrads[a:b], step + 1),
+        )
         block.last_step[urows] = step
         block.version[urows] = self.version
         return int(urows.shape[0])
@@ -1067,7 +1108,9 @@ class DynamicTable(_DynamicBase):
             self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
                                           config.sketch_depth or DEFAULT_DEPTH)  # fmt: skip
 
-    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+    def _pull(
+        self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
+    ) -> None:
         part = self.part
         rows = part.find(keys)
         if train:
@@ -1093,9 +1136,7 @@ class DynamicTable(_DynamicBase):
                     rows[miss] = part.find(keys[miss])
                 self.counters["admissions_rejected"] += rejected
             self._touch(part.block, rows)
-        out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
-        gather(part.block.values, rows, np.float32(self.config.default_value), out)
-        return out
+        gather_rows(part.block.values, rows, np.float32(self.config.default_value), out)
 
     def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
         rows = self.part.find(keys)
@@ -1127,13 +1168,13 @@ class StaticTable(Table):
         """Shared row of each key: int64 (n,)."""
         return static_rows(keys, self.config.hash_bucket_size, self.config.seed)
 
-    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+    def _pull(
+        self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
+    ) -> None:
         rows = self.rows_of(keys)
         if train:
             self._touch(self.block, rows)
-        out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
-        gather(self.block.values, rows, np.float32(0), out)
-        return out
+        gather_rows(self.block.values, rows, np.float32(0), out)
 
     def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
         self._apply(self.block, self.rows_of(keys), grads, step)
@@ -1171,7 +1212,9 @@ class AdaptiveTable(_DynamicBase):
         """Static-part row of each key: int64 (n,)."""
         return static_rows(keys, self.config.hash_bucket_size, self.config.seed)
 
-    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+    def _pull(
+        self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
+    ) -> None:
         part = self.part
         rows = part.find(keys)
         if train:
@@ -1196,19 +1239,17 @@ class AdaptiveTable(_DynamicBase):
                     self._promote(new_rows[inserted], new_keys[inserted])
                     rows[miss] = part.find(keys[miss])
             self._touch(part.block, rows)
-        out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
-        gather(part.block.values, rows, np.float32(0), out)
+        gather_rows(part.block.values, rows, np.float32(0), out)
         st = np.flatnonzero(rows < 0)
         if st.shape[0]:
             srows = self.static_rows_of(keys[st])
             if train:
                 self._touch(self.static, srows)
             sout = np.empty((st.shape[0], self.dim), dtype=np.float32)
-            gather(self.static.values, srows, np.float32(0), sout)
+            gather_rows(self.static.values, srows, np.float32(0), sout)
             out[st] = sout
         self.counters["pulled_static"] += int(st.shape[0])
         self.counters["pulled_dynamic"] += keys.shape[0] - int(st.shape[0])
-        return out
 
     def _hottest(self, keys: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` keys (of distinct, ascending int64 keys) with the largest sketch counts,
@@ -1277,7 +1318,9 @@ class QRTable(Table):
         h = np.mod(keys, np.int64(self.q * self.m))
         return h // self.m, h % self.m
 
-    def _pull(self, keys: np.ndarray, train: bool, mask: np.ndarray | None) -> np.ndarray:
+    def _pull(
+        self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
+    ) -> None:
         qr, rr = self.parts_of(keys)
         if train:
             self._touch(self.quotient, qr)
@@ -1286,10 +1329,12 @@ class QRTable(Table):
         vr = self.remainder.values[rr]
         comb = self.config.qr_combiner
         if comb == Combiner.MULT:
-            return vq * vr
-        if comb == Combiner.ADD:
-            return vq + vr
-        return np.concatenate([vq, vr], axis=1)
+            np.multiply(vq, vr, out=out)
+        elif comb == Combiner.ADD:
+            np.add(vq, vr, out=out)
+        else:
+            out[:, : self.part_dim] = vq
+            out[:, self.part_dim :] = vr
 
     def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
         qr, rr = self.parts_of(keys)

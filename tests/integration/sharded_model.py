@@ -3,8 +3,9 @@
 ``ShardedModel(n)`` holds one ``Engine`` per shard and applies the client's
 documented semantics with plain numpy:
 
-* pull: dedup the batch (``np.unique``); each shard gets its keys in sorted
-  order; a key's mask is the OR over its duplicates; rows go back by the inverse.
+* pull: dedup the batch; each shard gets its distinct keys in the order of
+  their first occurrence in the batch; a key's mask is the OR over its
+  duplicates; rows go back by the inverse.
 * push: gradients of duplicate keys summed in batch order (float32); every
   shard gets one push per call, an empty one if it owns none of the keys.
 
@@ -33,8 +34,11 @@ class ShardedModel:
 
     def _split(self, keys: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = np.asarray(keys, dtype=np.int64).reshape(-1)
-        uniq, inverse = np.unique(k, return_inverse=True)
-        return uniq, inverse, shard_of(uniq, self.n)
+        uniq, index, inverse = np.unique(k, return_index=True, return_inverse=True)
+        order = np.argsort(index)  # first-occurrence order
+        pos = np.empty_like(order)
+        pos[order] = np.arange(order.shape[0])
+        return uniq[order], pos[inverse.reshape(-1)], shard_of(uniq[order], self.n)
 
     def pull(
         self, name: str, keys: object, train: bool = True, mask: object | None = None

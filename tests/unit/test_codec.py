@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -202,12 +204,31 @@ def test_malformed_push_requests_are_codec_errors(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("dtype", [0, F32, F16, BF16])
-@pytest.mark.parametrize("n", [0, 1, 300])
-def test_pull_response_bytes_equal_protobuf(rng: np.random.Generator, dtype: int, n: int) -> None:
-    values = rng.normal(size=(n, 5)).astype(np.float32)
-    got = codec.encode_pull_response(codec.wire_values(values, dtype), 5, dtype)
-    want = pb.PullResponse(values=codec.encode_values(values, dtype), dim=5, dtype=dtype)
-    assert got == want.SerializeToString()
+@pytest.mark.parametrize(("n", "dim"), [(0, 5), (1, 5), (300, 5), (3, 0), (40, 64)])
+def test_pull_response_bytes_equal_protobuf(
+    rng: np.random.Generator, dtype: int, n: int, dim: int
+) -> None:
+    values = rng.normal(size=(n, dim)).astype(np.float32)
+    answer = codec.PullResponseBuffer(n, dim, dtype)
+    assert answer.rows.shape == (n, dim) and answer.rows.flags.writeable
+    answer.fill(values)
+    want = pb.PullResponse(values=codec.encode_values(values, dtype), dim=dim, dtype=dtype)
+    assert type(answer.data) is bytes and answer.data == want.SerializeToString()
+
+
+def test_pull_response_rows_are_written_in_place(rng: np.random.Generator) -> None:
+    """What the shard does: gather float32 rows straight into the answer's bytes."""
+    values = rng.normal(size=(7, 3)).astype(np.float32)
+    answer = codec.PullResponseBuffer(7, 3, F32)
+    refs = sys.getrefcount(answer.data)
+    assert refs == 2  # no reference leaked: the answer's and this call's
+    assert answer.rows.dtype == np.float32
+    np.take(values, np.arange(7), 0, out=answer.rows)
+    payload, dim, dtype = codec.decode_pull_response(answer.data)
+    assert (dim, dtype) == (3, F32)
+    np.testing.assert_array_equal(codec.decode_values(payload, F32, 7, 3), values)
+    with pytest.raises(codec.CodecError, match="unknown dtype"):
+        codec.PullResponseBuffer(1, 1, 9)
 
 
 @pytest.mark.parametrize("dtype", [0, F32, F16, BF16])
