@@ -23,10 +23,10 @@ request). All four are tested against the generated classes
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import numpy as np
 
+from embps.protos.float16 import from_half, to_half
 from embps.v1 import embps_pb2 as pb
 
 _LE_I8 = np.dtype("<i8")
@@ -96,10 +96,14 @@ def _to_bf16(x: np.ndarray) -> np.ndarray:
     return out
 
 
-@functools.cache
-def _half_table() -> np.ndarray:
-    """float32 (65536,): the value of every float16 bit pattern (numpy's own cast, once)."""
-    return np.arange(1 << 16, dtype=_LE_U2).view(_LE_F2).astype(np.float32)
+def _to_half(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (n, dim) -> float16 (n, dim), bit for bit numpy's cast, about 3x faster
+    (``embps.protos.float16``); into ``out`` (any 16-bit dtype, same shape) if given."""
+    v = np.ascontiguousarray(x, dtype=_LE_F4)
+    if out is None:
+        out = np.empty(v.shape, dtype=_LE_F2)
+    to_half(v.reshape(-1).view(_LE_U4), out.reshape(-1).view(_LE_U2))
+    return out
 
 
 def wire_values(values: np.ndarray, dtype: int = pb.DTYPE_FLOAT32) -> np.ndarray:
@@ -110,7 +114,7 @@ def wire_values(values: np.ndarray, dtype: int = pb.DTYPE_FLOAT32) -> np.ndarray
     if dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_UNSPECIFIED):
         return np.ascontiguousarray(values, dtype=_LE_F4)
     if dtype == pb.DTYPE_FLOAT16:
-        return np.ascontiguousarray(values, dtype=_LE_F2)
+        return _to_half(values)
     if dtype == pb.DTYPE_BFLOAT16:
         return _to_bf16(values)
     raise CodecError(f"unknown dtype {dtype}")
@@ -135,8 +139,10 @@ def decode_values(data: bytes | memoryview, dtype: int, n: int, dim: int) -> np.
         )
     if dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_UNSPECIFIED):
         return np.frombuffer(data, dtype=_LE_F4).reshape(n, dim)
-    if dtype == pb.DTYPE_FLOAT16:  # a 256 KiB table of every half: twice numpy's cast here
-        return np.take(_half_table(), np.frombuffer(data, dtype=_LE_U2)).reshape(n, dim)
+    if dtype == pb.DTYPE_FLOAT16:  # a 256 KiB table of every half (numpy's own cast, once)
+        out = np.empty(n * dim, dtype=np.float32)
+        from_half(np.frombuffer(data, dtype=_LE_U2), out)
+        return out.reshape(n, dim)
     u = np.frombuffer(data, dtype=_LE_U2).astype(np.uint32) << np.uint32(16)
     return u.view(np.float32).reshape(n, dim)
 
@@ -259,6 +265,8 @@ class PullResponseBuffer:
         """Write float32 (n, dim) rows, converted to the wire dtype."""
         if self.rows.dtype == _LE_U2:
             self.rows[...] = _to_bf16(values)
+        elif self.rows.dtype == _LE_F2:
+            _to_half(values, self.rows)
         else:
             np.copyto(self.rows, values, casting="same_kind")
 
