@@ -66,10 +66,13 @@ WORKDIR /var/lib/embps
 EXPOSE 50051 9091
 
 # Healthy = the shard's grpc.health.v1 status is SERVING (it reports NOT_SERVING
-# while draining). Exit 1 on NOT_SERVING or when nothing answers on the port.
+# while draining): `embps health` checks 127.0.0.1:$EMBPS_PORT over plaintext.
+# It exits 2 when nothing answers, which Docker reserves: `|| exit 1` maps every
+# failure to 1 (unhealthy). A shard with --tls-cert needs its own check, e.g.
+# `embps health --tls-ca ... --server-name ...` (deploy/README.md, "TLS").
 # start-period covers the first numba compilation of the kernels.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch = grpc.insecure_channel('127.0.0.1:' + os.environ.get('EMBPS_PORT', '50051')); r = g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=3); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+    CMD ["/bin/sh", "-c", "embps health --timeout 3 || exit 1"]
 
 ENTRYPOINT ["embps"]
 CMD ["serve", "--shards", "1", "--shard-id", "0", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9091"]

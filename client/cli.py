@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "embps.server.export",
         "write a checkpoint's values for serving (memory-mappable .npy + manifest)",
     ),
+    "health": (
+        "embps.client.health",
+        "check a shard's gRPC health (exit 0 SERVING, 1 not serving, 2 unreachable)",
+    ),
 }
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": (

@@ -57,7 +57,6 @@ from typing import Any
 import grpc
 import numpy as np
 
-from embps.client.dedup import dedup_route, sum_rows
 from embps.protos import codec
 from embps.protos.config import NORM_TO_PB, Norm, TableConfig
 from embps.v1 import embps_pb2 as pb
@@ -229,6 +228,8 @@ def _plan(keys: np.ndarray, num_shards: int, first: bool = False) -> _Plan:
     """Dedup and route keys: int64 (n,) -> _Plan, in one pass (``dedup.dedup_route``: no
     sort). Per-shard key runs are contiguous, so requests are slices and responses land
     with one copy each (no row scatter)."""
+    from embps.client.dedup import dedup_route  # numba: imported on first use (fast CLI start)
+
     uniq, where, index, bounds = dedup_route(keys, num_shards)
     same = num_shards == 1 and uniq.shape[0] == keys.shape[0]
     return _Plan(keys if same else uniq, where, bounds.tolist(), index if first else None, same)
@@ -248,6 +249,8 @@ def _sum_duplicates(plan: _Plan, grads: np.ndarray) -> np.ndarray:
     u = plan.keys.shape[0]
     if u == grads.shape[0]:
         return np.take(grads, plan.first, 0)
+    from embps.client.dedup import sum_rows
+
     return sum_rows(plan.where, grads, u)
 
 

@@ -26,7 +26,6 @@ import ctypes
 
 import numpy as np
 
-from embps.protos.float16 import from_half, to_half
 from embps.v1 import embps_pb2 as pb
 
 _LE_I8 = np.dtype("<i8")
@@ -99,6 +98,8 @@ def _to_bf16(x: np.ndarray) -> np.ndarray:
 def _to_half(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 (n, dim) -> float16 (n, dim), bit for bit numpy's cast, about 3x faster
     (``embps.protos.float16``); into ``out`` (any 16-bit dtype, same shape) if given."""
+    from embps.protos.float16 import to_half  # numba: imported on first use (fast CLI start)
+
     v = np.ascontiguousarray(x, dtype=_LE_F4)
     if out is None:
         out = np.empty(v.shape, dtype=_LE_F2)
@@ -140,6 +141,8 @@ def decode_values(data: bytes | memoryview, dtype: int, n: int, dim: int) -> np.
     if dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_UNSPECIFIED):
         return np.frombuffer(data, dtype=_LE_F4).reshape(n, dim)
     if dtype == pb.DTYPE_FLOAT16:  # a 256 KiB table of every half (numpy's own cast, once)
+        from embps.protos.float16 import from_half
+
         out = np.empty(n * dim, dtype=np.float32)
         from_half(np.frombuffer(data, dtype=_LE_U2), out)
         return out.reshape(n, dim)

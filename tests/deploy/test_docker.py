@@ -211,19 +211,20 @@ def test_builder_stage_sources_build_a_complete_wheel(tmp_path: Path) -> None:
 
 
 def healthcheck_argv() -> list[str]:
-    """The HEALTHCHECK's exec-form command, with `python` as this interpreter."""
+    """The HEALTHCHECK's exec-form command (`embps health`, run from this interpreter's bin/)."""
     args = last("HEALTHCHECK")
     options, sep, command = args.partition("CMD ")
     assert sep, f"HEALTHCHECK without CMD: {args}"
     assert "--timeout=" in options and "--start-period=" in options, options
     argv = exec_form(command.strip())
-    assert argv[0] == "python", argv
-    return [sys.executable, *argv[1:]]
+    assert "embps health" in " ".join(argv), argv
+    return argv
 
 
 def run_healthcheck(port: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBPS_")}
     env["EMBPS_PORT"] = str(port)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return subprocess.run(
         healthcheck_argv(), env=env, capture_output=True, text=True, timeout=HEALTHCHECK_TIMEOUT_S
     )

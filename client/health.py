@@ -1,0 +1,173 @@
+"""``embps health``: one ``grpc.health.v1`` check of a shard, for probes and scripts.
+
+The Docker HEALTHCHECK and the Kubernetes exec probes of the TLS component
+(deploy/k8s/components/tls) run it; the kubelet's own ``grpc`` probe cannot
+speak TLS. Health needs no bearer token (README "Security"), so there is no
+token option; over mutual TLS the check must present a client certificate.
+
+Exit codes (one line of output either way):
+
+==  =============================================================================
+0   SERVING (stdout: ``127.0.0.1:50051: SERVING``)
+1   the shard answered but does not serve: NOT_SERVING (draining, restoring),
+    UNKNOWN, or SERVICE_UNKNOWN (``--service`` names a service it does not have)
+2   no answer: nothing listens, the TLS handshake failed (wrong CA, plaintext
+    against TLS, no client certificate for mutual TLS), the deadline passed, or
+    a bad option (``--tls-cert`` without ``--tls-key``, an unreadable CA file);
+    stderr says which, with the gRPC status code and details
+==  =============================================================================
+
+Example::
+
+    embps health                                  # 127.0.0.1:$EMBPS_PORT, plaintext
+    embps health --address embps-0.embps-headless:50051 --tls-ca ca.crt \\
+        --tls-cert tls.crt --tls-key tls.key      # mutual TLS
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .security import TLSConfig, make_channel
+
+EXIT_SERVING = 0
+EXIT_NOT_SERVING = 1  # the shard answered: NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN
+EXIT_ERROR = 2  # no answer (connection, TLS, deadline) or a bad option
+
+DEFAULT_PORT = 50051  # when EMBPS_PORT is not set (the image sets it)
+DEFAULT_TIMEOUT_S = 3.0
+
+_STATUS = health_pb2.HealthCheckResponse.ServingStatus
+_FLAGS = {"ca": "--tls-ca", "cert": "--tls-cert", "key": "--tls-key"}  # TLSConfig field -> option
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``embps health`` (see the module docstring for the exit codes)."""
+    parser.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="the shard to check (default: 127.0.0.1:$EMBPS_PORT, EMBPS_PORT default "
+        f"{DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--service",
+        default="",
+        metavar="NAME",
+        help='health of one service, e.g. embps.v1.ParameterServer (default "": the server)',
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"deadline of the check, connecting included (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    tls = parser.add_argument_group(
+        "TLS", "--tls-ca, --tls-cert/--tls-key and --server-name imply --tls; none: plaintext"
+    )
+    tls.add_argument(
+        "--tls", action="store_true", help="TLS, checked against the system's CA roots"
+    )
+    tls.add_argument(
+        "--tls-ca", metavar="FILE", help="CA (PEM) that signed the shard's certificate"
+    )
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="client certificate (PEM) for shards with --tls-client-ca (needs --tls-key)",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="private key (PEM) of --tls-cert")
+    tls.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name the shard's certificate must carry (default: the host of --address)",
+    )
+
+
+def _tls(args: argparse.Namespace) -> TLSConfig | None:
+    """The TLS settings of the options (None: plaintext); ValueError says what is wrong."""
+    if args.tls_cert and not args.tls_key:
+        raise ValueError("--tls-cert needs --tls-key (the client certificate's private key)")
+    if args.tls_key and not args.tls_cert:
+        raise ValueError("--tls-key needs --tls-cert (the client certificate of that key)")
+    if not (args.tls or args.tls_ca or args.tls_cert or args.server_name):
+        return None
+    tls = TLSConfig(
+        ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.server_name
+    )
+    try:
+        tls.channel_credentials()  # read every file now: a bad one is an option error
+    except ValueError as e:  # "TLSConfig.ca: cannot read ..." -> "--tls-ca: cannot read ..."
+        msg = str(e)
+        for field, flag in _FLAGS.items():
+            msg = msg.replace(f"TLSConfig.{field}:", f"{flag}:")
+        raise ValueError(msg) from None
+    return tls
+
+
+def _address(args: argparse.Namespace) -> str:
+    """``--address``, or 127.0.0.1:$EMBPS_PORT; ValueError on a malformed one."""
+    if args.address:
+        host, sep, port = args.address.rpartition(":")
+        if not (sep and host and port.isdigit()):
+            raise ValueError(f"--address {args.address!r}: expected HOST:PORT")
+        return str(args.address)
+    port = os.environ.get("EMBPS_PORT", "").strip() or str(DEFAULT_PORT)
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"EMBPS_PORT={port!r} is not a port number (1..65535)")
+    return f"127.0.0.1:{port}"
+
+
+def check(
+    address: str,
+    service: str = "",
+    timeout: float = DEFAULT_TIMEOUT_S,
+    tls: TLSConfig | None = None,
+) -> int:
+    """Ask ``address`` for the health of ``service`` once; print one line; return the exit code.
+
+    Raises ValueError for an unreadable or non-PEM TLS file (before any connection).
+    """
+    what = f"{address}{' ' + service if service else ''}"
+    channel = make_channel(address, options=(), tls=tls)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.RpcError as e:
+        code, details = e.code(), e.details()
+        if code == grpc.StatusCode.NOT_FOUND:  # the health servicer's answer for a service
+            print(f"{what}: SERVICE_UNKNOWN ({details})")  # it has never heard of
+            return EXIT_NOT_SERVING
+        hint = {
+            grpc.StatusCode.UNAVAILABLE: "nothing listens there, or the TLS handshake failed: "
+            "plaintext vs TLS, wrong CA or server name, client certificate missing or refused",
+            grpc.StatusCode.DEADLINE_EXCEEDED: f"no answer within {timeout:g}s",
+            grpc.StatusCode.UNIMPLEMENTED: "the server has no grpc.health.v1 service",
+        }.get(code, "the health check failed")
+        print(f"{what}: unreachable: {code.name}: {details} [{hint}]", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        channel.close()
+    status = _STATUS.Name(reply.status)
+    print(f"{what}: {status}")
+    return (
+        EXIT_SERVING if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SERVING
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``embps health``: 0 SERVING, 1 answered but not serving, 2 no answer or a bad option."""
+    try:
+        if not args.timeout > 0:
+            raise ValueError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
+        address = _address(args)
+        tls = _tls(args)
+        return check(address, args.service, args.timeout, tls)
+    except ValueError as e:
+        print(f"embps health: {e}", file=sys.stderr)
+        return EXIT_ERROR
