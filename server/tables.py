@@ -1218,6 +1218,7 @@ class AdaptiveTable(_DynamicBase):
         part = self.part
         rows = part.find(keys)
         if train:
+            had_row = rows  # rows of the keys that had one before this pull
             miss = np.flatnonzero(rows < 0)
             if miss.shape[0]:
                 cand = keys[miss]
@@ -1237,8 +1238,11 @@ class AdaptiveTable(_DynamicBase):
                 if new_keys.shape[0]:
                     new_rows, inserted = part.insert(new_keys)
                     self._promote(new_rows[inserted], new_keys[inserted])
+                    had_row = rows.copy()
                     rows[miss] = part.find(keys[miss])
-            self._touch(part.block, rows)
+            # A key promoted by this pull starts from the sketch's count, which already
+            # has this pull's sightings in it: only keys that had a row count it here.
+            self._touch(part.block, had_row)
         gather_rows(part.block.values, rows, np.float32(0), out)
         st = np.flatnonzero(rows < 0)
         if st.shape[0]:

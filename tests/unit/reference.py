@@ -589,7 +589,9 @@ class RefAdaptive(RefDynamicBase):
                 )
                 part.insert(k, row)
             self.counters["promotions"] += len(new_keys)
-            self._touch(keys)
+            # a promoted key's freq is the sketch's count, this pull's sightings included
+            promoted = set(new_keys)
+            self._touch([k for k in keys if k not in promoted])
         dyn = [k in part.row_of for k in keys]
         self.counters["pulled_dynamic"] += sum(dyn)
         self.counters["pulled_static"] += len(keys) - sum(dyn)

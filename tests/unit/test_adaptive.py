@@ -238,3 +238,19 @@ def test_a_key_is_promoted_at_exactly_the_threshold(promote_threshold):
     for i in range(1, promote_threshold + 1):
         table.pull([a])
         assert is_dynamic(table, a) == (i == promote_threshold)
+
+
+@pytest.mark.parametrize("promote_threshold", [1, 3])
+def test_a_promoted_keys_frequency_counts_every_sighting_once(promote_threshold):
+    """freq = sightings: the promoting pull is in the sketch's count, and is not added again."""
+    table = adaptive(promote_threshold=promote_threshold)
+    a, _, _ = colliding(table)
+    for _ in range(promote_threshold - 1):
+        table.pull([a])
+    table.pull([a, a])  # the promoting pull, with a duplicate: two sightings
+    assert is_dynamic(table, a)
+    seen = promote_threshold + 1
+    assert int(table.part.block.freq[dyn_row(table, a)]) == seen
+    assert int(table.frequencies([a])[0]) == seen
+    table.pull([a])  # afterwards each sighting adds one to the row
+    assert int(table.part.block.freq[dyn_row(table, a)]) == seen + 1
