@@ -151,6 +151,23 @@ class Snapshot:
         return int(self.state["version"])
 
 
+@dataclass
+class RowIndex:
+    """The hash map of a full snapshot's own keys, built before the rest of it is loaded
+    (``Table.prepare_adopt``; used by ``Table.load(..., index=...)``).
+
+    keys: int64 (k,), the snapshot's ``dynamic.keys`` (row i holds keys[i]); slots, meta:
+    the map (``hashmap``); distinct: False when a key repeats (the load is refused);
+    taken: the buckets are the empty ones the part had (the part keeps the smallest).
+    """
+
+    keys: np.ndarray
+    slots: np.ndarray
+    meta: np.ndarray
+    distinct: bool
+    taken: bool
+
+
 # --------------------------------------------------------------------------
 # Row kernels
 # --------------------------------------------------------------------------
@@ -435,13 +452,46 @@ class DynamicPart:
         rows, _ = self.insert(keys)  # the bump allocator hands out 0..k-1 in order
         assert np.array_equal(rows, np.arange(len(keys))), "compaction must keep row order"
 
-    def adopt_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
+    def build_index(self, keys: np.ndarray) -> RowIndex:
+        """The hash map of ``keys`` (int64 (k,), k >= 16; key keys[i] -> row i), built aside
+        for ``adopt_rows`` (this part must be empty). A repeated key is found by the insert
+        (it takes no row): then ``distinct`` is False, so no sort is needed to check the
+        keys distinct.
+
+        An empty part's buckets are all EMPTY: the map takes them when they have the size
+        needed (a table created with initial_capacity for its rows), sparing 16 bytes per
+        bucket of fresh memory; the part keeps the smallest empty buckets meanwhile, still
+        a valid empty part (``adopt_rows`` gives them back if the keys repeat).
+        """
+        assert self.size == 0, "build_index needs an empty part"
+        k = int(keys.shape[0])
+        cap = hm.capacity_for(k)
+        taken = self.slots.shape[0] == 2 * cap
+        if taken:
+            slots = self.slots
+            self.slots = hm.new_slots(hm.MIN_CAPACITY)
+            self.meta[hm.M_GROW_AT] = hm.grow_limit(hm.MIN_CAPACITY)
+        else:
+            slots = hm.new_slots(cap)
+        meta = hm.new_meta(cap, k)
+        rows = np.empty(k, dtype=np.int64)
+        inserted = np.zeros(k, dtype=np.bool_)
+        # k keys fit cap buckets and k rows: one call inserts all (a repeat takes no row).
+        done = hm.find_or_insert(slots, meta, np.empty(0, dtype=np.int64), keys, 0, rows, inserted)
+        distinct = done == k and bool(inserted.all())
+        if distinct:
+            assert rows[0] == 0 and rows[-1] == k - 1, "the bump allocator hands out 0..k-1"
+        return RowIndex(keys, slots, meta, distinct, taken)
+
+    def adopt_rows(
+        self, keys: np.ndarray, fields_: dict[str, np.ndarray], index: RowIndex | None = None
+    ) -> None:
         """Become exactly these rows (this part must be empty): the arrays are taken, not copied.
 
         keys: int64 (k,); fields_: BLOCK_FIELDS arrays of k rows. Row i holds keys[i]
-        (``keys`` itself becomes ``row_keys``). Raises ValueError("duplicate keys"),
-        the part unchanged, when a key repeats: the hash map is built aside first and
-        its insert finds the repeat, so no sort is needed to check the keys distinct.
+        (``keys`` itself becomes ``row_keys``). index: the map ``build_index(keys)`` made
+        earlier (built here when None or made for other keys). Raises
+        ValueError("duplicate keys"), the part unchanged, when a key repeats.
         """
         assert self.size == 0, "adopt_rows needs an empty part"
         k = int(keys.shape[0])
@@ -450,27 +500,20 @@ class DynamicPart:
                 raise ValueError("duplicate keys")
             self.upsert_rows(keys, fields_)
             return
-        cap = hm.capacity_for(k)
-        # An empty part's buckets are all EMPTY: reuse them when they have the size needed
-        # (a table created with initial_capacity for its rows), sparing 16 bytes per bucket
-        # of fresh memory.
-        reuse = self.slots.shape[0] == 2 * cap
-        slots, meta = (self.slots if reuse else hm.new_slots(cap)), hm.new_meta(cap, k)
-        free = np.empty(0, dtype=np.int64)
-        rows = np.empty(k, dtype=np.int64)
-        inserted = np.zeros(k, dtype=np.bool_)
-        # k keys fit cap buckets and k rows: one call inserts all (a repeat takes no row).
-        done = hm.find_or_insert(slots, meta, free, keys, 0, rows, inserted)
-        if done != k or not inserted.all():
-            if reuse:  # back to empty buckets: the part is unchanged
-                slots[0::2] = hm.EMPTY
-                slots[1::2] = -1
+        if index is None or index.keys is not keys:
+            index = self.build_index(keys)
+        if not index.distinct:
+            if index.taken and self.buckets == hm.MIN_CAPACITY:  # give the buckets back, empty
+                index.slots[0::2] = hm.EMPTY
+                index.slots[1::2] = -1
+                self.slots = index.slots
+                self.meta[hm.M_GROW_AT] = hm.grow_limit(self.buckets)
             raise ValueError("duplicate keys")
-        assert rows[0] == 0 and rows[-1] == k - 1, "the bump allocator hands out 0..k-1 in order"
         block = Block(0, self.block.dim, self.block.n_slots)
         for f in BLOCK_FIELDS:
             setattr(block, f, fields_[f])
-        self.block, self.slots, self.meta, self.free = block, slots, meta, free
+        self.block, self.slots, self.meta = block, index.slots, index.meta
+        self.free = np.empty(0, dtype=np.int64)
         self.row_keys = keys if _adoptable(keys) else keys.copy()
 
     def upsert_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
@@ -763,12 +806,38 @@ class Table:
             state.update(self.counters)
             return Snapshot(self.config, arrays, state, since_version, deleted)
 
-    def load(self, snap: Snapshot, adopt: bool = False) -> None:
+    def prepare_adopt(self, keys: np.ndarray) -> RowIndex | None:
+        """Build the hash map that ``load(snap, adopt=True, index=...)`` of a full snapshot
+        whose ``dynamic.keys`` are ``keys`` (int64 (k,)) will use, before the rest of the
+        snapshot is there: a restore builds it while the large arrays are still being read.
+
+        None where the load would not use one (no own rows, a part that is not empty,
+        fewer than 16 keys, keys that are not an adoptable int64 (k,) array). The table's
+        rows do not change (it may keep smaller empty buckets until the load); a repeated
+        key is reported by the load, which refuses the snapshot.
+        """
+        part: DynamicPart | None = getattr(self, "part", None)
+        if (
+            part is None
+            or keys.dtype != np.int64
+            or keys.ndim != 1
+            or keys.shape[0] < 16
+            or not _adoptable(keys)
+        ):
+            return None
+        with self._lock:
+            if part.size != 0:
+                return None
+            return part.build_index(keys)
+
+    def load(self, snap: Snapshot, adopt: bool = False, index: RowIndex | None = None) -> None:
         """Apply a snapshot: a full one onto this fresh table, or an increment on top.
 
         adopt=True lets the table take the snapshot's arrays instead of copying
         them where it can (a full snapshot into an empty part): the caller must
         not use the snapshot afterwards (restore from disk does this).
+        index: the hash map ``prepare_adopt(snap.arrays["dynamic.keys"])`` built
+        for an adopting load (ignored otherwise).
         Raises ValueError naming the array when a shape or dtype does not fit
         this table's config (a corrupt or foreign snapshot); nothing is
         changed in that case.
@@ -786,7 +855,7 @@ class Table:
                 fields_ = {f: snap.arrays[f"dynamic.{f}"] for f in BLOCK_FIELDS}
                 if adopt_own and part.size == 0:
                     try:
-                        part.adopt_rows(keys, fields_)  # first: a duplicate changes nothing
+                        part.adopt_rows(keys, fields_, index)  # first: a repeat changes nothing
                     except ValueError as e:
                         raise ValueError(
                             f"snapshot array dynamic.keys of table {self.name!r} has {e}"

@@ -7,8 +7,11 @@ metadata, sketch and steps as the table it was written from.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from embps.server.checkpoint import (
     Checkpointer,
     CheckpointError,
     ShardCheckpoint,
+    crc32_combine,
     latest_step,
     list_steps,
     read_array,
@@ -521,3 +525,152 @@ def test_adopting_load_refuses_duplicate_keys_and_changes_nothing(initial_capaci
     good = src.snapshot()
     table.load(good, adopt=True)  # the same table takes a good snapshot afterwards
     assert_same(src, table)
+
+
+# --------------------------------------------------------------------------
+# Reading in pieces: CRC-32 combination, direct I/O, the hash map built early
+# --------------------------------------------------------------------------
+
+
+def _cuts(n: int, pattern: str, rng: np.random.Generator) -> list[int]:
+    """Piece boundaries over n bytes (ascending, may repeat: empty pieces)."""
+    if pattern == "whole":
+        return []
+    if pattern == "empty-pieces":
+        return [0, 0, n // 2, n // 2, n, n]
+    if pattern == "one-byte-pieces":
+        return list(range(1, n))
+    return sorted(rng.integers(0, n + 1, 500).tolist())  # "many"
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 4096, 100_003])
+@pytest.mark.parametrize("pattern", ["whole", "empty-pieces", "one-byte-pieces", "many"])
+def test_crc32_combine_of_pieces_equals_zlib_of_the_whole(n: int, pattern: str) -> None:
+    if pattern == "one-byte-pieces" and n > 4096:
+        pytest.skip("one-byte pieces: the small sizes cover it")
+    rng = np.random.default_rng(SEED + n)
+    data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    bounds = [0, *_cuts(n, pattern, rng), n]
+    crc = 0
+    for lo, hi in itertools.pairwise(bounds):
+        crc = crc32_combine(crc, zlib.crc32(data[lo:hi]), hi - lo)
+    assert crc == zlib.crc32(data)
+    # Combining is associative: (a + b) + c == a + (b + c), pieces combined in any grouping.
+    a, b, c = data[: n // 3], data[n // 3 : n // 2], data[n // 2 :]
+    bc = crc32_combine(zlib.crc32(b), zlib.crc32(c), len(c))
+    assert crc32_combine(zlib.crc32(a), bc, len(b) + len(c)) == zlib.crc32(data)
+
+
+def test_crc32_combine_refuses_a_negative_length() -> None:
+    with pytest.raises(ValueError, match="len2"):
+        crc32_combine(1, 2, -1)
+
+
+def _drop_from_cache(*paths: Path) -> None:
+    """fsync, then evict the files' pages, so the next read comes from the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def small_direct(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Files of 4 KiB and more read with O_DIRECT, in 64 KiB pieces; skipped where the
+    filesystem of tmp_path has no direct I/O (tmpfs on older kernels)."""
+    import embps.server.checkpoint as ck_mod
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * 8192)
+    fd = ck_mod._open_direct(probe)
+    if fd is None:
+        pytest.skip("no O_DIRECT on the filesystem of tmp_path")
+    os.close(fd)
+    monkeypatch.setattr(ck_mod, "_DIRECT_MIN_BYTES", 1 << 12)
+    monkeypatch.setattr(ck_mod, "_READ_CHUNK", 1 << 16)  # a multiple of _DIRECT_ALIGN
+
+
+def test_direct_reads_give_the_same_bytes_and_refuse_a_flipped_byte(
+    tmp_path: Path, small_direct: None
+) -> None:
+    import embps.server.checkpoint as ck_mod
+
+    arr = np.random.default_rng(SEED).standard_normal((30_001, 3)).astype(np.float32)  # 6 pieces
+    p = tmp_path / "v.npy"
+    crc = write_array(p, arr)
+    assert ck_mod._OpenFile(ck_mod._FileSpec(p, crc)).direct is False  # just written: cached
+    _drop_from_cache(p)
+    opened = ck_mod._OpenFile(ck_mod._FileSpec(p, crc))
+    assert opened.direct and opened.buf.ctypes.data % ck_mod._DIRECT_ALIGN == 0
+    opened.close()
+    back = read_array(p, crc)
+    np.testing.assert_array_equal(back, arr)
+    assert back.flags.writeable and back.flags.c_contiguous  # a table may adopt it
+    data = bytearray(p.read_bytes())
+    data[len(data) - 5] ^= 0x10  # in the last, partial block
+    p.write_bytes(bytes(data))
+    _drop_from_cache(p)
+    with pytest.raises(CheckpointError, match=f"{p}.*corrupt"):
+        read_array(p, crc)
+
+
+@pytest.mark.parametrize("config", ["dyn_adam_adm", "adaptive_ftrl"])
+def test_restore_through_direct_reads_equals_live_and_names_a_bad_file(
+    tmp_path: Path, small_direct: None, config: str
+) -> None:
+    """Full + increment, every file dropped from the cache: the direct path, the hash map
+    built from the keys while the other files are read; then the largest file of the full
+    checkpoint, corrupt and then truncated, refused by name (after the map was built from
+    good keys)."""
+    rng = np.random.default_rng(SEED)
+    table = make_table(CONFIGS[config])
+    for step in range(3):
+        train([table], rng, step, hi=6000)
+    ck = Checkpointer(tmp_path, 0, 1, lambda: [table])
+    ck.checkpoint(1, incremental=False)
+    train([table], rng, 3, hi=6000)
+    ck.checkpoint(2, incremental=True)
+    files = sorted(tmp_path.rglob("*.npy"))
+    _drop_from_cache(*files)
+    restored, summary = restore_tables(tmp_path, 2, 0, 1)
+    assert_same(table, restored[0])
+    assert summary["keys"] == table.stats().keys
+    values = max((tmp_path / "1").rglob("*.npy"), key=lambda p: p.stat().st_size)
+    assert values.stat().st_size > 8192  # read directly, in pieces
+    data = bytearray(values.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    values.write_bytes(bytes(data))
+    _drop_from_cache(values)
+    with pytest.raises(CheckpointError, match=f"{values}.*corrupt"):
+        restore_tables(tmp_path, 2, 0, 1)
+    values.write_bytes(bytes(data[: len(data) // 2]))
+    _drop_from_cache(values)
+    with pytest.raises(CheckpointError, match=f"{values}.*truncated"):
+        restore_tables(tmp_path, 2, 0, 1)
+
+
+def test_prepared_hash_map_is_adopted_and_a_repeat_is_refused_with_the_table_unchanged() -> None:
+    cfg = TableConfig.from_dict({"name": "dyn_sgd", "dim": DIM, "initial_capacity": 100})
+    src = make_table(cfg)
+    src.pull(np.arange(100, dtype=np.int64) * 7)
+    bad = src.snapshot()
+    bad.arrays["dynamic.keys"][60] = bad.arrays["dynamic.keys"][3]
+    table = make_table(cfg)
+    buckets = table.part.buckets  # type: ignore[attr-defined]
+    index = table.prepare_adopt(bad.arrays["dynamic.keys"])
+    assert index is not None and index.taken and not index.distinct
+    assert table.stats().keys == 0  # nothing visible before the load
+    with pytest.raises(ValueError, match="duplicate keys"):
+        table.load(bad, adopt=True, index=index)
+    assert table.stats().keys == 0 and table.part.buckets == buckets  # type: ignore[attr-defined]
+    good = src.snapshot()
+    index = table.prepare_adopt(good.arrays["dynamic.keys"])
+    assert index is not None and index.distinct
+    table.load(good, adopt=True, index=index)
+    assert table.part.slots is index.slots  # type: ignore[attr-defined]  # built once, adopted
+    assert_same(src, table)
+    assert table.prepare_adopt(good.arrays["dynamic.keys"]) is None  # not empty any more
+    assert make_table(CONFIGS["static_adagrad"]).prepare_adopt(good.arrays["dynamic.keys"]) is None
