@@ -49,6 +49,16 @@ def set_helper_count(helpers: int) -> None:
         old.shutdown(wait=True)
 
 
+def _forget_pool_in_child() -> None:
+    """After fork(2) the child has none of the parent's helper threads: start afresh."""
+    global _pool, _lock
+    _pool = None
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _get_pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:

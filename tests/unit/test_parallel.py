@@ -112,3 +112,37 @@ def test_a_table_in_pieces_equals_the_same_table_in_one_piece(kind: str, opt: st
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a.view(np.uint32) if a.dtype == np.float32 else a,
                                       b.view(np.uint32) if b.dtype == np.float32 else b)  # fmt: skip
+
+
+def test_a_forked_child_gets_its_own_helpers(helpers: None) -> None:
+    """fork(2) copies no threads: a child using the parent's pool would wait forever."""
+    import os
+    import time
+
+    # every helper thread of the parent busy at once, so all of them exist (and sit idle)
+    parallel.run_in_pieces(N, lambda a, b: time.sleep(0.05))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            hits = np.zeros(N, dtype=np.int64)
+
+            def work(a: int, b: int) -> None:
+                hits[a:b] += 1
+
+            parallel.run_in_pieces(N, work)
+            code = 0 if (hits == 1).all() else 1
+        finally:
+            os._exit(code)
+    deadline = 30.0
+    t0 = time.monotonic()
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() - t0 > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's run_in_pieces did not finish")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
