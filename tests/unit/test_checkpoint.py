@@ -543,11 +543,16 @@ def _cuts(n: int, pattern: str, rng: np.random.Generator) -> list[int]:
     return sorted(rng.integers(0, n + 1, 500).tolist())  # "many"
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 4096, 100_003])
-@pytest.mark.parametrize("pattern", ["whole", "empty-pieces", "one-byte-pieces", "many"])
+@pytest.mark.parametrize(
+    ("n", "pattern"),
+    [
+        (n, pattern)
+        for n in (0, 1, 7, 4096, 100_003)
+        for pattern in ("whole", "empty-pieces", "one-byte-pieces", "many")
+        if not (pattern == "one-byte-pieces" and n > 4096)  # the small sizes cover it
+    ],
+)
 def test_crc32_combine_of_pieces_equals_zlib_of_the_whole(n: int, pattern: str) -> None:
-    if pattern == "one-byte-pieces" and n > 4096:
-        pytest.skip("one-byte pieces: the small sizes cover it")
     rng = np.random.default_rng(SEED + n)
     data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
     bounds = [0, *_cuts(n, pattern, rng), n]
