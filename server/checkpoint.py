@@ -982,8 +982,8 @@ def restore_tables(
             full = scratch.snapshot()
             sums = block_sums.setdefault(name, {})
             for key, arr in full.arrays.items():
-                if key.startswith("dynamic."):
-                    continue
+                if key.startswith(("dynamic.", "replay.")):
+                    continue  # own rows are in place; replay windows do not survive a reshard
                 if key == "sketch.counters":
                     acc = sums.get(key, np.zeros(arr.shape, dtype=np.uint64))
                     sums[key] = acc + arr.astype(np.uint64)
@@ -1004,7 +1004,7 @@ def restore_tables(
                 merged.arrays[key] = (acc / len(sources)).astype(np.float32)
             else:
                 merged.arrays[key] = acc
-        for key in [k for k in merged.arrays if k.startswith("dynamic.")]:
+        for key in [k for k in merged.arrays if k.startswith(("dynamic.", "replay."))]:
             del merged.arrays[key]  # the own rows are already in place
         # Per-shard counters do not survive a reshard; steps and versions take the maximum.
         merged.state = {
@@ -1104,7 +1104,7 @@ def _only_owned(snap: Snapshot, shard: int, num_shards: int) -> Snapshot:
 
 def _without_dynamic(snap: Snapshot) -> Snapshot:
     """The snapshot's shared blocks and sketch only."""
-    arrays = {k: v for k, v in snap.arrays.items() if not k.startswith("dynamic.")}
+    arrays = {k: v for k, v in snap.arrays.items() if not k.startswith(("dynamic.", "replay."))}
     return _partial(snap, arrays, None)
 
 

@@ -3,8 +3,8 @@
 A client that sets ``PushRequest.client_id`` numbers its pushes with
 ``sequence`` (> 0, increasing; ``PSClient`` starts at the clock in
 microseconds, so a restarted client with the same id continues above its old
-numbers). One ``ReplayGuard`` per shard, shared by every table of the shard:
-a client's sequences are one series whatever table a push names.
+numbers). One ``ReplayGuard`` per table: a client's sequences are one series across
+tables, and each table remembers the ones it applied (a gap is fine).
 
 HOW IT WORKS. Per client id: ``top``, the highest sequence applied, and a
 bitmap of the last ``window`` sequences (bit i: ``top - i`` was applied),
@@ -23,11 +23,19 @@ push that fails (a bad request, nothing applied) leaves its bit clear: the same
 sequence may come again. Pushes of different clients never wait on each other
 here (the table's lock still orders pushes to one table).
 
-LIMITATIONS. Memory is bounded: at most ``max_clients`` ids (least recently
-used forgotten first; about 300 bytes each). A forgotten id, and every id after
-a restart or a restore (this state is not checkpointed), starts afresh: its
-next push is applied whatever its sequence, so a replay of a push from before
-is applied again.
+CHECKPOINTS. Each table keeps its own guard and consults it under the table's
+lock (``Table.push``), so a table's snapshot holds exactly the pairs applied to
+the rows it holds: restored from a checkpoint, a table drops a replay of any
+push the checkpoint contains and applies any push it lost (``export`` /
+``load``; the arrays ``replay.*`` of a snapshot). A restore onto another shard
+count starts with empty windows (one old shard's window cannot speak for keys
+that come from others).
+
+LIMITATIONS. Memory is bounded: at most ``max_clients`` ids per table (least
+recently used forgotten first; about 300 bytes each). A forgotten id, and every
+id after a restart without a restore or a resharding restore, starts afresh:
+its next push is applied whatever its sequence, so a replay of a push from
+before is applied again.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
+
 from .errors import FailedPrecondition, InvalidArgument
 
 T = TypeVar("T")
@@ -45,6 +55,7 @@ DEFAULT_WINDOW = 1024  # sequences remembered below the highest one, per client 
 DEFAULT_MAX_CLIENTS = 65536  # client ids remembered per shard (LRU)
 MAX_CLIENT_ID_BYTES = 128
 MAX_SEQUENCE = 2**64 - 1
+REPLAY_ARRAYS = ("replay.ids", "replay.ends", "replay.top", "replay.bits")  # a snapshot's
 
 
 class _Window:
@@ -59,7 +70,7 @@ class _Window:
 
 
 class ReplayGuard:
-    """Per-shard memory of the (client id, sequence) pairs applied. Thread-safe.
+    """Per-table memory of the (client id, sequence) pairs applied. Thread-safe.
 
     Example::
 
@@ -132,6 +143,45 @@ class ReplayGuard:
             else:
                 w.bits |= 1 << (w.top - sequence)
             return result
+
+    def export(self) -> dict[str, np.ndarray]:
+        """The state as arrays (least recently used client first): ``replay.ids`` uint8
+        (the UTF-8 ids, concatenated), ``replay.ends`` int64 (k,) (where each id ends),
+        ``replay.top`` uint64 (k,), ``replay.bits`` uint8 (k, ceil(window / 8)) (little
+        endian). Call it where no push runs meanwhile (under the table's lock)."""
+        nb = (self.window + 7) // 8
+        with self._lock:
+            items = list(self._clients.items())
+        ids = [c.encode("utf-8") for c, _ in items]
+        return {
+            "replay.ids": np.frombuffer(b"".join(ids), dtype=np.uint8).copy(),
+            "replay.ends": np.cumsum([len(i) for i in ids], dtype=np.int64),
+            "replay.top": np.array([w.top for _, w in items], dtype=np.uint64),
+            "replay.bits": np.frombuffer(
+                b"".join(w.bits.to_bytes(nb, "little") for _, w in items), dtype=np.uint8
+            ).reshape(len(items), nb),
+        }
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the state by ``export``'s arrays (ValueError if they do not fit together)."""
+        ids, ends = arrays["replay.ids"], arrays["replay.ends"]
+        top, bits = arrays["replay.top"], arrays["replay.bits"]
+        k = ends.shape[0]
+        if top.shape != (k,) or bits.shape[0] != k or (k and int(ends[-1]) != ids.shape[0]):
+            raise ValueError("replay arrays do not fit together")
+        raw = ids.tobytes()
+        clients: OrderedDict[str, _Window] = OrderedDict()
+        start = 0
+        for i in range(k):
+            w = _Window()
+            w.top = int(top[i])
+            w.bits = int.from_bytes(bits[i].tobytes(), "little") & self._mask
+            clients[raw[start : int(ends[i])].decode("utf-8")] = w
+            start = int(ends[i])
+        while len(clients) > self.max_clients:
+            clients.popitem(last=False)
+        with self._lock:
+            self._clients = clients
 
     def _window(self, client_id: str) -> _Window:
         with self._lock:

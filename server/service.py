@@ -67,7 +67,6 @@ from .errors import (
 )
 from .metrics import ShardMetrics
 from .replay import ReplayGuard
-from .tables import PushResult
 
 log = logging.getLogger("embps.server")
 
@@ -414,7 +413,6 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.engine = engine
         self.config = config
         self.checkpointer = checkpointer
-        self.replay = ReplayGuard()  # push idempotency (client_id, sequence), server/replay.py
 
     # ---------------------------------------------------------------- data
     # Pull answers and Push requests skip protobuf objects (the rows are copied once, or not
@@ -466,17 +464,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         grads = codec.decode_values(request.grads, dtype, n, table.dim)
         ReplayGuard.check(request.client_id, request.sequence)
-        res: PushResult | None
-        if not request.client_id:
-            res = table.push(keys, grads, step=request.step)
-        else:
-            res = self.replay.apply_once(
-                request.client_id,
-                request.sequence,
-                lambda: table.push(keys, grads, step=request.step),
-            )
-            if res is None:
-                return pb.PushResponse(replayed=True)
+        res = table.push(keys, grads, request.step, request.client_id, request.sequence)
+        if res.replayed:
+            return pb.PushResponse(replayed=True)
         return pb.PushResponse(applied=res.applied, dropped=res.dropped)
 
     # ---------------------------------------------------------------- tables

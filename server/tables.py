@@ -60,6 +60,7 @@ from .optimizers import (
     row_norms,
 )
 from .parallel import run_in_pieces
+from .replay import REPLAY_ARRAYS, ReplayGuard
 from .sketch import DEFAULT_DEPTH, FrequencySketch
 
 DEFAULT_SKETCH_WIDTH = 1 << 18
@@ -76,10 +77,12 @@ _STATIC_SEED = np.uint64(0x94D049BB133111EB)
 
 @dataclass(frozen=True)
 class PushResult:
-    """applied: keys whose gradient reached a row; dropped: keys with no row (ignored)."""
+    """applied: keys whose gradient reached a row; dropped: keys with no row (ignored);
+    replayed: the (client_id, sequence) was applied before, so nothing was (server/replay.py)."""
 
     applied: int
     dropped: int
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -625,6 +628,7 @@ class Table:
         # New own rows refused at the row limit (max_rows / max_bytes): keys of refused
         # pulls, or adaptive promotions skipped. A process metric, not checkpointed.
         self.capacity_refusals = 0
+        self.replay = ReplayGuard()  # push idempotency (client_id, sequence): server/replay.py
 
     # ---------------------------------------------------------------- API
     def pull(
@@ -658,12 +662,23 @@ class Table:
             self.counters["pulled_rows"] += k.shape[0]
             return out
 
-    def push(self, keys: object, grads: object, step: int | None = None) -> PushResult:
+    def push(
+        self,
+        keys: object,
+        grads: object,
+        step: int | None = None,
+        client_id: str = "",
+        sequence: int = 0,
+    ) -> PushResult:
         """Apply the optimizer to the rows of ``keys`` with ``grads`` float32 (n, dim).
 
         Gradients of duplicate keys (and of keys sharing a row) are summed
         first. Keys with no row are dropped and counted. A request with a bad
         shape or a NaN/Inf gradient raises InvalidArgument and changes nothing.
+        client_id, sequence: push idempotency (server/replay.py; ``ReplayGuard.check``
+        them first): a pair this table applied before changes nothing and returns
+        ``replayed=True``; the check and the mark happen under the table's lock, so
+        a snapshot holds exactly the pairs whose pushes its rows hold.
         """
         k = as_keys(keys)
         g = as_grads(grads, k.shape[0], self.dim, self.name)
@@ -672,16 +687,22 @@ class Table:
                 f"table {self.name!r}: step must be an integer >= 0, got {step!r}"
             )
         with self._lock:
-            if step is None:
-                s = self._auto_step
-            else:
-                s = int(step)
-            self._auto_step = max(self._auto_step, s + 1)
-            self.step = max(self.step, s)
-            self.version += 1
-            res = self._push(k, g, s)
-            self.counters["pushed_rows"] += res.applied
-            return res
+            if not client_id:
+                return self._push_locked(k, g, step)
+            res = self.replay.apply_once(client_id, sequence, lambda: self._push_locked(k, g, step))
+            return PushResult(0, 0, replayed=True) if res is None else res
+
+    def _push_locked(self, k: np.ndarray, g: np.ndarray, step: int | None) -> PushResult:
+        if step is None:
+            s = self._auto_step
+        else:
+            s = int(step)
+        self._auto_step = max(self._auto_step, s + 1)
+        self.step = max(self.step, s)
+        self.version += 1
+        res = self._push(k, g, s)
+        self.counters["pushed_rows"] += res.applied
+        return res
 
     def prune(self, threshold: float, norm: Norm | str = Norm.L2) -> PruneResult:
         """Delete own rows whose norm is below ``threshold`` (OptEmbed-style) and compact.
@@ -802,6 +823,7 @@ class Table:
             if since_version is not None:
                 logged = [k for v, k in self._deleted if v > since_version]
                 deleted = np.concatenate(logged) if logged else np.empty(0, dtype=np.int64)
+            arrays.update(self.replay.export())  # the pushes these rows hold, whole
             state = {"step": self.step, "auto_step": self._auto_step, "version": self.version}
             state.update(self.counters)
             return Snapshot(self.config, arrays, state, since_version, deleted)
@@ -845,6 +867,13 @@ class Table:
         own = [a for n, a in snap.arrays.items() if n.startswith("dynamic.")]
         adopt_own = adopt and "dynamic.keys" in snap.arrays and all(_adoptable(a) for a in own)
         self._check_snapshot(snap, distinct=not adopt_own)  # else adopt_rows checks them
+        replay = None
+        if REPLAY_ARRAYS[0] in snap.arrays:
+            replay = ReplayGuard()
+            try:
+                replay.load(snap.arrays)
+            except (KeyError, ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"snapshot arrays replay.* of table {self.name!r}: {e}") from None
         with self._lock:
             part: DynamicPart | None = getattr(self, "part", None)
             self._check_fits(snap)
@@ -884,6 +913,8 @@ class Table:
             self.version = max(self.version, int(snap.state["version"]))
             for name in self.counters:
                 self.counters[name] = int(snap.state.get(name, 0))
+            if replay is not None:
+                self.replay = replay
 
     def _check_fits(self, snap: Snapshot) -> None:
         """ValueError (before any change) if ``snap`` would leave more own rows than ``row_limit``."""
@@ -933,6 +964,7 @@ class Table:
             parts["dynamic"] = part.block
         known = {f"{p}.{f}" for p in parts for f in BLOCK_FIELDS}
         known |= {f"{p}.rows" for p in parts} | {"dynamic.keys", "sketch.counters"}
+        known |= set(REPLAY_ARRAYS)
         unknown = set(snap.arrays) - known
         if unknown:
             raise ValueError(

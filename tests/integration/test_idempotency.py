@@ -178,6 +178,28 @@ def test_guard_forgets_the_least_recently_used_client() -> None:
     assert g.apply_once("c", 10**18 - 3, lambda: "z") is None
 
 
+def test_guard_state_survives_export_and_load() -> None:
+    """What a checkpoint saves: ids (any UTF-8), highest sequences, window bits, LRU order."""
+    g = ReplayGuard(window=70, max_clients=3)
+    for cid, seq in [("a", 5), ("b", 2**63 + 7), ("é-trainer", 100), ("é-trainer", 40), ("a", 6)]:
+        assert g.apply_once(cid, seq, lambda: 1) == 1
+    arrays = g.export()
+    assert arrays["replay.bits"].shape == (3, 9) and arrays["replay.top"].dtype == np.uint64
+    h = ReplayGuard(window=70, max_clients=3)
+    h.load(arrays)
+    assert h.apply_once("d", 1, lambda: 3) == 3  # forgets b, the least recently used in g
+    for cid, seq in [("a", 5), ("a", 6), ("é-trainer", 100), ("é-trainer", 40)]:
+        assert h.apply_once(cid, seq, lambda: 1) is None, (cid, seq)
+    assert h.apply_once("é-trainer", 41, lambda: 2) == 2  # a gap in the window: not applied yet
+    assert h.apply_once("b", 2**63 + 7, lambda: 4) == 4  # b was forgotten: applied afresh
+    empty = ReplayGuard().export()
+    assert all(a.shape[0] == 0 for a in empty.values())
+    ReplayGuard().load(empty)
+    bad = dict(arrays, **{"replay.top": arrays["replay.top"][:2]})
+    with pytest.raises(ValueError, match="do not fit"):
+        ReplayGuard().load(bad)
+
+
 # --------------------------------------------------------------------------
 # PSClient: sequences and the retry of a push whose answer was lost
 # --------------------------------------------------------------------------

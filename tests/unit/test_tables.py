@@ -23,7 +23,7 @@ from embps.protos.config import (
 from embps.server import errors
 from embps.server import hashmap as hm
 from embps.server.engine import Engine
-from embps.server.tables import Table, make_table
+from embps.server.tables import Snapshot, Table, make_table
 
 from .reference import (
     INT64_MAX,
@@ -769,3 +769,27 @@ def test_hash_map_sentinel_key_is_an_ordinary_key_for_tables():
     assert not np.array_equal(table.pull([INT64_MIN], train=False)[0], out[0])
     assert table.erase([INT64_MIN, INT64_MIN]) == 1
     assert table.stats().keys == 1
+
+
+def test_push_replay_windows_travel_with_the_snapshot():
+    """A table's snapshot holds exactly the (client, sequence) pairs its rows hold."""
+    table = make_table(cfg())
+    keys = np.arange(5)
+    table.pull(keys)
+    g = np.ones((5, DIM), np.float32)
+    assert not table.push(keys, g, client_id="c", sequence=3).replayed
+    snap = table.snapshot()
+    assert table.push(keys, g, client_id="c", sequence=3).replayed  # nothing changes
+    assert not table.push(keys, g, client_id="c", sequence=4).replayed  # after the snapshot
+    copy = make_table(cfg())
+    bad = Snapshot(snap.config, dict(snap.arrays), dict(snap.state))
+    bad.arrays["replay.ends"] = np.array([99], dtype=np.int64)
+    with pytest.raises(ValueError, match="replay"):
+        copy.load(bad)
+    assert copy.stats().keys == 0 and len(copy.replay) == 0  # refused before any change
+    copy.load(snap)
+    before = copy.pull(keys, train=False)
+    res = copy.push(keys, g, client_id="c", sequence=3)
+    assert (res.applied, res.dropped, res.replayed) == (0, 0, True)
+    np.testing.assert_array_equal(copy.pull(keys, train=False), before)
+    assert not copy.push(keys, g, client_id="c", sequence=4).replayed  # the snapshot lacks it
