@@ -17,9 +17,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-_C1 = np.uint64(0xBF58476D1CE4E5B9)
-_C2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+from embps.protos.routing import _C1, _C2, _GOLDEN  # the one definition of mix64's constants
+
 _S30 = np.uint64(30)
 _S27 = np.uint64(27)
 _S31 = np.uint64(31)
