@@ -322,10 +322,11 @@ def test_a_restored_shard_drops_replays_of_pushes_its_checkpoint_holds(
     (s,) = shards(1, tables=TABLES, checkpoint_dir=str(tmp_path))
     keys = np.arange(20)
 
-    def push(ps: PSClient, seq: int, table: str = "user") -> pb.PushResponse:
+    def push(ps: PSClient, seq: int, table: str = "user", shard: int = 0) -> pb.PushResponse:
+        """The bytes a 1-shard PSClient sends (num_shards=1), to ``shard`` of ``ps``."""
         req = codec.encode_push_request(table, keys, np.ones((20, 4), np.float32), 0, 1, None,
                                         client_id="trainer-0", sequence=seq)  # fmt: skip
-        return ps._callable("Push", 0)(req, timeout=10)
+        return ps._callable("Push", shard)(req, timeout=10)
 
     with PSClient([s.address]) as ps:
         ps.pull("user", keys)
@@ -350,3 +351,13 @@ def test_a_restored_shard_drops_replays_of_pushes_its_checkpoint_holds(
     for t in two:
         assert t.restored.wait(30) and t.restore_error is None
     assert all(len(t.engine.table("user").replay) == 0 for t in two)
+    # ... and a retry of a push sent before cannot land there: its bytes carry the old
+    # shard count, so each new shard refuses it and nothing changes
+    with PSClient([t.address for t in two]) as ps:
+        before = ps.pull("user", keys, train=False)
+        for shard in range(2):
+            with pytest.raises(grpc.RpcError) as err:
+                push(ps, 1, shard=shard)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        np.testing.assert_array_equal(ps.pull("user", keys, train=False), before)
+        assert all(len(t.engine.table("user").replay) == 0 for t in two)
