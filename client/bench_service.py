@@ -72,6 +72,7 @@ from embps.server.benchreport import (
     fmt_ratio,
     machine_line,
     table,
+    target_cells,
     write_json,
 )
 from embps.v1 import embps_pb2 as pb
@@ -678,8 +679,7 @@ def report(r: dict[str, Any]) -> str:
                     _NAMES[base],
                     fmt_num(r[f"{base}_rows_s"] / 1e6),
                     fmt_ratio(r[key]),
-                    t.text() if t else "",
-                    ("yes" if t.met(r[key]) else "NO") if t else "",
+                    *target_cells(t, r[key]),
                 )
             )
 

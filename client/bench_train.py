@@ -77,7 +77,14 @@ from typing import Any
 import numpy as np
 
 from embps.protos.config import TableConfig
-from embps.server.benchreport import Target, fmt_ratio, machine_line, table, write_json
+from embps.server.benchreport import (
+    Target,
+    fmt_ratio,
+    machine_line,
+    table,
+    target_cells,
+    write_json,
+)
 
 from . import demo
 from .data import SyntheticCTR
@@ -582,8 +589,7 @@ def report(r: dict[str, Any]) -> str:
                 label + mark,
                 f"{r[f'{name}_samples_s'] / 1e3:.1f}k",
                 fmt_ratio(vs),
-                t.text() if t else "",
-                ("yes" if t.met(vs) else "NO") if t else "",
+                *target_cells(t, vs),
             )
         )
     title = (

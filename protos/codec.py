@@ -23,6 +23,7 @@ request). All four are tested against the generated classes
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -353,32 +354,20 @@ def decode_pull_response(data: bytes) -> tuple[memoryview, int, int]:
     return values, dim, _as_int32(int(f.get((3, _WIRE_VARINT), 0)))
 
 
+@dataclass(slots=True)
 class PushRequestView:
     """A ``PushRequest`` read in place (``decode_push_request``): its fields under the
     proto names; ``keys`` and ``grads`` are views into the request's bytes (no copy);
     ``step`` is None when the request has none (an absent optional field)."""
 
-    __slots__ = ("client_id", "dtype", "grads", "keys", "num_shards", "sequence", "step", "table")
-
-    def __init__(
-        self,
-        table: str = "",
-        keys: memoryview = _EMPTY,
-        grads: memoryview = _EMPTY,
-        dtype: int = 0,
-        step: int | None = None,
-        num_shards: int = 0,
-        client_id: str = "",
-        sequence: int = 0,
-    ) -> None:
-        self.table = table
-        self.keys = keys
-        self.grads = grads
-        self.dtype = dtype
-        self.step = step
-        self.num_shards = num_shards
-        self.client_id = client_id
-        self.sequence = sequence
+    table: str = ""
+    keys: memoryview = _EMPTY
+    grads: memoryview = _EMPTY
+    dtype: int = 0
+    step: int | None = None
+    num_shards: int = 0
+    client_id: str = ""
+    sequence: int = 0
 
 
 def decode_push_request(data: bytes) -> PushRequestView:

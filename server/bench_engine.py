@@ -55,6 +55,7 @@ from .benchreport import (
     fmt_ratio,
     machine_line,
     table,
+    target_cells,
     write_json,
 )
 
@@ -426,8 +427,7 @@ def report(r: dict[str, Any]) -> str:
                     name,
                     fmt_num(r[base]),
                     fmt_ratio(r[ratio]),
-                    t.text() if t else "",
-                    ("yes" if t.met(r[ratio]) else "NO") if t else "",
+                    *target_cells(t, r[ratio]),
                 )
             )
 

@@ -36,6 +36,14 @@ class Target:
         return f"{'<=' if self.at_most else '>='} {self.bound:g}x"
 
 
+def target_cells(target: Target | None, value: float) -> tuple[str, str]:
+    """A report row's last two cells: the target as printed and whether ``value`` meets
+    it ('yes' / 'NO'); two empty cells for a row without a target."""
+    if target is None:
+        return "", ""
+    return target.text(), "yes" if target.met(value) else "NO"
+
+
 def fmt_num(v: float) -> str:
     """A throughput with 3-4 significant digits."""
     return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
