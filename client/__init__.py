@@ -9,36 +9,77 @@ Example::
         rows = ps.pull("user", [1, 2, 3])
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from embps.protos.config import FTRL, SGD, Adagrad, Adam, TableConfig
 
-from .exceptions import (
-    STATUS_TO_ERROR,
-    AlreadyExistsError,
-    CancelledError,
-    CheckpointFailedError,
-    DeadlineExceededError,
-    EmbpsError,
-    InconsistentShardsError,
-    InternalError,
-    InvalidArgumentError,
-    PermissionDeniedError,
-    PushOutcomeUnknownError,
-    ResourceExhaustedError,
-    ShardMismatchError,
-    TableNotFoundError,
-    UnauthenticatedError,
-    UnavailableError,
-    UnimplementedError,
-)
-from .ps_client import (
-    CheckpointResult,
-    PruneResult,
-    PSClient,
-    PushResult,
-    ShardStats,
-    shard_addresses,
-)
-from .security import TLSConfig
+# The client modules import grpc, and gRPC's C core reads its log settings
+# (GRPC_VERBOSITY) once, when grpc is first imported. They are imported on first
+# use of one of their names (PEP 562 ``__getattr__``), so that the ``embps``
+# command line (embps.client.cli) can choose gRPC's logging for a subcommand
+# before that: ``embps health`` prints only its own one-line verdict.
+if TYPE_CHECKING:
+    from .exceptions import (
+        STATUS_TO_ERROR,
+        AlreadyExistsError,
+        CancelledError,
+        CheckpointFailedError,
+        DeadlineExceededError,
+        EmbpsError,
+        InconsistentShardsError,
+        InternalError,
+        InvalidArgumentError,
+        PermissionDeniedError,
+        PushOutcomeUnknownError,
+        ResourceExhaustedError,
+        ShardMismatchError,
+        TableNotFoundError,
+        UnauthenticatedError,
+        UnavailableError,
+        UnimplementedError,
+    )
+    from .ps_client import (
+        CheckpointResult,
+        PruneResult,
+        PSClient,
+        PushResult,
+        ShardStats,
+        shard_addresses,
+    )
+    from .security import TLSConfig
+
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        ("STATUS_TO_ERROR", "AlreadyExistsError", "CancelledError", "CheckpointFailedError",
+         "DeadlineExceededError", "EmbpsError", "InconsistentShardsError", "InternalError",
+         "InvalidArgumentError", "PermissionDeniedError", "PushOutcomeUnknownError",
+         "ResourceExhaustedError", "ShardMismatchError", "TableNotFoundError",
+         "UnauthenticatedError", "UnavailableError", "UnimplementedError"),
+        "exceptions",
+    ),
+    **dict.fromkeys(
+        ("CheckpointResult", "PruneResult", "PSClient", "PushResult", "ShardStats",
+         "shard_addresses"),
+        "ps_client",
+    ),
+    "TLSConfig": "security",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """``embps.client.PSClient`` and the other names of ``__all__``, imported on first use."""
+    module = _LAZY.get(name)
+    if module is None:  # AttributeError: ``from embps.client import demo`` imports the module
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # the next lookup finds it without __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "FTRL",

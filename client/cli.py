@@ -2,12 +2,21 @@
 
 Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand runs, so ``embps --help`` is fast.
+
+gRPC's C core logs on stderr by itself (a failed TLS handshake: ``I...
+ssl_transport_security.cc ... Handshake failed ...``). ``embps health`` is a check
+for probes and scripts whose output is its own one line, so for it ``main`` sets
+``GRPC_VERBOSITY=NONE`` before grpc is first imported (gRPC reads it then, once; the
+package ``embps.client`` imports grpc only on first use for this reason). A
+``GRPC_VERBOSITY`` the user set wins; other subcommands and library users keep
+gRPC's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -26,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "check a shard's gRPC health (exit 0 SERVING, 1 not serving, 2 unreachable)",
     ),
 }
+# subcommands whose stderr is their own messages only: gRPC's C core logs nothing
+QUIET_GRPC = frozenset({"health"})
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": (
         "embps.server.bench_engine",
@@ -79,9 +90,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_grpc_logs() -> None:
+    """Turn gRPC's C-core logging off for this process (``GRPC_VERBOSITY=NONE``) unless
+    the user set ``GRPC_VERBOSITY``. Effective only before grpc is first imported: if it
+    already is (``main`` called in a process that uses grpc), nothing changes."""
+    if "grpc" not in sys.modules:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``embps`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in QUIET_GRPC:
+        quiet_grpc_logs()
     args = build_parser(argv).parse_args(argv)
     rc: int = _load(args._module).run(args)
     return rc

@@ -1,9 +1,16 @@
 """``embps health``: one ``grpc.health.v1`` check of a shard, for probes and scripts.
 
-The Docker HEALTHCHECK and the Kubernetes exec probes of the TLS component
-(deploy/k8s/components/tls) run it; the kubelet's own ``grpc`` probe cannot
-speak TLS. Health needs no bearer token (README "Security"), so there is no
-token option; over mutual TLS the check must present a client certificate.
+The Docker HEALTHCHECK runs it, and so do people and scripts (in a TLS pod:
+``kubectl exec``, see deploy/README.md). Kubernetes probes do not: the base
+uses the kubelet's ``grpc`` probe, and the TLS component, whose port that probe
+cannot reach, ``GET /readyz`` on the metrics port (server/metrics.py), which
+serves the same health status without starting a process. Health needs no
+bearer token (README "Security"), so there is no token option; over mutual TLS
+the check must present a client certificate.
+
+Its output is its own one line: run as ``embps health``, gRPC's C-core logging
+(e.g. "Handshake failed" lines) is off unless ``GRPC_VERBOSITY`` is set
+(client/cli.py).
 
 Exit codes (one line of output either way):
 

@@ -26,13 +26,22 @@ base units in the name, ``_total`` for counters.
 | embps_memory_limit_bytes | gauge | (the process's cgroup memory limit; 0: none) |
 | process_resident_memory_bytes, process_virtual_memory_bytes, process_cpu_seconds_total, process_open_fds, process_max_fds, process_start_time_seconds | gauge/counter | (prometheus_client's ProcessCollector, Linux) |
 | python_info | gauge | implementation, major, minor, patchlevel, version |
+
+The same HTTP server answers ``GET /readyz`` (for Kubernetes probes of TLS shards,
+whose gRPC port the kubelet's ``grpc`` probe cannot reach): 200 ``SERVING`` when the
+shard's ``grpc.health.v1`` status (service "") is SERVING, else 503 and the status name
+(``NOT_SERVING`` while restoring or draining). Any other path is 404.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -41,9 +50,10 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .tables import Table
@@ -214,7 +224,101 @@ class ShardMetrics:
         self.checkpoint_duration.labels(kind).observe(seconds)
         self.checkpoint_last_success.set(time.time())
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve /metrics on ``port`` (0: any free port); returns the bound port."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return int(server.server_address[1])
+    def serve(
+        self, port: int, addr: str = "0.0.0.0", readiness: Callable[[], str] | None = None
+    ) -> int:
+        """Serve /metrics (and /readyz, given ``readiness``) on ``port`` (0: any free port)
+        from a daemon thread; returns the bound port.
+
+        readiness: the shard's health status name ("SERVING", "NOT_SERVING", ...), called
+        once per /readyz request; None: /readyz is 404 like any other path.
+        """
+        family, host = _address_family(addr, port)
+
+        class Server(ThreadingWSGIServer):  # prometheus_client's, with this address family
+            address_family = family
+
+        app = http_app(self.registry, readiness)
+        httpd: WSGIServer = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        threading.Thread(target=httpd.serve_forever, name="embps-metrics-http", daemon=True).start()
+        return int(httpd.server_address[1])
+
+
+# --------------------------------------------------------------------------
+# The metrics port's HTTP server: /metrics, /readyz
+# --------------------------------------------------------------------------
+#
+# One WSGI app on prometheus_client's own threading WSGI server (what its
+# start_http_server runs): /metrics goes to prometheus_client's app unchanged
+# (content negotiation, gzip, name[] filters, 405 for other methods), so the
+# exposition stays exactly what it was. /readyz reads only the health status
+# (the health servicer's own lock, no table lock), so a probe every few seconds
+# costs one small HTTP request and stays answerable while a table is busy.
+
+METRICS_PATH = "/metrics"
+READYZ_PATH = "/readyz"
+READY = "SERVING"  # the health status /readyz answers 200 to
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+def http_app(registry: CollectorRegistry, readiness: Callable[[], str] | None = None) -> WSGIApp:
+    """The metrics port's WSGI app: ``/metrics`` (prometheus_client's exposition of
+    ``registry``), ``/readyz`` (200 ``SERVING\\n`` or 503 ``<status>\\n``, GET or HEAD;
+    only with ``readiness``), 404 for any other path."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == METRICS_PATH:
+            return metrics(environ, start_response)
+        if path == READYZ_PATH and readiness is not None:
+            return _readyz(environ, start_response, readiness)
+        return _plain(start_response, "404 Not Found", f"no such path: use {METRICS_PATH}\n")
+
+    return app
+
+
+def _readyz(
+    environ: Environ, start_response: StartResponse, readiness: Callable[[], str]
+) -> Iterable[bytes]:
+    method = environ.get("REQUEST_METHOD", "GET")
+    if method not in ("GET", "HEAD"):
+        body = f"{method} {READYZ_PATH}: use GET or HEAD\n"
+        return _plain(start_response, "405 Method Not Allowed", body, allow="GET, HEAD")
+    status = readiness()
+    code = "200 OK" if status == READY else "503 Service Unavailable"
+    return _plain(start_response, code, f"{status}\n", head=method == "HEAD")
+
+
+def _plain(
+    start_response: StartResponse, code: str, body: str, allow: str = "", head: bool = False
+) -> list[bytes]:
+    """Answer ``code`` with a plain-text ``body`` (not sent for HEAD; its length is)."""
+    data = body.encode()
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(data))),
+        ("Cache-Control", "no-store"),
+    ]
+    if allow:
+        headers.append(("Allow", allow))
+    start_response(code, headers)
+    return [] if head else [data]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Logs no request line (a probe every few seconds would fill stderr)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _address_family(addr: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """(family, host) to bind ``addr`` with: IPv6 for "::" and IPv6 literals (as
+    prometheus_client's start_http_server picks it)."""
+    infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    return family, str(sockaddr[0])

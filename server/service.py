@@ -699,6 +699,17 @@ def add_servicer_to_server(servicer: ParameterServerServicer, server: grpc.Serve
 # --------------------------------------------------------------------------
 
 
+class _LocalCheck:
+    """The one part of a ``grpc.ServicerContext`` that ``HealthServicer.Check`` uses
+    (``set_code`` for an unknown service), for asking the servicer in-process."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+
 class ShardServer:
     """One shard: gRPC server + engine + health + metrics (+ checkpoints). Build with
     ``build_server``.
@@ -756,7 +767,9 @@ class ShardServer:
         """Serve: metrics HTTP server (if configured), gRPC, then health SERVING, or, with
         ``config.restore``, NOT_SERVING while the restore runs in the background."""
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.metrics_port, addr=self.config.host)
+            self.metrics_port = self.metrics.serve(
+                self.config.metrics_port, addr=self.config.host, readiness=self.health_status
+            )
         if self.config.restore:
             self.gate.close(self._restoring_message)
             self.metrics.restore_progress.set(0.0)
@@ -799,6 +812,17 @@ class ShardServer:
             )
             return None
         return ck.checkpoint(ck.next_auto_step())
+
+    def health_status(self) -> str:
+        """The shard's overall health ("SERVING", "NOT_SERVING", ...): the answer a
+        ``grpc.health.v1`` Check of service "" gets, read from the same servicer (its
+        lock only, no table lock). The metrics port's ``/readyz`` serves it, so the HTTP
+        probe and the gRPC health check cannot disagree."""
+        call = _LocalCheck()
+        reply = self.health.Check(health_pb2.HealthCheckRequest(service=""), call)
+        if call.code is not None:  # the servicer's NOT_FOUND for a service it never had
+            return "SERVICE_UNKNOWN"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     # ---------------------------------------------------------------- internals
     def _set_health(self, status: int) -> None:
@@ -942,7 +966,9 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         options=options,
     )
     add_servicer_to_server(ParameterServerServicer(engine, config, checkpointer), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = health.HealthServicer()  # it starts with "" SERVING: NOT_SERVING
+    for name in ("", SERVICE_NAME):  # instead, until start() serves (gRPC and /readyz)
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

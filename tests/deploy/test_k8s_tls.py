@@ -6,8 +6,11 @@ overlay with the component added to its ``components:`` exactly as
 deploy/README.md tells an operator to. Both validate with kubernetes-validate
 --strict. Then the rendered pieces run for real: a shard started with the
 rendered serve flags, its Secret files written where the mounts put them (in
-tmp_path), answers the rendered exec probe command with SERVING, while the
-probe without a client certificate gets no answer.
+tmp_path), answers the rendered probes (HTTP GET of their path on their port:
+/readyz on the metrics port) with 200, and with 503 while it drains, when its
+gRPC health check over mutual TLS says NOT_SERVING too; `embps health` with the
+pod's own certificate (the documented check for humans) works while a check
+without a client certificate gets no answer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,30 +165,25 @@ def test_serve_flags_read_the_mounted_secrets(tls_rendered: dict[str, Docs]) -> 
 
 
 @pytest.mark.parametrize("name", ["base+tls", "prod+tls"])
-def test_probes_are_embps_health_over_mutual_tls(tls_rendered: dict[str, Docs], name: str) -> None:
-    from embps.client.cli import build_parser
-
-    sts = sts_of(tls_rendered[name])
-    c, spec = container(sts), sts["spec"]["template"]["spec"]
-    serve = flags(c["args"])
-    grpc_port = next(int(p["containerPort"]) for p in c["ports"] if p["name"] == "grpc")
+def test_probes_get_readyz_on_the_metrics_port(tls_rendered: dict[str, Docs], name: str) -> None:
+    plain_sts, sts = sts_of(tls_rendered[name.removesuffix("+tls")]), sts_of(tls_rendered[name])
+    plain, c = container(plain_sts), container(sts)
+    metrics_port = next(int(p["containerPort"]) for p in c["ports"] if p["name"] == "metrics")
+    assert int(flags(c["args"])["--metrics-port"]) == metrics_port
     for which in ("startupProbe", "readinessProbe"):
         probe = c[which]
         assert "grpc" not in probe, f"{which}: the kubelet's grpc probe cannot speak TLS"
-        argv = probe["exec"]["command"]
-        assert argv[:2] == ["embps", "health"], argv
-        args = build_parser(argv[1:]).parse_args(argv[1:])  # the real `embps health` parser
-        assert args.address == f"127.0.0.1:{grpc_port}"
-        assert args.tls_ca == serve["--tls-client-ca"]  # the CA of the shard's certificate
-        assert (args.tls_cert, args.tls_key) == (serve["--tls-cert"], serve["--tls-key"])
-        assert args.server_name == "localhost"
-        assert mounted_file(c, spec, args.tls_ca) == (TLS_SECRET, "ca.crt")
-        # the check's own deadline fits in the probe's, with room for the interpreter start
-        assert probe["timeoutSeconds"] >= args.timeout + 3
+        assert "exec" not in probe, f"{which}: a process per probe is what /readyz avoids"
+        assert probe["httpGet"] == {"path": "/readyz", "port": "metrics"}, probe
+        assert probe.get("httpGet", {}).get("scheme", "HTTP") == "HTTP"
+        # the base's thresholds and budget (its grpc probes): only the mechanism differs
+        for key in ("periodSeconds", "failureThreshold", "timeoutSeconds"):
+            assert probe[key] == plain[which][key], (which, key)
+        assert "grpc" in plain[which]  # the base keeps the kubelet's native grpc probes
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     live = c["livenessProbe"]  # unchanged: plain HTTP /metrics, not the health status
-    assert "httpGet" in live and "exec" not in live
+    assert live == plain["livenessProbe"] and live["httpGet"]["path"] == "/metrics"
 
 
 # --------------------------------------------------------------------------
@@ -263,61 +265,123 @@ def tls_pod(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Any, dict[str, Any], Path, bool]]:
     """(shard started with the rendered TLS flags, container, secret root, client auth usage)."""
-    from embps.server.service import ShardConfig, build_server
-
     client_auth: bool = request.param
     root = tmp_path_factory.mktemp("secrets")
     write_secret_files(root, client_auth)
     c = container(sts_of(tls_rendered["base+tls"]))
-    f = {k: local(v, root) for k, v in flags(c["args"]).items() if k in TLS_FLAGS}
-    shard = build_server(
-        ShardConfig(
-            port=0,
-            tls_cert=f["--tls-cert"],
-            tls_key=f["--tls-key"],
-            tls_client_ca=f["--tls-client-ca"],
-            auth_token_file=f["--auth-token-file"],
-        )
-    )
+    shard = rendered_shard(c, root)
     shard.start()
     yield shard, c, root, client_auth
     shard.stop(grace=0)
 
 
-def run_probe(argv: list[str], port: int, root: Path) -> subprocess.CompletedProcess[str]:
-    """The probe's command with the mounts under ``root`` and the shard's port, via PATH."""
-    out = []
-    for a in argv:
-        name, eq, value = a.partition("=")
-        if name == "--address":
-            value = f"127.0.0.1:{port}"
-        elif value.startswith("/etc/"):
-            value = local(value, root)
-        out.append(name + eq + value)
+def rendered_shard(c: dict[str, Any], root: Path, **options: Any) -> Any:
+    """A shard (not started) with the container's TLS flags (files under ``root``), on
+    127.0.0.1 with any free gRPC and metrics ports."""
+    from embps.server.service import ShardConfig, build_server
+
+    f = {k: local(v, root) for k, v in flags(c["args"]).items() if k in TLS_FLAGS}
+    return build_server(
+        ShardConfig(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=0,
+            tls_cert=f["--tls-cert"],
+            tls_key=f["--tls-key"],
+            tls_client_ca=f["--tls-client-ca"],
+            auth_token_file=f["--auth-token-file"],
+            **options,
+        )
+    )
+
+
+def http_probe(c: dict[str, Any], which: str, shard: Any) -> tuple[int, str]:
+    """What the kubelet's httpGet ``which`` probe gets from ``shard``: (status, body). The
+    probe's named port is resolved through the container's ports to the metrics port,
+    which the test shard serves on ``shard.metrics_port`` instead of the pod's."""
+    get = c[which]["httpGet"]
+    (port,) = [p for p in c["ports"] if p["name"] == get["port"]]
+    assert f"--metrics-port={port['containerPort']}" in c["args"], "the probe checks metrics"
+    url = f"{get.get('scheme', 'HTTP').lower()}://127.0.0.1:{shard.metrics_port}{get['path']}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def embps_health(c: dict[str, Any], shard: Any, root: Path, client_cert: bool = True) -> Any:
+    """`embps health` as deploy/README.md tells a human to run it in the pod: over mutual TLS
+    with the pod's own certificate (the rendered serve flags), checking the name localhost."""
+    f = {k: local(v, root) for k, v in flags(c["args"]).items() if k in TLS_FLAGS}
+    argv = ["embps", "health", f"--address=127.0.0.1:{shard.port}", "--timeout=3",
+            f"--tls-ca={f['--tls-client-ca']}", "--server-name=localhost"]  # fmt: skip
+    if client_cert:
+        argv += [f"--tls-cert={f['--tls-cert']}", f"--tls-key={f['--tls-key']}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBPS_")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return subprocess.run(out, env=env, capture_output=True, text=True, timeout=30)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
 
 
-def test_rendered_probe_passes_on_the_shard_it_checks(tls_pod: tuple[Any, Any, Path, bool]) -> None:
+@pytest.mark.parametrize("which", ["startupProbe", "readinessProbe"])
+def test_rendered_probe_passes_on_the_shard_it_checks(
+    tls_pod: tuple[Any, Any, Path, bool], which: str
+) -> None:
+    shard, c, _, _ = tls_pod  # the certificate's usages do not matter to an HTTP probe
+    assert http_probe(c, which, shard) == (200, "SERVING\n")
+
+
+def test_rendered_probe_fails_while_the_shard_drains(
+    tls_rendered: dict[str, Docs], tmp_path: Path
+) -> None:
+    """stop()'s drain delay (SIGTERM in the pod): readiness 503 while the gRPC health check
+    over mutual TLS, asked at that moment, says NOT_SERVING."""
+    from embps.client.health import check
+    from embps.client.security import TLSConfig
+
+    write_secret_files(tmp_path, client_auth=True)
+    c = container(sts_of(tls_rendered["base+tls"]))
+    shard = rendered_shard(c, tmp_path, drain_delay_seconds=4.0)
+    shard.start()
+    f = {k: local(v, tmp_path) for k, v in flags(c["args"]).items() if k in TLS_FLAGS}
+    tls = TLSConfig(
+        ca=f["--tls-client-ca"], cert=f["--tls-cert"], key=f["--tls-key"], server_name="localhost"
+    )
+    stopper = threading.Thread(target=shard.stop, kwargs={"grace": 0})
+    try:
+        assert http_probe(c, "readinessProbe", shard) == (200, "SERVING\n")
+        assert check(f"127.0.0.1:{shard.port}", tls=tls) == 0  # SERVING over mutual TLS
+        stopper.start()
+        deadline = time.monotonic() + 3
+        while http_probe(c, "readinessProbe", shard)[0] != 503:
+            assert time.monotonic() < deadline, "readiness still 200 after stop()"
+            time.sleep(0.02)
+        assert http_probe(c, "readinessProbe", shard) == (503, "NOT_SERVING\n")
+        assert check(f"127.0.0.1:{shard.port}", tls=tls) == 1  # NOT_SERVING, still answering
+    finally:
+        if stopper.ident is None:  # failed before stop() began
+            shard.stop(grace=0)
+        else:
+            stopper.join(30)
+
+
+def test_embps_health_with_the_pods_own_certificate(tls_pod: tuple[Any, Any, Path, bool]) -> None:
     shard, c, root, client_auth = tls_pod
-    res = run_probe(c["readinessProbe"]["exec"]["command"], shard.port, root)
+    res = embps_health(c, shard, root)
     if client_auth:
         assert res.returncode == 0, res.stdout + res.stderr
         assert res.stdout == f"127.0.0.1:{shard.port}: SERVING\n"
     else:
-        # a certificate for "server auth" only cannot serve as the probe's client
-        # certificate: deploy/README.md asks for both usages
+        # a certificate for "server auth" only cannot serve as a client certificate:
+        # deploy/README.md asks for both usages so that this check works in the pod
         assert res.returncode == 2, res.stdout + res.stderr
         assert "UNAVAILABLE" in res.stderr
 
 
-def test_rendered_probe_without_a_client_certificate_gets_no_answer(
+def test_embps_health_without_a_client_certificate_gets_no_answer(
     tls_pod: tuple[Any, Any, Path, bool],
 ) -> None:
     shard, c, root, _ = tls_pod
-    argv = [a for a in c["startupProbe"]["exec"]["command"] if not a.startswith("--tls-cert=")]
-    argv = [a for a in argv if not a.startswith("--tls-key=")]
-    res = run_probe(argv, shard.port, root)
+    res = embps_health(c, shard, root, client_cert=False)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "UNAVAILABLE" in res.stderr

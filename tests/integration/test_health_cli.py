@@ -3,12 +3,14 @@
 Plaintext, TLS and mutual-TLS shards with certificates generated per run
 (tests/integration/certs.py); a draining shard (health NOT_SERVING, as
 ``ShardServer.stop`` leaves it); a closed port. Exit codes: 0 SERVING, 1 not
-serving, 2 unreachable or a bad option.
+serving, 2 unreachable or a bad option. stderr holds embps's own one line, not
+gRPC's C-core log lines (unless the user set GRPC_VERBOSITY).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -53,9 +55,15 @@ def mtls_shard(certs: Certs) -> Iterator[ShardServer]:
     yield from _shard(tls_cert=certs.server_cert, tls_key=certs.server_key, tls_client_ca=certs.ca)
 
 
-def health(*args: str, port: int | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `embps health ARGS` (python -m embps.client.cli); EMBPS_PORT=port when given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBPS_")}
+def health(
+    *args: str, port: int | None = None, **env_vars: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `embps health ARGS` (python -m embps.client.cli); EMBPS_PORT=port when given,
+    plus ``env_vars``; without the caller's EMBPS_* and GRPC_VERBOSITY."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("EMBPS_") and k != "GRPC_VERBOSITY"
+    }
+    env.update(env_vars)
     if port is not None:
         env["EMBPS_PORT"] = str(port)
     cmd = [sys.executable, "-m", "embps.client.cli", "health", "--timeout", str(TIMEOUT_S), *args]
@@ -174,6 +182,43 @@ def test_mtls_shard_without_an_accepted_client_certificate_exits_2(
     res = health("--address", mtls_shard.address, "--tls-ca", certs.ca, *client)
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert "UNAVAILABLE" in res.stderr
+
+
+# --------------------------------------------------------------------------
+# stderr: embps's own one line, no gRPC core log lines
+# --------------------------------------------------------------------------
+
+# a line of gRPC's C core log (absl format): "I1124 22:18:20.597866   22999 file.cc:2563] ..."
+CORE_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ", re.MULTILINE)
+
+
+@pytest.mark.parametrize("how", ["wrong-ca", "closed-port"])
+def test_a_failed_check_prints_only_its_own_line(
+    tls_shard: ShardServer, certs: Certs, how: str
+) -> None:
+    """A failed TLS handshake makes gRPC's C core log "Handshake failed" on stderr by
+    itself; `embps health` turns that logging off: stderr is its own message alone."""
+    if how == "wrong-ca":
+        address, args = tls_shard.address, ["--tls-ca", certs.other_ca]
+    else:
+        address, args = f"127.0.0.1:{closed_port()}", []
+    res = health("--address", address, *args)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert res.stdout == ""
+    (line,) = res.stderr.splitlines()
+    assert res.stderr == line + "\n"
+    assert line.startswith(f"{address}: unreachable: UNAVAILABLE: "), line
+    if how == "wrong-ca":
+        assert "CERTIFICATE_VERIFY_FAILED" in line  # the reason is in embps's own line
+
+
+def test_grpc_verbosity_set_by_the_user_wins(tls_shard: ShardServer, certs: Certs) -> None:
+    res = health("--address", tls_shard.address, "--tls-ca", certs.other_ca, GRPC_VERBOSITY="INFO")
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert CORE_LOG_LINE.search(res.stderr), res.stderr  # gRPC logs as the user asked
+    assert f"{tls_shard.address}: unreachable: UNAVAILABLE: " in res.stderr
+    quiet = health("--address", tls_shard.address, "--tls-ca", certs.other_ca)
+    assert not CORE_LOG_LINE.search(quiet.stderr), quiet.stderr
 
 
 # --------------------------------------------------------------------------
