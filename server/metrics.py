@@ -167,6 +167,7 @@ class ShardMetrics:
 
     def __init__(self, shard: int, num_shards: int, tables: Callable[[], list[Table]]) -> None:
         self.registry = CollectorRegistry()
+        self._httpd: list[WSGIServer] = []  # the HTTP servers ``serve`` started
         r = self.registry
         self.requests = Counter(
             "embps_requests", "RPCs handled.", ["method", "table", "code"], registry=r
@@ -241,7 +242,15 @@ class ShardMetrics:
         app = http_app(self.registry, readiness)
         httpd: WSGIServer = make_server(host, port, app, Server, handler_class=_QuietHandler)
         threading.Thread(target=httpd.serve_forever, name="embps-metrics-http", daemon=True).start()
+        self._httpd.append(httpd)
         return int(httpd.server_address[1])
+
+    def close(self) -> None:
+        """Stop serving HTTP and release the port(s) ``serve`` bound (idempotent)."""
+        while self._httpd:
+            httpd = self._httpd.pop()
+            httpd.shutdown()
+            httpd.server_close()
 
 
 # --------------------------------------------------------------------------

@@ -787,12 +787,19 @@ class ShardServer:
     ) -> CheckpointResult | None:
         """Drain: health NOT_SERVING, wait ``drain_delay_seconds``, refuse new calls,
         let in-flight calls finish for up to ``grace`` seconds (default: the config's);
-        then stop periodic checkpoints and write the exit checkpoint.
+        then stop periodic checkpoints and write the exit checkpoint; last, close the
+        metrics port (/metrics, /readyz).
 
         checkpoint: write the exit checkpoint (None: ``config.exit_checkpoint``). It is
         skipped when the shard never served (restore unfinished or failed). Returns what
         it wrote; raises (OSError, CheckpointError) if it failed.
         """
+        try:
+            return self._stop(grace, checkpoint)
+        finally:
+            self.metrics.close()  # after the exit checkpoint: its metrics were still served
+
+    def _stop(self, grace: float | None, checkpoint: bool | None) -> CheckpointResult | None:
         grace = self.config.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         if self.config.drain_delay_seconds:

@@ -167,6 +167,28 @@ def test_metrics_server_without_readiness_has_no_readyz() -> None:
     port = m.serve(0, "127.0.0.1")
     assert request(port, "/metrics")[0] == 200
     assert request(port, "/readyz")[0] == 404
+    m.close()
+    with pytest.raises(ConnectionRefusedError):
+        request(port, "/metrics")
+    m.close()  # idempotent
+
+
+def test_stop_closes_the_metrics_port_after_the_exit_checkpoint(
+    shards: Callable[..., ShardServer], tmp_path: Path
+) -> None:
+    """stop(): /readyz is 503 while the shard drains and writes its exit checkpoint, and
+    the port is released once stop returns (the checkpoint's metrics were set before)."""
+    s = shards(tables=(TABLE,), checkpoint_dir=str(tmp_path), drain_delay_seconds=1.0)
+    port = s.metrics_port
+    assert port is not None
+    stopper = threading.Thread(target=s.stop, kwargs={"grace": 0, "checkpoint": True})
+    stopper.start()
+    wait_until(lambda: request(port, "/readyz")[0] == 503, HTTP_TIMEOUT_S, "/readyz 503")
+    stopper.join(30)
+    assert not stopper.is_alive()
+    assert s.metrics.registry.get_sample_value("embps_checkpoint_last_success_timestamp_seconds")
+    with pytest.raises(ConnectionRefusedError):
+        request(port, "/readyz")
 
 
 # --------------------------------------------------------------------------
