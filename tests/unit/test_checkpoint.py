@@ -7,6 +7,7 @@ metadata, sketch and steps as the table it was written from.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -620,6 +621,36 @@ def test_direct_reads_give_the_same_bytes_and_refuse_a_flipped_byte(
     _drop_from_cache(p)
     with pytest.raises(CheckpointError, match=f"{p}.*corrupt"):
         read_array(p, crc)
+
+
+def test_a_direct_read_the_kernel_refuses_falls_back_to_the_page_cache(
+    tmp_path: Path, small_direct: None
+) -> None:
+    """O_DIRECT needs a block-aligned buffer: with one a byte off, the kernel answers
+    EINVAL (checked first, for real), and read_piece reads the same bytes through the
+    page cache instead, with the right CRC."""
+    import embps.server.checkpoint as ck_mod
+
+    arr = np.random.default_rng(SEED).standard_normal((30_001, 3)).astype(np.float32)
+    p = tmp_path / "v.npy"
+    crc = write_array(p, arr)
+    _drop_from_cache(p)
+    opened = ck_mod._OpenFile(ck_mod._FileSpec(p, crc))
+    try:
+        assert opened.direct
+        size, align = len(opened.buf), ck_mod._DIRECT_ALIGN
+        raw = np.empty(size + 2 * align, dtype=np.uint8)
+        lead = -raw.ctypes.data % align + 1  # one byte past an aligned address
+        opened.buf = raw[lead : lead + size]
+        with pytest.raises(OSError) as refused:
+            os.preadv(opened.dfd, [memoryview(opened.buf)[:align]], 0)  # type: ignore[arg-type]
+        assert refused.value.errno == errno.EINVAL
+        n, piece_crc = opened.read_piece(0, opened.size)
+    finally:
+        opened.close()
+    data = p.read_bytes()
+    assert n == len(data) == opened.size
+    assert bytes(opened.buf[:n]) == data and piece_crc == zlib.crc32(data)
 
 
 @pytest.mark.parametrize("config", ["dyn_adam_adm", "adaptive_ftrl"])
