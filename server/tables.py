@@ -13,8 +13,12 @@ Kinds (``embps.protos.config.TableKind``):
 Lock discipline. Every public method validates and converts its input *before*
 taking the table's lock (nothing is changed by a bad request), then holds the
 lock for the whole operation, so a pull or push is atomic with respect to
-every other. Kernels release the GIL: other tables, and the gRPC threads
-(de)serialising other requests, run in parallel.
+every other. The lock is a readers-writer lock (``server/rwlock.py``): calls that
+only read (inference pulls, ``frequencies``, ``stats``, ``snapshot``'s copy) share
+it, every change (training pulls, pushes, prune, evict, erase, load) holds it
+alone, and a waiting change goes before new readers. Kernels release the GIL:
+other tables, readers of the same table, and the gRPC threads (de)serialising
+other requests, run in parallel.
 
 Steps. ``push(step=s)`` records the trainer's 0-based global step; without it
 the table counts its own pushes. The table's step is the largest seen; pulls
@@ -61,6 +65,7 @@ from .optimizers import (
 )
 from .parallel import run_in_pieces
 from .replay import REPLAY_ARRAYS, ReplayGuard
+from .rwlock import RWLock
 from .sketch import DEFAULT_DEPTH, FrequencySketch
 
 DEFAULT_SKETCH_WIDTH = 1 << 18
@@ -608,7 +613,11 @@ class Table:
         self.name = config.name
         self.dim = config.dim
         self.n_slots = config.slots
-        self._lock = threading.Lock()
+        # Reads (inference pulls, frequencies, stats, snapshots) share the lock; every
+        # change holds it alone (server/rwlock.py). Counters that reads bump (pulled_*)
+        # take _count_lock as well.
+        self._lock = RWLock()
+        self._count_lock = threading.Lock()
         self.step = 0
         self._auto_step = 0
         self.version = 0
@@ -655,11 +664,11 @@ class Table:
             raise ValueError(
                 f"out must be float32 {(k.shape[0], self.dim)}, got {out.dtype} {out.shape}"
             )
-        with self._lock:
+        with self._lock.write() if train else self._lock.read():  # inference pulls share it
             if train:
                 self.version += 1
             self._pull(k, bool(train), m, out)
-            self.counters["pulled_rows"] += k.shape[0]
+            self._count("pulled_rows", k.shape[0])
             return out
 
     def push(
@@ -686,7 +695,7 @@ class Table:
             raise InvalidArgument(
                 f"table {self.name!r}: step must be an integer >= 0, got {step!r}"
             )
-        with self._lock:
+        with self._lock.write():
             if not client_id:
                 return self._push_locked(k, g, step)
             res = self.replay.apply_once(client_id, sequence, lambda: self._push_locked(k, g, step))
@@ -715,7 +724,7 @@ class Table:
             raise InvalidArgument(
                 f"prune threshold must be a finite number >= 0, got {threshold!r}"
             )
-        with self._lock:
+        with self._lock.write():
             before = self._sizes()[0]
             rows = self._prune(float(threshold), nm)
             self.counters["pruned_rows"] += rows
@@ -723,7 +732,7 @@ class Table:
 
     def evict(self) -> int:
         """Run steps-to-live and L2-threshold eviction now; returns rows evicted."""
-        with self._lock:
+        with self._lock.write():
             n = self._evict()
             self.counters["evictions"] += n
             return n
@@ -731,7 +740,7 @@ class Table:
     def erase(self, keys: object) -> int:
         """Delete the own rows of ``keys`` (dynamic parts only); returns how many were deleted."""
         k = as_keys(keys)
-        with self._lock:
+        with self._lock.write():
             return self._erase(k)
 
     def frequencies(self, keys: object) -> np.ndarray:
@@ -746,22 +755,24 @@ class Table:
         pulled for training, or its row was deleted).
         """
         k = as_keys(keys)
-        with self._lock:
+        with self._lock.read():
             return self._frequencies(k)
 
     def stats(self) -> TableStats:
-        """Sizes and counters, taken under the lock."""
-        with self._lock:
+        """Sizes and counters, taken under the lock (shared)."""
+        with self._lock.read():
             total, dyn_bytes, st_bytes, keys, st_rows, lf = self._sizes()
+            with self._count_lock:
+                counters = dict(self.counters)
             return TableStats(
                 name=self.name, keys=keys, dynamic_rows=keys, static_rows=st_rows, bytes=total,
                 dynamic_bytes=dyn_bytes, static_bytes=st_bytes, load_factor=lf, step=self.step,
-                **self.counters,
+                **counters,
             )  # fmt: skip
 
     def memory_bytes(self) -> int:
         """Bytes of every array the table owns."""
-        with self._lock:
+        with self._lock.read():
             return self._sizes()[0]
 
     # ---------------------------------------------------------------- snapshots
@@ -777,7 +788,7 @@ class Table:
         while the rest is still being copied (default: ``copy_rows``).
         """
         cp = copy_rows if copy is None else copy
-        with self._lock:
+        with self._lock.read():
             if since_version is not None and since_version < self._deleted_floor:
                 raise ValueError(
                     f"table {self.name!r}: the deletion log since version {since_version} was "
@@ -825,7 +836,8 @@ class Table:
                 deleted = np.concatenate(logged) if logged else np.empty(0, dtype=np.int64)
             arrays.update(self.replay.export())  # the pushes these rows hold, whole
             state = {"step": self.step, "auto_step": self._auto_step, "version": self.version}
-            state.update(self.counters)
+            with self._count_lock:
+                state.update(self.counters)
             return Snapshot(self.config, arrays, state, since_version, deleted)
 
     def prepare_adopt(self, keys: np.ndarray) -> RowIndex | None:
@@ -847,7 +859,7 @@ class Table:
             or not _adoptable(keys)
         ):
             return None
-        with self._lock:
+        with self._lock.write():
             if part.size != 0:
                 return None
             return part.build_index(keys)
@@ -874,7 +886,7 @@ class Table:
                 replay.load(snap.arrays)
             except (KeyError, ValueError, UnicodeDecodeError) as e:
                 raise ValueError(f"snapshot arrays replay.* of table {self.name!r}: {e}") from None
-        with self._lock:
+        with self._lock.write():
             part: DynamicPart | None = getattr(self, "part", None)
             self._check_fits(snap)
             if snap.deleted is not None and part is not None and snap.deleted.shape[0]:
@@ -936,7 +948,7 @@ class Table:
 
     def trim_deleted(self, upto_version: int) -> None:
         """Forget deletions at or before ``upto_version`` (a checkpoint of it is durable)."""
-        with self._lock:
+        with self._lock.write():
             self._deleted = [(v, k) for v, k in self._deleted if v > upto_version]
             self._deleted_keys = sum(int(k.shape[0]) for _, k in self._deleted)
 
@@ -1051,6 +1063,11 @@ class Table:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- helpers
+    def _count(self, name: str, n: int) -> None:
+        """counters[name] += n, safe beside other readers (inference pulls share the lock)."""
+        with self._count_lock:
+            self.counters[name] += n
+
     def _as_mask(self, mask: object | None, n: int) -> np.ndarray | None:
         if mask is None:
             return None
@@ -1353,8 +1370,8 @@ class AdaptiveTable(_DynamicBase):
             sout = np.empty((st.shape[0], self.dim), dtype=np.float32)
             gather_rows(self.static.values, srows, np.float32(0), sout)
             out[st] = sout
-        self.counters["pulled_static"] += int(st.shape[0])
-        self.counters["pulled_dynamic"] += keys.shape[0] - int(st.shape[0])
+        self._count("pulled_static", int(st.shape[0]))
+        self._count("pulled_dynamic", keys.shape[0] - int(st.shape[0]))
 
     def _hottest(self, keys: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` keys (of distinct, ascending int64 keys) with the largest sketch counts,

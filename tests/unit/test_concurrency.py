@@ -135,3 +135,78 @@ def test_concurrent_erase_and_reinsert_keeps_the_map_consistent():
     assert set(contents) <= set(keys.tolist())
     rows = part.find(keys)
     assert sorted(rows[rows >= 0].tolist()) == sorted(contents.values())
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "adaptive", "static"])
+def test_reads_run_during_a_snapshot_and_changes_wait_for_it(kind):
+    """A snapshot holds the lock shared while it copies: inference pulls, frequencies and
+    stats of the same table finish meanwhile; a push and a training pull wait, and the
+    snapshot holds the rows as they were before them."""
+    table = make_table(configs()[kind])
+    keys = hot_keys(table)
+    mask = np.ones(keys.shape[0], dtype=bool) if kind == "adaptive" else None
+    table.pull(keys, mask=mask)
+    copying, release = threading.Event(), threading.Event()
+
+    def slow_copy(name, src, rows):  # the checkpoint writer's hook, called under the lock
+        copying.set()
+        assert release.wait(30), "the test never released the snapshot"
+        return src.copy() if rows is None else src[rows]
+
+    snap: dict = {}
+    snapper = threading.Thread(target=lambda: snap.update(s=table.snapshot(copy=slow_copy)))
+    snapper.start()
+    assert copying.wait(30)
+    reads = {
+        "inference pull": lambda: table.pull(keys, train=False),
+        "frequencies": lambda: table.frequencies(keys),
+        "stats": table.stats,
+    }
+    changes = {
+        "push": lambda: table.push(keys, np.ones((keys.shape[0], DIM), np.float32)),
+        "training pull": lambda: table.pull(keys),
+    }
+    done: dict = {}
+    threads = {
+        name: threading.Thread(target=lambda n=name, f=f: done.update({n: f()}), daemon=True)
+        for name, f in {**reads, **changes}.items()
+    }
+    try:
+        for t in threads.values():
+            t.start()
+        for name in reads:
+            threads[name].join(30)
+            assert name in done, f"{name} waited for the snapshot"
+        np.testing.assert_array_equal(done["inference pull"], 0.0)
+        for name in changes:
+            assert threads[name].is_alive() and name not in done, f"{name} ran during it"
+    finally:
+        release.set()
+    snapper.join(30)
+    for t in threads.values():
+        t.join(30)
+    assert set(done) == set(threads)
+    part = "static" if kind == "static" else "dynamic"
+    assert (snap["s"].arrays[f"{part}.values"] == 0.0).all(), "the push got into the snapshot"
+    np.testing.assert_array_equal(table.pull(keys, train=False), -1.0)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "adaptive"])
+def test_concurrent_inference_pulls_count_every_row(kind):
+    """Inference pulls share the lock; their row counters still count each pull once."""
+    table = make_table(configs()[kind])
+    keys = hot_keys(table)
+    table.pull(keys[:12], mask=np.ones(12, dtype=bool) if kind == "adaptive" else None)
+    before = table.stats()
+
+    def reader(i: int) -> None:
+        for _ in range(PUSHES):
+            table.pull(keys, train=False)
+
+    run_threads(reader, THREADS)
+    after = table.stats()
+    n = THREADS * PUSHES * keys.shape[0]
+    assert after.pulled_rows - before.pulled_rows == n
+    if kind == "adaptive":  # 12 keys promoted, 12 on static rows
+        assert after.pulled_dynamic - before.pulled_dynamic == n // 2
+        assert after.pulled_static - before.pulled_static == n // 2
