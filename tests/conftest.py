@@ -6,14 +6,11 @@ tests/integration/cluster.py.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from integration.cluster import STOP_TIMEOUT_S, Cluster, launch, start_cluster
+from integration.cluster import Cluster, launch, start_cluster, stop_all
 
 
 @pytest.fixture
@@ -32,12 +29,7 @@ def cluster_factory(tmp_path: Path) -> Iterator[object]:
         return c
 
     yield factory
-    for c in started:
-        c.signal(signal.SIGTERM)
-    for c in started:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            c.proc.wait(timeout=STOP_TIMEOUT_S)
-        c.kill_all()
+    stop_all(started)
 
 
 # --------------------------------------------------------------------------
