@@ -50,13 +50,15 @@ RUN groupadd --system --gid 10001 embps \
 COPY --from=builder /opt/venv /opt/venv
 
 # NUMBA_CACHE_DIR: compiled kernels (`cache=True`) go here, not beside the
-# installed sources. EMBPS_PORT: the gRPC port HEALTHCHECK probes; keep it equal
-# to `--port` when you override the command.
+# installed sources. EMBPS_PORT: the gRPC port `embps health` checks by default;
+# EMBPS_METRICS_PORT: the metrics port HEALTHCHECK probes. Keep them equal to
+# `--port` and `--metrics-port` when you override the command.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     NUMBA_CACHE_DIR=/var/cache/embps/numba \
-    EMBPS_PORT=50051
+    EMBPS_PORT=50051 \
+    EMBPS_METRICS_PORT=9091
 
 USER 10001:10001
 WORKDIR /var/lib/embps
@@ -66,13 +68,13 @@ WORKDIR /var/lib/embps
 EXPOSE 50051 9091
 
 # Healthy = the shard's grpc.health.v1 status is SERVING (it reports NOT_SERVING
-# while draining): `embps health` checks 127.0.0.1:$EMBPS_PORT over plaintext.
-# It exits 2 when nothing answers, which Docker reserves: `|| exit 1` maps every
-# failure to 1 (unhealthy). A shard with --tls-cert needs its own check, e.g.
-# `embps health --tls-ca ... --server-name ...` (deploy/README.md, "TLS").
-# start-period covers the first numba compilation of the kernels.
+# while draining or restoring): `embps health --readyz` reads it from GET /readyz
+# on 127.0.0.1:$EMBPS_METRICS_PORT, plain HTTP, so the same check works for a
+# shard serving TLS. It exits 2 when nothing answers, which Docker reserves:
+# `|| exit 1` maps every failure to 1 (unhealthy). start-period covers the first
+# numba compilation of the kernels.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["/bin/sh", "-c", "embps health --timeout 3 || exit 1"]
+    CMD ["/bin/sh", "-c", "embps health --readyz 127.0.0.1:${EMBPS_METRICS_PORT} --timeout 3 || exit 1"]
 
 ENTRYPOINT ["embps"]
 CMD ["serve", "--shards", "1", "--shard-id", "0", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9091"]

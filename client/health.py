@@ -1,12 +1,13 @@
 """``embps health``: one ``grpc.health.v1`` check of a shard, for probes and scripts.
 
-The Docker HEALTHCHECK runs it, and so do people and scripts (in a TLS pod:
-``kubectl exec``, see deploy/README.md). Kubernetes probes do not: the base
-uses the kubelet's ``grpc`` probe, and the TLS component, whose port that probe
-cannot reach, ``GET /readyz`` on the metrics port (server/metrics.py), which
-serves the same health status without starting a process. Health needs no
-bearer token (README "Security"), so there is no token option; over mutual TLS
-the check must present a client certificate.
+People and scripts run it (in a TLS pod: ``kubectl exec``, see deploy/README.md).
+``--readyz HOST:PORT`` asks the same status over plain HTTP instead (``GET
+/readyz`` on the shard's metrics port, server/metrics.py): no gRPC, no TLS, so
+the image's HEALTHCHECK uses it for plaintext and TLS shards alike. Kubernetes
+probes start no process: the base uses the kubelet's ``grpc`` probe, and the TLS
+component, whose port that probe cannot reach, an ``httpGet`` of /readyz.
+Health needs no bearer token (README "Security"), so there is no token option;
+over mutual TLS the gRPC check must present a client certificate.
 
 Its output is its own one line: run as ``embps health``, gRPC's C-core logging
 (e.g. "Handshake failed" lines) is off unless ``GRPC_VERBOSITY`` is set
@@ -34,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import sys
 
@@ -48,8 +50,10 @@ EXIT_ERROR = 2  # no answer (connection, TLS, deadline) or a bad option
 
 DEFAULT_PORT = 50051  # when EMBPS_PORT is not set (the image sets it)
 DEFAULT_TIMEOUT_S = 3.0
+READYZ_PATH = "/readyz"  # server/metrics.py serves it on the metrics port
 
 _STATUS = health_pb2.HealthCheckResponse.ServingStatus
+_GRPC_ONLY = ("address", "service", "tls", "tls_ca", "tls_cert", "tls_key", "server_name")
 _FLAGS = {"ca": "--tls-ca", "cert": "--tls-cert", "key": "--tls-key"}  # TLSConfig field -> option
 
 
@@ -60,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="the shard to check (default: 127.0.0.1:$EMBPS_PORT, EMBPS_PORT default "
         f"{DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--readyz",
+        metavar="HOST:PORT",
+        help="check over HTTP instead: GET /readyz on the shard's metrics port (plain HTTP, "
+        "so it works for TLS shards too; no gRPC, no TLS options); the image's HEALTHCHECK "
+        "uses 127.0.0.1:$EMBPS_METRICS_PORT",
     )
     parser.add_argument(
         "--service",
@@ -167,11 +178,46 @@ def check(
     )
 
 
+def check_readyz(address: str, timeout: float = DEFAULT_TIMEOUT_S) -> int:
+    """GET http://``address``/readyz once (a shard's metrics port); print one line; return
+    the exit code: 200 -> 0, 503 -> 1 (the body names the status), anything else -> 2."""
+    host, _, port = address.rpartition(":")
+    what = f"{address}{READYZ_PATH}"
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    try:
+        conn.request("GET", READYZ_PATH)
+        reply = conn.getresponse()
+        body = reply.read(256).decode("utf-8", "replace").strip()
+    except (OSError, http.client.HTTPException) as e:
+        print(f"{what}: unreachable: {type(e).__name__}: {e} [nothing listens there, or it "
+              "is not a shard's metrics port]", file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    finally:
+        conn.close()
+    if reply.status == 200:
+        print(f"{what}: {body or 'SERVING'}")
+        return EXIT_SERVING
+    if reply.status == 503:
+        print(f"{what}: {body or 'NOT_SERVING'}")
+        return EXIT_NOT_SERVING
+    print(f"{what}: HTTP {reply.status} {reply.reason} [not a shard's /readyz: check the "
+          "port is --metrics-port]", file=sys.stderr)  # fmt: skip
+    return EXIT_ERROR
+
+
 def run(args: argparse.Namespace) -> int:
     """``embps health``: 0 SERVING, 1 answered but not serving, 2 no answer or a bad option."""
     try:
         if not args.timeout > 0:
             raise ValueError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
+        if args.readyz is not None:
+            host, sep, port = args.readyz.rpartition(":")
+            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"--readyz {args.readyz!r}: expected HOST:PORT")
+            grpc_only = [f"--{k.replace('_', '-')}" for k in _GRPC_ONLY if getattr(args, k)]
+            if grpc_only:
+                raise ValueError(f"--readyz checks over HTTP: drop {', '.join(grpc_only)}")
+            return check_readyz(args.readyz, args.timeout)
         address = _address(args)
         tls = _tls(args)
         return check(address, args.service, args.timeout, tls)

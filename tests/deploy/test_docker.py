@@ -99,7 +99,10 @@ def test_environment_and_ports() -> None:
     port = int(cmd[cmd.index("--port") + 1])
     metrics_port = int(cmd[cmd.index("--metrics-port") + 1])
     assert {port, metrics_port} <= exposed
-    assert env["EMBPS_PORT"] == str(port), "HEALTHCHECK probes EMBPS_PORT: keep it = --port"
+    assert env["EMBPS_PORT"] == str(port), "embps health checks EMBPS_PORT: keep it = --port"
+    assert env["EMBPS_METRICS_PORT"] == str(metrics_port), (
+        "HEALTHCHECK probes EMBPS_METRICS_PORT: keep it = --metrics-port"
+    )
 
 
 def test_entrypoint_is_the_console_script() -> None:
@@ -221,27 +224,48 @@ def healthcheck_argv() -> list[str]:
     return argv
 
 
-def run_healthcheck(port: int) -> subprocess.CompletedProcess:
+def run_healthcheck(metrics_port: int) -> subprocess.CompletedProcess:
+    """The HEALTHCHECK command, through /bin/sh as Docker runs it, with the image's
+    EMBPS_METRICS_PORT set to ``metrics_port``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBPS_")}
-    env["EMBPS_PORT"] = str(port)
+    env["EMBPS_METRICS_PORT"] = str(metrics_port)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return subprocess.run(
         healthcheck_argv(), env=env, capture_output=True, text=True, timeout=HEALTHCHECK_TIMEOUT_S
     )
 
 
-@pytest.fixture(scope="module")
-def shard():
+def _serve(**options: object):
     from embps.server.service import ShardConfig, build_server
 
-    s = build_server(ShardConfig(port=0))
+    s = build_server(ShardConfig(port=0, host="127.0.0.1", metrics_port=0, **options))  # type: ignore[arg-type]
     s.start()
     yield s
     s.stop(grace=0)
 
 
+@pytest.fixture(scope="module")
+def shard():
+    yield from _serve()
+
+
+@pytest.fixture(scope="module")
+def tls_shard(tmp_path_factory):
+    from integration.certs import make_certs
+
+    certs = make_certs(tmp_path_factory.mktemp("certs"))
+    yield from _serve(tls_cert=certs.server_cert, tls_key=certs.server_key, tls_client_ca=certs.ca)
+
+
 def test_healthcheck_passes_on_a_serving_shard(shard) -> None:
-    res = run_healthcheck(shard.port)
+    res = run_healthcheck(shard.metrics_port)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("/readyz: SERVING"), res.stdout
+
+
+def test_healthcheck_passes_on_a_mutual_tls_shard(tls_shard) -> None:
+    """The gRPC port refuses plaintext; the HEALTHCHECK reads /readyz and needs no cert."""
+    res = run_healthcheck(tls_shard.metrics_port)
     assert res.returncode == 0, res.stderr
 
 
@@ -250,10 +274,11 @@ def test_healthcheck_fails_on_a_draining_shard(shard) -> None:
 
     shard.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
-        res = run_healthcheck(shard.port)
+        res = run_healthcheck(shard.metrics_port)
     finally:
         shard.health.set("", health_pb2.HealthCheckResponse.SERVING)
     assert res.returncode == 1, (res.returncode, res.stderr)
+    assert "NOT_SERVING" in res.stdout, res.stdout
 
 
 def test_healthcheck_fails_on_a_closed_port() -> None:
@@ -262,5 +287,5 @@ def test_healthcheck_fails_on_a_closed_port() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         res = run_healthcheck(s.getsockname()[1])
-    assert res.returncode != 0
-    assert "UNAVAILABLE" in res.stderr, res.stderr
+    assert res.returncode == 1, "every failure maps to 1 (Docker reserves 2)"
+    assert "unreachable" in res.stderr and "ConnectionRefusedError" in res.stderr, res.stderr

@@ -248,3 +248,47 @@ def test_bad_options_exit_2_with_a_precise_message(certs: Certs, tmp_path: Path)
         assert "unreachable" not in res.stderr  # refused before any connection
     env = health(port=0)  # EMBPS_PORT=0 is no port either
     assert env.returncode == 2 and "EMBPS_PORT='0' is not a port number" in env.stderr
+
+
+# --------------------------------------------------------------------------
+# --readyz: the same status over HTTP, from the metrics port
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def metrics_shard(certs: Certs) -> Iterator[ShardServer]:
+    """A mutual-TLS shard with a metrics port: gRPC refuses plaintext, /readyz does not."""
+    yield from _shard(
+        host="127.0.0.1", metrics_port=0, tls_cert=certs.server_cert, tls_key=certs.server_key,
+        tls_client_ca=certs.ca,
+    )  # fmt: skip
+
+
+def test_readyz_follows_the_health_status(metrics_shard: ShardServer) -> None:
+    from grpc_health.v1 import health_pb2
+
+    where = f"127.0.0.1:{metrics_shard.metrics_port}"
+    res = health("--readyz", where)
+    assert (res.returncode, res.stdout, res.stderr) == (0, f"{where}/readyz: SERVING\n", "")
+    metrics_shard.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        res = health("--readyz", where)
+    finally:
+        metrics_shard.health.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert (res.returncode, res.stdout) == (1, f"{where}/readyz: NOT_SERVING\n"), res.stderr
+
+
+def test_readyz_against_the_wrong_port_or_nothing_exits_2(metrics_shard: ShardServer) -> None:
+    res = health("--readyz", f"127.0.0.1:{closed_port()}")
+    assert res.returncode == 2 and res.stdout == ""
+    assert len(res.stderr.splitlines()) == 1 and "ConnectionRefusedError" in res.stderr
+    res = health("--readyz", metrics_shard.address)  # the gRPC (TLS) port speaks no HTTP
+    assert res.returncode == 2 and res.stdout == "", res.stdout
+
+
+def test_readyz_refuses_grpc_options() -> None:
+    res = health("--readyz", "127.0.0.1:9091", "--tls-ca", "ca.pem", "--address", "h:1")
+    assert res.returncode == 2
+    assert res.stderr == "embps health: --readyz checks over HTTP: drop --address, --tls-ca\n"
+    res = health("--readyz", "9091")
+    assert res.returncode == 2 and "expected HOST:PORT" in res.stderr
