@@ -128,12 +128,18 @@ def _tls(args: argparse.Namespace) -> TLSConfig | None:
     return tls
 
 
+def _host_port(flag: str, value: str) -> tuple[str, int]:
+    """(host, port) of ``value``; ValueError naming ``flag`` unless it is HOST:PORT."""
+    host, sep, port = value.rpartition(":")
+    if not (sep and host and port.isdigit()):
+        raise ValueError(f"{flag} {value!r}: expected HOST:PORT")
+    return host, int(port)
+
+
 def _address(args: argparse.Namespace) -> str:
     """``--address``, or 127.0.0.1:$EMBPS_PORT; ValueError on a malformed one."""
     if args.address:
-        host, sep, port = args.address.rpartition(":")
-        if not (sep and host and port.isdigit()):
-            raise ValueError(f"--address {args.address!r}: expected HOST:PORT")
+        _host_port("--address", args.address)
         return str(args.address)
     port = os.environ.get("EMBPS_PORT", "").strip() or str(DEFAULT_PORT)
     if not (port.isdigit() and 0 < int(port) < 65536):
@@ -181,9 +187,9 @@ def check(
 def check_readyz(address: str, timeout: float = DEFAULT_TIMEOUT_S) -> int:
     """GET http://``address``/readyz once (a shard's metrics port); print one line; return
     the exit code: 200 -> 0, 503 -> 1 (the body names the status), anything else -> 2."""
-    host, _, port = address.rpartition(":")
+    host, port = _host_port("address", address)
     what = f"{address}{READYZ_PATH}"
-    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    conn = http.client.HTTPConnection(host.strip("[]"), port, timeout=timeout)
     try:
         conn.request("GET", READYZ_PATH)
         reply = conn.getresponse()
@@ -211,8 +217,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.timeout > 0:
             raise ValueError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
         if args.readyz is not None:
-            host, sep, port = args.readyz.rpartition(":")
-            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            if not 0 < _host_port("--readyz", args.readyz)[1] < 65536:
                 raise ValueError(f"--readyz {args.readyz!r}: expected HOST:PORT")
             grpc_only = [f"--{k.replace('_', '-')}" for k in _GRPC_ONLY if getattr(args, k)]
             if grpc_only:

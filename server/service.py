@@ -973,9 +973,7 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         options=options,
     )
     add_servicer_to_server(ParameterServerServicer(engine, config, checkpointer), server)
-    health_servicer = health.HealthServicer()  # it starts with "" SERVING: NOT_SERVING
-    for name in ("", SERVICE_NAME):  # instead, until start() serves (gRPC and /readyz)
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -996,4 +994,7 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         raise OSError(f"cannot listen on {target} (port in use?)")
     shard = ShardServer(config, engine, server, port, health_servicer, metrics, gate, checkpointer)
     shard.authorizer = authorizer
+    # the servicer starts with "" SERVING: NOT_SERVING instead, until start() serves
+    # (gRPC and /readyz)
+    shard._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     return shard
