@@ -7,14 +7,18 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# Exact versions of the development toolchain (pyproject.toml keeps ranges for
+# users). PIP_CONSTRAINT also reaches pip's isolated build environments.
+CONSTRAINTS := requirements/constraints-dev.txt
+PIP := PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PY) -m pip
 
-.PHONY: venv test lint unit integration demo demo-quick bench protos clean
+.PHONY: venv test lint unit integration demo demo-quick bench protos upgrade-deps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q '$(TORCH_SPEC)'
-	$(PY) -m pip install -q -e '.[dev,torch,demo]'
+	$(PIP) install -q pip
+	$(PIP) install -q '$(TORCH_SPEC)'
+	$(PIP) install -q -e '.[dev,torch,demo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -48,6 +52,19 @@ bench: venv
 protos: venv
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos \
 		--pyi_out=protos protos/embps/v1/embps.proto
+
+# Move the toolchain forward in one command: resolve the newest versions within
+# pyproject.toml's ranges in a scratch venv, write them as the new pins,
+# reinstall, regenerate the protos with the new grpcio-tools, run every check.
+upgrade-deps:
+	rm -rf .venv-upgrade
+	$(PYTHON) -m venv .venv-upgrade
+	.venv-upgrade/bin/pip install -q --upgrade pip setuptools wheel
+	.venv-upgrade/bin/pip install -q '$(TORCH_SPEC)'
+	.venv-upgrade/bin/pip install -q -e '.[dev,torch,demo]'
+	$(PYTHON) requirements/write_constraints.py .venv-upgrade/bin/python $(CONSTRAINTS)
+	rm -rf .venv-upgrade
+	$(MAKE) venv protos test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-results
