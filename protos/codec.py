@@ -122,11 +122,6 @@ def wire_values(values: np.ndarray, dtype: int = pb.DTYPE_FLOAT32) -> np.ndarray
     raise CodecError(f"unknown dtype {dtype}")
 
 
-def encode_values(values: np.ndarray, dtype: int = pb.DTYPE_FLOAT32) -> bytes:
-    """float32 (n, dim) -> bytes in the wire dtype."""
-    return wire_values(values, dtype).tobytes()
-
-
 def decode_values(data: bytes | memoryview, dtype: int, n: int, dim: int) -> np.ndarray:
     """bytes -> float32 (n, dim); the length must be exactly n * dim * itemsize.
 

@@ -29,11 +29,3 @@ def shard_of(keys: np.ndarray, num_shards: int) -> np.ndarray:
     if num_shards == 1:
         return np.zeros(keys.shape[0], dtype=np.int64)
     return (mix64(keys) % np.uint64(num_shards)).astype(np.int64)
-
-
-def split_by_shard(keys: np.ndarray, num_shards: int) -> list[np.ndarray]:
-    """Positions of ``keys`` owned by each shard: a list of int64 index arrays, one per shard."""
-    owner = shard_of(keys, num_shards)
-    order = np.argsort(owner, kind="stable")
-    bounds = np.searchsorted(owner[order], np.arange(num_shards + 1))
-    return [order[bounds[i] : bounds[i + 1]] for i in range(num_shards)]

@@ -152,14 +152,6 @@ class TokenStore:
         if len(self.digests) != len(self.permissions):
             raise ValueError("TokenStore: one permission per digest")
 
-    @classmethod
-    def from_tokens(cls, tokens: dict[str, Permission | str], source: str = "") -> TokenStore:
-        """A store from ``{token: permission}`` (permission as enum or "read"/"write"/"admin")."""
-        perms = [p if isinstance(p, Permission) else _parse_permission(p) for p in tokens.values()]
-        for i, t in enumerate(tokens):
-            _check_token(t, f"token #{i + 1}")
-        return cls(tuple(_digest(t.encode("ascii")) for t in tokens), tuple(perms), source)
-
     def __len__(self) -> int:
         return len(self.digests)
 

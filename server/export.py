@@ -51,12 +51,12 @@ import numpy as np
 from embps.protos.config import TableConfig, TableKind
 
 from .checkpoint import CheckpointError, resolve, restore_tables, shard_count_at, write_array
+from .tables import _STATIC_SEED
 
 log = logging.getLogger("embps.export")
 
 FORMAT = "embps-export"
 FORMAT_VERSION = 1
-STATIC_SEED_XOR = 0x94D049BB133111EB  # embps.server.tables._STATIC_SEED
 ROUTING = {
     "rule": "shard = splitmix64(key) % num_shards",
     "splitmix64": "z = key + 0x9E3779B97F4A7C15; z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9; "
@@ -66,6 +66,8 @@ FMIX64 = (
     "x ^= x >> 33; x *= 0xFF51AFD7ED558CCD; x ^= x >> 33; x *= 0xC4CEB9FE1A85EC53; "
     "x ^= x >> 33  (murmur3 finalizer, uint64, wrapping)"
 )
+# tables.static_rows, as the manifest states it (the seed mix is the kernel's own constant)
+STATIC_ROW = f"fmix64(key ^ fmix64(seed ^ 0x{int(_STATIC_SEED):016X})) % buckets"
 _LOOKUP = {
     TableKind.DYNAMIC: "keys[i] == key ? values[i] : default_value",
     TableKind.STATIC: "static[shard, static_row(key)]",
@@ -213,7 +215,7 @@ def _write_table(tmp: Path, tp: _TableParts, dtype: np.dtype, min_frequency: int
         entry["default_value"] = cfg.default_value
     if cfg.kind in (TableKind.STATIC, TableKind.ADAPTIVE):
         entry["static_row"] = {
-            "rule": "fmix64(key ^ fmix64(seed ^ 0x94D049BB133111EB)) % buckets",
+            "rule": STATIC_ROW,
             "seed": cfg.seed,
             "buckets": cfg.hash_bucket_size,
         }

@@ -54,7 +54,6 @@ T = TypeVar("T")
 DEFAULT_WINDOW = 1024  # sequences remembered below the highest one, per client id
 DEFAULT_MAX_CLIENTS = 65536  # client ids remembered per shard (LRU)
 MAX_CLIENT_ID_BYTES = 128
-MAX_SEQUENCE = 2**64 - 1
 REPLAY_ARRAYS = ("replay.ids", "replay.ends", "replay.top", "replay.bits")  # a snapshot's
 
 

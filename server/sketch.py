@@ -5,7 +5,9 @@ count is the minimum of its ``depth`` counters: never below the true count,
 above it only through collisions (probability falls with width). Conservative
 update raises only the counters equal to that minimum, which keeps the error
 far below plain count-min. Memory is ``4 * depth * width`` bytes, whatever the
-number of keys. Counters saturate at 2**32 - 1.
+number of keys. Counters saturate at 2**32 - 1. The default width and depth are
+``TableConfig``'s (``SKETCH_DEFAULT_*`` in protos/config.py, for sketch_width and
+sketch_depth 0), defined there once.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from embps.protos.config import SKETCH_DEFAULT_DEPTH, SKETCH_DEFAULT_WIDTH
+
 from .hashmap import fmix64
 
-DEFAULT_WIDTH = 1 << 20
-DEFAULT_DEPTH = 4
+DEFAULT_DEPTH = SKETCH_DEFAULT_DEPTH  # the name server/tables.py imports
 _ROW_SEED = np.uint64(0xA0761D6478BD642F)
 _SAT = np.uint32(0xFFFFFFFF)
 
@@ -80,7 +83,9 @@ def sketch_cols(counters, keys):
 class FrequencySketch:
     """Count-min sketch over int64 keys. Not thread-safe: the owning table locks."""
 
-    def __init__(self, width: int = DEFAULT_WIDTH, depth: int = DEFAULT_DEPTH) -> None:
+    def __init__(
+        self, width: int = SKETCH_DEFAULT_WIDTH, depth: int = SKETCH_DEFAULT_DEPTH
+    ) -> None:
         if width < 1 or width & (width - 1):
             raise ValueError(f"sketch width must be a power of two, got {width}")
         if not 1 <= depth <= 16:

@@ -129,7 +129,7 @@ def push_req(shard: int, n: int = 5, dim: int = DIM, **kw: Any) -> pb.PushReques
     base: dict[str, Any] = {
         "table": "dyn",
         "keys": codec.encode_keys(own_keys(shard, n)),
-        "grads": codec.encode_values(np.ones((n, dim), dtype=np.float32)),
+        "grads": np.ones((n, dim), dtype=np.float32).tobytes(),
         "num_shards": N_SHARDS,
     }
     base.update(kw)
@@ -151,25 +151,25 @@ RAW_CASES: dict[str, tuple[str, Callable[[int], Any], grpc.StatusCode, str]] = {
     "push keys not a multiple of 8 bytes": (
         "Push", lambda s: push_req(s, keys=b"\x01" * 9), Code.INVALID_ARGUMENT, "multiple of 8"),
     "fewer grads than keys": (
-        "Push", lambda s: push_req(s, grads=codec.encode_values(np.ones((4, DIM), np.float32))),
+        "Push", lambda s: push_req(s, grads=np.ones((4, DIM), np.float32).tobytes()),
         Code.INVALID_ARGUMENT, "keys and grads do not match"),
     "more grads than keys": (
-        "Push", lambda s: push_req(s, grads=codec.encode_values(np.ones((6, DIM), np.float32))),
+        "Push", lambda s: push_req(s, grads=np.ones((6, DIM), np.float32).tobytes()),
         Code.INVALID_ARGUMENT, "keys and grads do not match"),
     "grads of the wrong dim": (
         "Push", lambda s: push_req(s, dim=DIM + 1), Code.INVALID_ARGUMENT, "dim"),
     "stray grad bytes": (
-        "Push", lambda s: push_req(s, grads=codec.encode_values(np.ones((5, DIM))) + b"\0"),
+        "Push", lambda s: push_req(s, grads=np.ones((5, DIM), np.float32).tobytes() + b"\0"),
         Code.INVALID_ARGUMENT, "stray bytes"),
     "NaN gradient": (
-        "Push", lambda s: push_req(s, grads=codec.encode_values(BAD_GRADS_NAN)),
+        "Push", lambda s: push_req(s, grads=BAD_GRADS_NAN.tobytes()),
         Code.INVALID_ARGUMENT, "NaN or Inf"),
     "Inf gradient": (
-        "Push", lambda s: push_req(s, grads=codec.encode_values(BAD_GRADS_INF)),
+        "Push", lambda s: push_req(s, grads=BAD_GRADS_INF.tobytes()),
         Code.INVALID_ARGUMENT, "NaN or Inf"),
     "float16 overflow to Inf": (
         "Push", lambda s: push_req(s, dtype=pb.DTYPE_FLOAT16,
-                                   grads=codec.encode_values(BAD_GRADS_INF, pb.DTYPE_FLOAT16)),
+                                   grads=BAD_GRADS_INF.astype(np.float16).tobytes()),
         Code.INVALID_ARGUMENT, "NaN or Inf"),
     "unknown dtype": (
         "Pull", lambda s: pull_req(s, dtype=9), Code.INVALID_ARGUMENT, "unknown dtype"),

@@ -141,7 +141,7 @@ def value_bytes(draw: st.DrawFn, n_keys: int, dim: int) -> tuple[int, bytes]:
         g = draw(st.lists(FLOATS, min_size=n_keys * dim, max_size=n_keys * dim))
         arr = np.array(g, dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
-            data = codec.encode_values(arr.astype(np.float32).reshape(n_keys, dim), dtype)
+            data = codec.wire_values(arr.astype(np.float32).reshape(n_keys, dim), dtype).tobytes()
         return dtype, data
     if choice == 3:
         return dtype, draw(st.binary(max_size=n_keys * dim * 4 + 9))

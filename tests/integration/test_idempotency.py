@@ -61,7 +61,7 @@ def rows(stub: pb_grpc.ParameterServerStub, keys: np.ndarray) -> np.ndarray:
 
 def push_req(keys: np.ndarray, grad: float = 1.0, **kw: object) -> pb.PushRequest:
     g = np.full((keys.shape[0], DIM), grad, dtype=np.float32)
-    return pb.PushRequest(table="t", keys=codec.encode_keys(keys), grads=codec.encode_values(g),
+    return pb.PushRequest(table="t", keys=codec.encode_keys(keys), grads=g.tobytes(),
                           num_shards=1, **kw)  # type: ignore[arg-type]  # fmt: skip
 
 

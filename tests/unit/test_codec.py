@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from embps.protos import codec
-from embps.protos.routing import mix64, shard_of, split_by_shard
+from embps.protos.routing import mix64, shard_of
 from embps.server.service import first_misrouted
 from embps.v1 import embps_pb2 as pb
 
@@ -63,7 +63,7 @@ def test_mask_round_trip_and_errors() -> None:
 
 
 def _round(x: np.ndarray, dtype: int) -> np.ndarray:
-    return codec.decode_values(codec.encode_values(x, dtype), dtype, x.shape[0], x.shape[1])
+    return codec.decode_values(codec.wire_values(x, dtype).tobytes(), dtype, x.shape[0], x.shape[1])
 
 
 def test_float32_is_exact(rng: np.random.Generator) -> None:
@@ -86,7 +86,7 @@ def test_bfloat16_within_precision(rng: np.random.Generator) -> None:
     x = rng.normal(size=(50, 8)).astype(np.float32) * np.float32(1e6)
     got = _round(x, BF16)
     np.testing.assert_allclose(got, x, rtol=2.0**-8)
-    assert len(codec.encode_values(x, BF16)) == x.size * 2
+    assert len(codec.wire_values(x, BF16).tobytes()) == x.size * 2
     # exactly representable values survive; low mantissa bits are rounded, not truncated
     exact = np.array([[1.0, -2.5, 0.0, 3.0e38]], dtype=np.float32)
     np.testing.assert_array_equal(_round(exact, BF16)[0, :3], exact[0, :3])
@@ -102,7 +102,7 @@ def test_bfloat16_keeps_nan_and_inf() -> None:
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 def test_values_length_errors(dtype: int) -> None:
-    data = codec.encode_values(np.ones((3, 4), dtype=np.float32), dtype)
+    data = codec.wire_values(np.ones((3, 4), dtype=np.float32), dtype).tobytes()
     assert codec.decode_values(data, dtype, 3, 4).shape == (3, 4)
     for n, dim in ((2, 4), (4, 4), (3, 3), (3, 5)):
         with pytest.raises(codec.CodecError, match="expected"):
@@ -116,7 +116,7 @@ def test_unknown_dtypes() -> None:
     with pytest.raises(codec.CodecError, match="unknown dtype"):
         codec.decode_values(b"", 9, 0, 4)
     with pytest.raises(codec.CodecError, match="unknown dtype"):
-        codec.encode_values(np.ones((1, 1), np.float32), 9)
+        codec.wire_values(np.ones((1, 1), np.float32), 9)
     with pytest.raises(ValueError, match="unknown dtype"):
         codec.dtype_from_name("float64")
     assert codec.dtype_from_name("bfloat16") == BF16
@@ -142,7 +142,7 @@ def test_push_request_bytes_equal_protobuf(rng: np.random.Generator, dtype: int,
     grads = rng.normal(size=(5, 3)).astype(np.float32)
     got = codec.encode_push_request("tbl é", keys, codec.wire_values(grads, dtype), dtype, 3, step)
     want = pb.PushRequest(table="tbl é", keys=codec.encode_keys(keys),
-                          grads=codec.encode_values(grads, dtype), dtype=dtype, step=step,
+                          grads=codec.wire_values(grads, dtype).tobytes(), dtype=dtype, step=step,
                           num_shards=3)  # fmt: skip
     assert got == want.SerializeToString()
     parsed = pb.PushRequest.FromString(got)
@@ -164,7 +164,7 @@ def test_push_request_idempotency_fields_equal_protobuf(client_id: str, sequence
     keys, grads = np.array([3, 4], dtype=np.int64), np.ones((2, 2), np.float32)
     got = codec.encode_push_request("t", keys, grads, F32, 1, 9, client_id, sequence)
     want = pb.PushRequest(table="t", keys=codec.encode_keys(keys),
-                          grads=codec.encode_values(grads), dtype=F32, step=9, num_shards=1,
+                          grads=codec.wire_values(grads).tobytes(), dtype=F32, step=9, num_shards=1,
                           client_id=client_id, sequence=sequence)  # fmt: skip
     assert got == want.SerializeToString()
 
@@ -180,8 +180,8 @@ def _same_push(view: codec.PushRequestView, msg: pb.PushRequest) -> None:
 def test_push_request_is_read_in_place_as_protobuf_reads_it(rng: np.random.Generator, step) -> None:
     grads = rng.normal(size=(4, 3)).astype(np.float32)
     msg = pb.PushRequest(table="tbl é", keys=codec.encode_keys(np.arange(4)),
-                         grads=codec.encode_values(grads), dtype=F16, step=step, num_shards=7,
-                         client_id="c", sequence=2**64 - 1)  # fmt: skip
+                         grads=codec.wire_values(grads).tobytes(), dtype=F16, step=step,
+                         num_shards=7, client_id="c", sequence=2**64 - 1)  # fmt: skip
     data = msg.SerializeToString()
     view = codec.decode_push_request(data)
     _same_push(view, msg)
@@ -212,7 +212,7 @@ def test_pull_response_bytes_equal_protobuf(
     answer = codec.PullResponseBuffer(n, dim, dtype)
     assert answer.rows.shape == (n, dim) and answer.rows.flags.writeable
     answer.fill(values)
-    want = pb.PullResponse(values=codec.encode_values(values, dtype), dim=dim, dtype=dtype)
+    want = pb.PullResponse(values=codec.wire_values(values, dtype).tobytes(), dim=dim, dtype=dtype)
     assert type(answer.data) is bytes and answer.data == want.SerializeToString()
 
 
@@ -234,11 +234,11 @@ def test_pull_response_rows_are_written_in_place(rng: np.random.Generator) -> No
 @pytest.mark.parametrize("dtype", [0, F32, F16, BF16])
 def test_pull_response_is_read_in_place(rng: np.random.Generator, dtype: int) -> None:
     values = rng.normal(size=(6, 5)).astype(np.float32)
-    data = pb.PullResponse(values=codec.encode_values(values, dtype), dim=5,
+    data = pb.PullResponse(values=codec.wire_values(values, dtype).tobytes(), dim=5,
                            dtype=dtype).SerializeToString()  # fmt: skip
     payload, dim, got_dtype = codec.decode_pull_response(data)
     assert (dim, got_dtype) == (5, dtype)
-    assert bytes(payload) == codec.encode_values(values, dtype)
+    assert bytes(payload) == codec.wire_values(values, dtype).tobytes()
     assert payload.obj is data  # a view: the rows are not copied
     np.testing.assert_array_equal(
         codec.decode_values(payload, dtype, 6, 5), _round(values, dtype or F32)
@@ -299,15 +299,6 @@ def test_routing_is_deterministic_and_total() -> None:
     assert len(np.unique(mix64(np.arange(10_000, dtype=np.int64)))) == 10_000  # bijective
     with pytest.raises(ValueError):
         shard_of(keys, 0)
-
-
-def test_split_by_shard_partitions_positions() -> None:
-    keys = np.random.default_rng(3).integers(-(10**12), 10**12, 5000)
-    parts = split_by_shard(keys, 4)
-    owner = shard_of(keys, 4)
-    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(5000))
-    for s, p in enumerate(parts):
-        assert (owner[p] == s).all() and (np.diff(p) > 0).all()  # stable: batch order kept
 
 
 @pytest.mark.parametrize("num_shards", [2, 3, 5])

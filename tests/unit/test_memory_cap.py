@@ -16,6 +16,9 @@ from embps.protos.config import (
     FTRL,
     INDEX_MIN_BYTES,
     SGD,
+    SKETCH_COUNTER_BYTES,
+    SKETCH_DEFAULT_DEPTH,
+    SKETCH_DEFAULT_WIDTH,
     Adagrad,
     Adam,
     OptimizerConfig,
@@ -23,6 +26,7 @@ from embps.protos.config import (
 )
 from embps.server import errors
 from embps.server import hashmap as hm
+from embps.server.sketch import FrequencySketch
 from embps.server.tables import AdaptiveTable, DynamicTable, Table, make_table, row_limit
 
 DIM = 8
@@ -246,6 +250,17 @@ def test_admission_sketch_counts_against_the_cap():
         table.pull([99])  # second sighting: admitted, but no room
     table.pull([99], train=False)
     check_bytes(table)
+
+
+def test_the_default_sketch_is_the_one_the_config_counts():
+    """sketch_width / sketch_depth 0: the shape protos/config.py defines (its one default),
+    in a table with admission, an adaptive table and a bare FrequencySketch."""
+    want = (SKETCH_DEFAULT_DEPTH, SKETCH_DEFAULT_WIDTH)
+    assert FrequencySketch().counters.shape == want
+    for c in (cfg(admission_threshold=2), cfg("adaptive", sketch_width=0)):
+        sketch = make_table(c).sketch  # type: ignore[attr-defined]
+        assert sketch.counters.shape == want, c.kind
+        assert sketch.nbytes == SKETCH_DEFAULT_WIDTH * SKETCH_DEFAULT_DEPTH * SKETCH_COUNTER_BYTES
 
 
 def test_a_snapshot_with_more_rows_than_the_cap_does_not_load():
