@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     )
     from .ps_client import (
         CheckpointResult,
+        EvictResult,
         PruneResult,
         PSClient,
         PushResult,
@@ -59,8 +60,8 @@ _LAZY: dict[str, str] = {
         "exceptions",
     ),
     **dict.fromkeys(
-        ("CheckpointResult", "PruneResult", "PSClient", "PushResult", "ShardStats",
-         "shard_addresses"),
+        ("CheckpointResult", "EvictResult", "PruneResult", "PSClient", "PushResult",
+         "ShardStats", "shard_addresses"),
         "ps_client",
     ),
     "TLSConfig": "security",
@@ -93,6 +94,7 @@ __all__ = [
     "CheckpointResult",
     "DeadlineExceededError",
     "EmbpsError",
+    "EvictResult",
     "InconsistentShardsError",
     "InternalError",
     "InvalidArgumentError",

@@ -145,6 +145,18 @@ class PruneResult:
 
 
 @dataclass(frozen=True)
+class EvictResult:
+    """One table's eviction, summed over shards: rows evicted (by reason), their bytes
+    (returned to the tables' free lists) and the slowest shard's sweep in seconds."""
+
+    rows: int
+    bytes: int
+    steps_to_live_rows: int
+    l2_rows: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ShardStats:
     """One shard's view: its id, shard count, address and per-table stats (proto field names)."""
 
@@ -436,7 +448,9 @@ class PSClient:
         """Create a table on every shard; True if any shard created it, False if all had it.
 
         Pass a ``TableConfig``, or a name, dim, kind and ``TableConfig`` options
-        (``optimizer=Adagrad(lr=0.1)`` or ``optimizer={"name": "adagrad", "lr": 0.1}``).
+        (``optimizer=Adagrad(lr=0.1)``, ``optimizer={"name": "adagrad", "lr": 0.1}`` or
+        ``optimizer="adagrad"``; ``initializer="zeros"``: README "Shorthands"). A bad
+        option raises InvalidArgumentError naming it, before anything is sent.
         An identical existing table is fine; a different one raises AlreadyExistsError.
         """
         if isinstance(name_or_config, TableConfig):
@@ -495,6 +509,30 @@ class PSClient:
         return PruneResult(
             rows=sum(r.rows_freed for r in resps), bytes=sum(r.bytes_freed for r in resps)
         )
+
+    def evict(self, table: str | None = None) -> dict[str, EvictResult]:
+        """Run steps-to-live / L2-threshold eviction now on ``table`` (None: every table)
+        on every shard; ``{table: EvictResult}`` summed over shards, in name order.
+
+        Shards also evict before every checkpoint and every ``--evict-every`` seconds;
+        this call is for doing it now (e.g. before reading memory in ``stats``). Needs
+        admin permission. Not retried (a sweep is safe to repeat: call it again).
+        """
+        req = pb.EvictRequest(table=table or "", num_shards=self.num_shards)
+        resps = self._call_all("Evict", [(s, req) for s in range(self.num_shards)], retry=False)
+        sums: dict[str, list[float]] = {}
+        for r in resps:
+            for t in r.tables:
+                acc = sums.setdefault(t.table, [0, 0, 0, 0, 0.0])
+                acc[0] += t.rows
+                acc[1] += t.bytes
+                acc[2] += t.steps_to_live_rows
+                acc[3] += t.l2_rows
+                acc[4] = max(acc[4], t.seconds)
+        return {
+            name: EvictResult(int(a[0]), int(a[1]), int(a[2]), int(a[3]), float(a[4]))
+            for name, a in sorted(sums.items())
+        }
 
     def stats(self, table: str = "") -> list[ShardStats]:
         """Per-shard stats of one table (or all), in shard order."""

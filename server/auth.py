@@ -23,7 +23,7 @@ WHAT EACH PERMISSION ALLOWS (``METHOD_PERMISSION``)
            server reflection
     write: Push, Pull with train=True (a training pull creates rows and counts
            sightings: it changes the table, so it is not a read)
-    admin: CreateTable, DropTable, Prune, Checkpoint (restore is a start flag)
+    admin: CreateTable, DropTable, Prune, Checkpoint, Evict (restore is a start flag)
     none:  grpc.health.v1.Health (Kubernetes probes carry no token)
     A method missing from the table needs admin (deny by default).
 
@@ -114,6 +114,7 @@ METHOD_PERMISSION: dict[str, Permission | None] = {
     _PS + "DropTable": Permission.ADMIN,
     _PS + "Prune": Permission.ADMIN,
     _PS + "Checkpoint": Permission.ADMIN,
+    _PS + "Evict": Permission.ADMIN,
 }
 
 

@@ -45,7 +45,6 @@ summed (count-min sketches of disjoint key sets add up to a valid sketch).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import io
@@ -70,6 +69,7 @@ from embps.protos.config import TableConfig
 from embps.protos.routing import shard_of
 
 from .metrics import ShardMetrics
+from .periodic import Periodic
 from .tables import (
     BLOCK_FIELDS,
     CopyRows,
@@ -1162,6 +1162,11 @@ class Checkpointer:
     incremental; 0 or 1: always full. A call may ask for a kind; an increment
     needs a base of a lower step written by this process, else it is full.
 
+    EVICTION. ``before_snapshot(table)`` runs just before each table is copied: the
+    shard passes its eviction sweep (DeepRec evicts at save), so a checkpoint never
+    holds rows past steps_to_live or under l2_evict_threshold, and the keys evicted
+    reach the increment as deletions.
+
     STEPS of automatic checkpoints (periodic, on exit) are the newest complete
     step under ``root`` plus one: shards that checkpoint together (the same
     period boundary, the same SIGTERM) agree on it without talking.
@@ -1179,6 +1184,7 @@ class Checkpointer:
         tables: Callable[[], list[Table]],
         full_every: int = 0,
         metrics: ShardMetrics | None = None,
+        before_snapshot: Callable[[Table], object] | None = None,
     ) -> None:
         if full_every < 0:
             raise ValueError(f"full_every must be >= 0, got {full_every}")
@@ -1188,12 +1194,12 @@ class Checkpointer:
         self.full_every = full_every
         self._tables = tables
         self._metrics = metrics
+        self._before_snapshot = before_snapshot
         self._lock = threading.Lock()
         self._base_step: int | None = None
         self._base: dict[str, tuple[Table, int]] = {}
         self._since_full = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic: Periodic | None = None
 
     # ---------------------------------------------------------------- API
     def checkpoint(self, step: int, incremental: bool | None = None) -> CheckpointResult:
@@ -1245,32 +1251,19 @@ class Checkpointer:
     def start_periodic(self, every_s: float) -> None:
         """Checkpoint every ``every_s`` seconds, at multiples of it on the wall clock
         (so every shard of a cluster fires together), until ``stop_periodic``."""
-        if every_s <= 0:
-            raise ValueError(f"the checkpoint period must be > 0 seconds, got {every_s}")
-        if self._thread is not None:
+        if self._periodic is not None:
             return
-        self._stop.clear()
-
-        def loop() -> None:
-            while True:
-                now = time.time()
-                due = (math.floor(now / every_s) + 1) * every_s
-                if self._stop.wait(due - now):
-                    return
-                with contextlib.suppress(Exception):  # logged and counted by checkpoint()
-                    self.checkpoint(self.next_auto_step())
-
-        self._thread = threading.Thread(
-            target=loop, name=f"embps-checkpoint-{self.shard}", daemon=True
+        self._periodic = Periodic(
+            f"embps-checkpoint-{self.shard}",
+            every_s,
+            lambda: self.checkpoint(self.next_auto_step()),  # logged and counted there
         )
-        self._thread.start()
 
     def stop_periodic(self) -> None:
         """Stop the periodic thread; waits for a checkpoint it is writing."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._periodic is not None:
+            self._periodic.stop()
+            self._periodic = None
 
     # ---------------------------------------------------------------- internals
     def _write(self, step: int, incremental: bool | None, t0: float) -> CheckpointResult:
@@ -1290,6 +1283,8 @@ class Checkpointer:
 
         def take(table: Table, copy: CopyRows) -> Snapshot:
             nonlocal nbytes, increments
+            if self._before_snapshot is not None:  # the shard's eviction sweep
+                self._before_snapshot(table)
             snap = None
             base = self._base.get(table.name) if inc else None
             if base is not None and base[0] is table:

@@ -53,6 +53,7 @@ SERVER_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "checkpoint_incremental": int,
     "checkpoint_on_exit": bool,
     "restore": str,
+    "evict_every": (int, float),
     "tls_cert": str,
     "tls_key": str,
     "tls_client_ca": str,

@@ -12,7 +12,7 @@ import threading
 from embps.protos.config import TableConfig
 
 from .errors import AlreadyExists, TableNotFound
-from .tables import Table, make_table
+from .tables import EvictResult, Table, make_table
 
 
 class Engine:
@@ -71,9 +71,11 @@ class Engine:
         with self._lock:
             return [self._tables[n] for n in sorted(self._tables)]
 
-    def evict_all(self) -> int:
-        """Run steps-to-live / L2 eviction on every table; rows evicted."""
-        return sum(t.evict() for t in self.tables())
+    def evict(self, name: str = "") -> list[EvictResult]:
+        """Run steps-to-live / L2 eviction on table ``name`` (TableNotFound if absent) or,
+        with ``""``, on every table in name order; one result per table swept."""
+        tables = [self.table(name)] if name else self.tables()
+        return [t.evict() for t in tables]
 
 
 def _diff(a: TableConfig, b: TableConfig) -> str:

@@ -83,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_incremental": 0,
     "checkpoint_on_exit": None,
     "restore": None,
+    "evict_every": 60.0,
     "tls_cert": None,
     "tls_key": None,
     "tls_client_ca": None,
@@ -141,6 +142,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restore", metavar="latest|PATH", help="at start, load the newest "
                         "complete checkpoint under --checkpoint-dir (none: start empty) or the "
                         "checkpoint DIR/<step> (any shard count)")  # fmt: skip
+    parser.add_argument("--evict-every", type=float, metavar="SECONDS", help="sweep every "
+                        "table's steps_to_live / l2_evict_threshold eviction every SECONDS "
+                        f"(default {d['evict_every']:g}; 0: only at checkpoints and on the "
+                        "Evict call)")  # fmt: skip
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this "
                         "certificate (needs --tls-key; README 'Security')")  # fmt: skip
     parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -203,6 +208,7 @@ def shard_config(
         checkpoint_incremental=int(opts["checkpoint_incremental"]),
         checkpoint_on_exit=opts["checkpoint_on_exit"],
         restore=opts["restore"],
+        evict_every=float(opts["evict_every"]),
         tls_cert=opts["tls_cert"],
         tls_key=opts["tls_key"],
         tls_client_ca=opts["tls_client_ca"],

@@ -17,7 +17,9 @@ base units in the name, ``_total`` for counters.
 | embps_table_max_bytes | gauge | table (0 = no cap) |
 | embps_capacity_refusals_total | counter | table (keys refused a row at max_rows / max_bytes) |
 | embps_table_load_factor | gauge | table |
-| embps_promotions_total, embps_admissions_rejected_total, embps_evictions_total, embps_pruned_rows_total | counter | table |
+| embps_promotions_total, embps_admissions_rejected_total, embps_pruned_rows_total | counter | table |
+| embps_evictions_total | counter | table, reason (steps_to_live, l2, capacity) |
+| embps_eviction_sweep_duration_seconds | histogram | trigger (checkpoint, periodic, rpc) |
 | embps_checkpoint_duration_seconds | histogram | kind (full, incremental) |
 | embps_checkpoint_last_success_timestamp_seconds | gauge | |
 | embps_checkpoint_failures_total | counter | |
@@ -57,6 +59,9 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .tables import Table
+
+# The ``reason`` label of embps_evictions_total; each is a TableStats field evictions_<reason>.
+EVICTION_REASONS = ("steps_to_live", "l2", "capacity")
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -119,13 +124,16 @@ class TableCollector(Collector):
                 "Sightings below the admission threshold.",
                 labels=["table"],
             ),
-            "evictions": CounterMetricFamily(
-                "embps_evictions", "Rows evicted (or demoted).", labels=["table"]
-            ),
             "pruned_rows": CounterMetricFamily(
                 "embps_pruned_rows", "Rows deleted by prune.", labels=["table"]
             ),
         }
+        evictions = CounterMetricFamily(
+            "embps_evictions",
+            "Rows evicted (adaptive: demoted), by reason: steps_to_live, l2 (sweeps) and "
+            "capacity (lfu/lru at the row cap).",
+            labels=["table", "reason"],
+        )
         for t in self._tables():
             s = t.stats()
             keys.add_metric([s.name], s.keys)
@@ -139,7 +147,10 @@ class TableCollector(Collector):
             refused.add_metric([s.name], t.capacity_refusals)
             for field, fam in counters.items():
                 fam.add_metric([s.name], getattr(s, field))
-        yield from (keys, rows, nbytes, cap, lf, cap_bytes, refused, *counters.values())
+            for reason in EVICTION_REASONS:
+                evictions.add_metric([s.name, reason], getattr(s, f"evictions_{reason}"))
+        yield from (keys, rows, nbytes, cap, lf, cap_bytes, refused, evictions,
+                    *counters.values())  # fmt: skip
 
 
 _CGROUP_LIMITS = (
@@ -194,6 +205,13 @@ class ShardMetrics:
         self.checkpoint_failures = Counter(
             "embps_checkpoint_failures", "Checkpoints that failed.", registry=r
         )
+        self.eviction_sweep_duration = Histogram(
+            "embps_eviction_sweep_duration_seconds",
+            "Time of one table's eviction sweep (steps_to_live, l2), by trigger.",
+            ["trigger"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
+            registry=r,
+        )
         self.restore_progress = Gauge(
             "embps_restore_progress_ratio", "Restore progress, 0..1 (1: serving).", registry=r
         )
@@ -219,6 +237,10 @@ class ShardMetrics:
         """Count one RPC and its latency."""
         self.requests.labels(method, table, code).inc()
         self.latency.labels(method, table, code).observe(seconds)
+
+    def eviction_sweep_done(self, trigger: str, seconds: float) -> None:
+        """Record one table's eviction sweep (trigger: checkpoint, periodic, rpc)."""
+        self.eviction_sweep_duration.labels(trigger).observe(seconds)
 
     def checkpoint_done(self, kind: str, seconds: float) -> None:
         """Record a successful checkpoint."""

@@ -65,6 +65,7 @@ from .errors import (
     TableNotFound,
     Unavailable,
 )
+from .eviction import Evictor
 from .metrics import ShardMetrics
 from .replay import ReplayGuard
 
@@ -116,6 +117,9 @@ class ShardConfig:
     checkpoint_incremental: int = 0  # K >= 2: every K-th checkpoint full, others incremental
     checkpoint_on_exit: bool | None = None  # after draining on stop (None: on with a dir)
     restore: str | None = None  # at start: "latest" (in checkpoint_dir) or a <dir>/<step> path
+    # seconds between eviction sweeps (steps_to_live, l2_evict_threshold; 0: none). Sweeps
+    # also run before every checkpoint and on the Evict RPC (server/eviction.py).
+    evict_every: float = 60.0
     tls_cert: str | None = None  # PEM server certificate: serve TLS only (with tls_key)
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA: mutual TLS, clients need a cert it signed
@@ -155,6 +159,8 @@ class ShardConfig:
             raise ValueError(
                 f"checkpoint_every must be >= 0 seconds, got {self.checkpoint_every!r}"
             )
+        if not (isinstance(self.evict_every, int | float) and self.evict_every >= 0):
+            raise ValueError(f"evict_every must be >= 0 seconds, got {self.evict_every!r}")
         if not isinstance(self.checkpoint_incremental, int) or self.checkpoint_incremental < 0:
             raise ValueError(
                 f"checkpoint_incremental must be an integer >= 0, got {self.checkpoint_incremental!r}"
@@ -408,11 +414,16 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     """
 
     def __init__(
-        self, engine: Engine, config: ShardConfig, checkpointer: Checkpointer | None = None
+        self,
+        engine: Engine,
+        config: ShardConfig,
+        checkpointer: Checkpointer | None = None,
+        evictor: Evictor | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.checkpointer = checkpointer
+        self.evictor = evictor if evictor is not None else Evictor(config.shard_id, engine.tables)
 
     # ---------------------------------------------------------------- data
     # Pull answers and Push requests skip protobuf objects (the rows are copied once, or not
@@ -518,6 +529,25 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             shard_id=self.config.shard_id,
             num_shards=self.config.num_shards,
             tables=[pb.TableStats(**t.stats().as_dict()) for t in tables],
+        )
+
+    def Evict(self, request: pb.EvictRequest, context: grpc.ServicerContext) -> pb.EvictResponse:
+        """Run steps-to-live / L2 eviction now on one table (or every table if ``table`` is
+        empty): rows, bytes and seconds per table (server/eviction.py)."""
+        self._check_shards(request.num_shards)
+        tables = [self.engine.table(request.table)] if request.table else None
+        return pb.EvictResponse(
+            tables=[
+                pb.TableEviction(
+                    table=r.table,
+                    rows=r.rows,
+                    bytes=r.bytes,
+                    steps_to_live_rows=r.steps_to_live_rows,
+                    l2_rows=r.l2_rows,
+                    seconds=r.seconds,
+                )
+                for r in self.evictor.sweep(tables, "rpc")
+            ]
         )
 
     # ---------------------------------------------------------------- durability
@@ -732,6 +762,7 @@ class ShardServer:
         metrics: ShardMetrics,
         gate: ServingGate | None = None,
         checkpointer: Checkpointer | None = None,
+        evictor: Evictor | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -742,6 +773,7 @@ class ShardServer:
         self.metrics_port: int | None = None
         self.gate = gate if gate is not None else ServingGate()
         self.checkpointer = checkpointer
+        self.evictor = evictor if evictor is not None else Evictor(config.shard_id, engine.tables)
         self.restored = threading.Event()  # set once serving (restore finished or not needed)
         self.restore_error: str | None = None  # why the restore failed (the shard must exit)
         self.restore_summary: dict | None = None
@@ -805,6 +837,7 @@ class ShardServer:
         if self.config.drain_delay_seconds:
             time.sleep(self.config.drain_delay_seconds)
         self.server.stop(grace).wait()
+        self.evictor.stop_periodic()
         ck = self.checkpointer
         if ck is None:
             return None
@@ -842,6 +875,8 @@ class ShardServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.checkpointer is not None and self.config.checkpoint_every > 0:
             self.checkpointer.start_periodic(self.config.checkpoint_every)
+        if self.config.evict_every > 0:
+            self.evictor.start_periodic(self.config.evict_every)
         self.restored.set()
 
     def _restoring_message(self) -> str:
@@ -945,6 +980,7 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         for cfg in config.tables:
             engine.create_table(cfg)
     metrics = ShardMetrics(config.shard_id, config.num_shards, engine.tables)
+    evictor = Evictor(config.shard_id, engine.tables, metrics)
     checkpointer = None
     if config.checkpoint_dir:
         checkpointer = Checkpointer(
@@ -954,6 +990,7 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
             engine.tables,
             full_every=config.checkpoint_incremental,
             metrics=metrics,
+            before_snapshot=evictor.before_checkpoint,
         )
     gate = ServingGate()
     options = [
@@ -972,7 +1009,7 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         ],
         options=options,
     )
-    add_servicer_to_server(ParameterServerServicer(engine, config, checkpointer), server)
+    add_servicer_to_server(ParameterServerServicer(engine, config, checkpointer, evictor), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -992,7 +1029,9 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         raise OSError(f"cannot listen on {target}: {e} (port in use?)") from None
     if port == 0:
         raise OSError(f"cannot listen on {target} (port in use?)")
-    shard = ShardServer(config, engine, server, port, health_servicer, metrics, gate, checkpointer)
+    shard = ShardServer(
+        config, engine, server, port, health_servicer, metrics, gate, checkpointer, evictor
+    )
     shard.authorizer = authorizer
     # the servicer starts with "" SERVING: NOT_SERVING instead, until start() serves
     # (gRPC and /readyz)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -71,6 +72,9 @@ from .sketch import DEFAULT_DEPTH, FrequencySketch
 DEFAULT_SKETCH_WIDTH = 1 << 18
 DELETED_LOG_MAX = 1 << 20  # keys kept for incremental snapshots (or the table size, if larger)
 ROW_GROWTH = 1.5
+# Rows judged per lock hold by an eviction sweep: about 1-3 ms of work at dim 16 (a
+# pull waits at most that long; docs/benchmarks.md, "Eviction").
+EVICT_PAGE_ROWS = 1 << 16
 _NORM_CODE = {Norm.L2: 0, Norm.L1: 1, Norm.LINF: 2}
 _STATIC_SEED = np.uint64(0x94D049BB133111EB)
 
@@ -99,6 +103,22 @@ class PruneResult:
 
 
 @dataclass(frozen=True)
+class EvictResult:
+    """One table's eviction sweep: rows evicted by reason, their bytes, its duration.
+
+    bytes: the rows' values, optimizer slots, metadata and key (``config.row_bytes``
+    + 8 each), returned to the table's free list for new keys.
+    """
+
+    table: str
+    rows: int
+    bytes: int
+    steps_to_live_rows: int
+    l2_rows: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class TableStats:
     """A snapshot of a table's size and counters (field names equal the proto's)."""
 
@@ -119,6 +139,9 @@ class TableStats:
     pulled_static: int
     pulled_dynamic: int
     step: int
+    evictions_steps_to_live: int = 0
+    evictions_l2: int = 0
+    evictions_capacity: int = 0
 
     @property
     def bytes_per_key(self) -> float:
@@ -412,6 +435,17 @@ class DynamicPart:
             keys[rows == sent] = hm.EMPTY
         return keys
 
+    def live_rows_in(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+        """(rows in [start, stop) holding a key, ascending: int64 (k,); the arena's
+        used top). A page of ``live_rows``: bounded work for sweeps."""
+        top = int(self.meta[hm.M_NEXT_ROW])
+        lo, hi = min(start, top), min(stop, top)
+        live = self.row_keys[lo:hi] != hm.EMPTY
+        sent = int(self.meta[hm.M_SENTINEL_ROW])
+        if lo <= sent < hi:
+            live[sent - lo] = True
+        return np.flatnonzero(live).astype(np.int64) + lo, top
+
     def live_rows(self) -> np.ndarray:
         """Rows holding a key, ascending: int64 (size,)."""
         top = int(self.meta[hm.M_NEXT_ROW])
@@ -605,7 +639,7 @@ def as_grads(grads: object, n: int, dim: int, table: str) -> np.ndarray:
 class Table:
     """Base of every table kind: locking, steps, counters, validation.
 
-    Subclasses implement ``_pull``, ``_push``, ``_prune``, ``_evict``, ``_sizes``.
+    Subclasses implement ``_pull``, ``_push``, ``_prune``, ``_evict_page``, ``_sizes``.
     """
 
     def __init__(self, config: TableConfig) -> None:
@@ -631,7 +665,8 @@ class Table:
         self._track_deleted = False
         self.counters = dict.fromkeys(
             ("promotions", "admissions_rejected", "evictions", "pruned_rows", "pulled_rows",
-             "pushed_rows", "pulled_static", "pulled_dynamic"),
+             "pushed_rows", "pulled_static", "pulled_dynamic", "evictions_steps_to_live",
+             "evictions_l2", "evictions_capacity"),
             0,
         )  # fmt: skip
         # New own rows refused at the row limit (max_rows / max_bytes): keys of refused
@@ -730,12 +765,55 @@ class Table:
             self.counters["pruned_rows"] += rows
             return PruneResult(rows=rows, bytes=before - self._sizes()[0])
 
-    def evict(self) -> int:
-        """Run steps-to-live and L2-threshold eviction now; returns rows evicted."""
-        with self._lock.write():
-            n = self._evict()
-            self.counters["evictions"] += n
-            return n
+    @property
+    def evicts(self) -> bool:
+        """Whether ``evict`` can remove anything: the table has own rows and sets
+        ``steps_to_live`` or ``l2_evict_threshold``."""
+        return False
+
+    def evict(self, page_rows: int = EVICT_PAGE_ROWS) -> EvictResult:
+        """Run steps-to-live and L2-threshold eviction now, over every own row.
+
+        HOW IT WORKS. The sweep walks the row arena in pages of ``page_rows`` rows:
+        each page is judged and its victims deleted under the table's lock, which is
+        released between pages, so pulls and pushes wait at most one page (measured in
+        docs/benchmarks.md, "Eviction"). A row is judged against the table's step at
+        the moment its page is swept. Deleted keys go to the deletion log, so the next
+        incremental checkpoint carries them; in an adaptive table an evicted key is
+        demoted (it reads its static row again).
+
+        LIMITATIONS. Between pages the table may change: a row created behind the
+        cursor is new (nothing to evict); a prune's compaction moves rows to lower
+        numbers, so rows it moves from ahead of the cursor to behind it wait for the
+        next sweep. Rows are never judged twice in one sweep.
+
+        Returns the rows evicted by each reason and the bytes of those rows (their
+        values, slots, metadata and key, returned to the free list for new keys; the
+        arena itself does not shrink: ``prune`` compacts).
+        """
+        if not isinstance(page_rows, int) or page_rows < 1:
+            raise ValueError(f"page_rows must be an integer >= 1, got {page_rows!r}")
+        t0 = time.monotonic()
+        by_steps = by_l2 = 0
+        if self.evicts:
+            start = 0
+            while start >= 0:
+                with self._lock.write():
+                    n_steps, n_l2, start = self._evict_page(start, page_rows)
+                    self.counters["evictions_steps_to_live"] += n_steps
+                    self.counters["evictions_l2"] += n_l2
+                    self.counters["evictions"] += n_steps + n_l2
+                by_steps += n_steps
+                by_l2 += n_l2
+        rows = by_steps + by_l2
+        return EvictResult(
+            table=self.name,
+            rows=rows,
+            bytes=rows * (self.config.row_bytes + 8),
+            steps_to_live_rows=by_steps,
+            l2_rows=by_l2,
+            seconds=time.monotonic() - t0,
+        )
 
     def erase(self, keys: object) -> int:
         """Delete the own rows of ``keys`` (dynamic parts only); returns how many were deleted."""
@@ -1038,8 +1116,9 @@ class Table:
     def _prune(self, threshold: float, norm: Norm) -> int:
         return 0
 
-    def _evict(self) -> int:
-        return 0
+    def _evict_page(self, start: int, n: int) -> tuple[int, int, int]:
+        """Evict among own rows [start, start + n): (by steps, by l2, next start or -1)."""
+        return 0, 0, -1
 
     def _erase(self, keys: np.ndarray) -> int:
         return 0
@@ -1149,6 +1228,7 @@ class _DynamicBase(Table):
             victims = cand[_smallest(score, self.part.keys_of(cand), evict)]
             self._drop_rows(victims)
             self.counters["evictions"] += int(victims.shape[0])
+            self.counters["evictions_capacity"] += int(victims.shape[0])
         fit = new - (over - evict)
         self.capacity_refusals += new - fit
         return fit
@@ -1188,18 +1268,26 @@ class _DynamicBase(Table):
         self._deleted.append((self.version, keys.copy()))
         self._deleted_keys += int(keys.shape[0])
 
-    def _evict(self) -> int:
+    @property
+    def evicts(self) -> bool:
+        return bool(self.config.steps_to_live or self.config.l2_evict_threshold > 0)
+
+    def _evict_page(self, start: int, n: int) -> tuple[int, int, int]:
         cfg = self.config
-        live = self.part.live_rows()
-        dead = np.zeros(live.shape[0], dtype=np.bool_)
+        live, top = self.part.live_rows_in(start, start + n)
+        by_steps = np.zeros(live.shape[0], dtype=np.bool_)
         if cfg.steps_to_live:
-            dead |= self.part.block.last_step[live] + int(cfg.steps_to_live) < self.step
+            by_steps = self.part.block.last_step[live] + int(cfg.steps_to_live) < self.step
+        by_l2 = np.zeros(live.shape[0], dtype=np.bool_)
         if cfg.l2_evict_threshold > 0:
-            dead |= row_norms(self.part.block.values, live, 0) < cfg.l2_evict_threshold
-        victims = live[dead]
+            by_l2 = ~by_steps & (
+                row_norms(self.part.block.values, live, 0) < cfg.l2_evict_threshold
+            )
+        victims = live[by_steps | by_l2]
         if victims.shape[0]:
             self._drop_rows(victims)
-        return int(victims.shape[0])
+        nxt = start + n if start + n < top else -1
+        return int(by_steps.sum()), int(by_l2.sum()), nxt
 
     def _prune(self, threshold: float, norm: Norm) -> int:
         live = self.part.live_rows()

@@ -66,6 +66,9 @@ COUNTERS = (
     "pushed_rows",
     "pulled_static",
     "pulled_dynamic",
+    "evictions_steps_to_live",
+    "evictions_l2",
+    "evictions_capacity",
 )
 
 
@@ -450,14 +453,20 @@ class RefDynamicBase(RefTable):
     def evict(self) -> int:
         cfg = self.cfg
         dead = []
+        by_steps = 0
         for r in self.part.live_rows():
             row = self.part.data[r]
-            if (cfg.steps_to_live and row.last_step + cfg.steps_to_live < self.step) or (
+            if cfg.steps_to_live and row.last_step + cfg.steps_to_live < self.step:
+                dead.append(r)
+                by_steps += 1
+            elif (
                 cfg.l2_evict_threshold > 0 and norm_of(row.values, Norm.L2) < cfg.l2_evict_threshold
             ):
                 dead.append(r)
         self.part.drop_rows(dead)
         self.counters["evictions"] += len(dead)
+        self.counters["evictions_steps_to_live"] += by_steps
+        self.counters["evictions_l2"] += len(dead) - by_steps
         return len(dead)
 
     def prune(self, threshold: float, norm: Norm) -> int:
@@ -511,6 +520,7 @@ class RefDynamic(RefDynamicBase):
             self.counters["admissions_rejected"] += rejected
             part.drop_rows(victims)
             self.counters["evictions"] += len(victims)
+            self.counters["evictions_capacity"] += len(victims)
             init = initial_values(self.cfg, new_keys, self.cfg.seed, self.dim)
             for k, v in zip(new_keys, init, strict=True):
                 part.insert(k, RefRow(v.copy(), initial_slots(self.opt, self.dim)))
@@ -579,6 +589,7 @@ class RefAdaptive(RefDynamicBase):
             self.sketch = sketch
             part.drop_rows(victims)
             self.counters["evictions"] += len(victims)
+            self.counters["evictions_capacity"] += len(victims)
             for k in new_keys:
                 s = self.static_row(k)
                 row = RefRow(

@@ -194,7 +194,7 @@ def test_steps_to_live_demotes_idle_keys():
     a, _, c = colliding(table)
     table.pull([a, c], mask=np.array([True, True]))
     table.push([a], np.zeros((1, DIM)), step=5)
-    assert table.evict() == 1
+    assert table.evict().rows == 1
     assert is_dynamic(table, a) and not is_dynamic(table, c)
     np.testing.assert_array_equal(
         table.pull([c], train=False)[0], table.static.values[srow(table, c)]

@@ -229,7 +229,7 @@ def run_ops(table: Table, model: RefTable, ops: list) -> None:
         elif name == "erase":
             assert table.erase(op[1]) == model.erase(op[1])
         elif name == "evict":
-            assert table.evict() == model.evict()
+            assert table.evict().rows == model.evict()
         else:
             before = table.memory_bytes()
             res = table.prune(op[1], op[2])
@@ -282,7 +282,7 @@ def apply_op(table: Table, op: tuple) -> object:
         if name == "erase":
             return table.erase(op[1])
         if name == "evict":
-            return table.evict()
+            return table.evict().rows
         return table.prune(op[1], op[2]).rows
     except errors.ResourceExhausted:
         return "full"
@@ -480,12 +480,12 @@ def test_steps_to_live_and_l2_threshold_eviction():
     table = make_table(cfg(opt="sgd", steps_to_live=2, initializer=Initializer("constant", 1.0)))
     table.pull([1, 2, 3])
     table.push([1], np.zeros((1, DIM)), step=3)  # table step 3; 1 touched at 3
-    assert table.evict() == 2, "rows untouched since step 0 are dead after 2 steps"
+    assert table.evict().rows == 2, "rows untouched since step 0 are dead after 2 steps"
     assert table.part.find(np.array([1, 2, 3])).tolist()[1:] == [-1, -1]
     table2 = make_table(cfg(l2_evict_threshold=1.5, initializer=Initializer("constant", 0.5)))
     table2.pull([1, 2])
     table2.push([2], np.full((1, DIM), -1.0))  # row 2 -> 1.0 per element: L2 = 2
-    assert table2.evict() == 1
+    assert table2.evict().rows == 1
     assert table2.stats().keys == 1 and table2.stats().evictions == 1
 
 
@@ -706,7 +706,7 @@ def test_engine_creation_is_idempotent_and_rejects_a_different_config():
         engine.table("t")
 
 
-def test_engine_evict_all_sums_every_table():
+def test_engine_evict_sweeps_every_table_or_one():
     engine = Engine()
     engine.create_table(cfg(steps_to_live=1))
     engine.create_table(dataclasses.replace(cfg(steps_to_live=1), name="u"))
@@ -714,7 +714,13 @@ def test_engine_evict_all_sums_every_table():
     for name in ("t", "u"):
         engine.table(name).pull([1, 2])
         engine.table(name).push([1], np.zeros((1, DIM)), step=5)
-    assert engine.evict_all() == 2
+    assert [(r.table, r.rows) for r in engine.evict()] == [("s", 0), ("t", 1), ("u", 1)]
+    engine.table("t").pull([3])
+    engine.table("t").push([1], np.zeros((1, DIM)), step=9)
+    assert [(r.table, r.rows) for r in engine.evict("t")] == [("t", 1)]  # 3, not u's rows
+    assert engine.table("u").stats().keys == 1
+    with pytest.raises(errors.TableNotFound):
+        engine.evict("nope")
 
 
 def test_initializer_kinds_give_the_documented_rows():

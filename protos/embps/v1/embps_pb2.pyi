@@ -197,7 +197,7 @@ class TableConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., kind: _Optional[_Union[TableKind, str]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., initializer: _Optional[_Union[Initializer, _Mapping]] = ..., seed: _Optional[int] = ..., initial_capacity: _Optional[int] = ..., admission_threshold: _Optional[int] = ..., default_value: _Optional[float] = ..., max_rows: _Optional[int] = ..., eviction: _Optional[_Union[Eviction, str]] = ..., steps_to_live: _Optional[int] = ..., l2_evict_threshold: _Optional[float] = ..., max_bytes: _Optional[int] = ..., hash_bucket_size: _Optional[int] = ..., promote_threshold: _Optional[int] = ..., sketch_width: _Optional[int] = ..., sketch_depth: _Optional[int] = ..., qr_quotient_buckets: _Optional[int] = ..., qr_remainder_buckets: _Optional[int] = ..., qr_combiner: _Optional[_Union[Combiner, str]] = ...) -> None: ...
 
 class TableStats(_message.Message):
-    __slots__ = ("name", "keys", "dynamic_rows", "static_rows", "bytes", "dynamic_bytes", "static_bytes", "load_factor", "promotions", "admissions_rejected", "evictions", "pruned_rows", "pulled_rows", "pushed_rows", "pulled_static", "pulled_dynamic", "step")
+    __slots__ = ("name", "keys", "dynamic_rows", "static_rows", "bytes", "dynamic_bytes", "static_bytes", "load_factor", "promotions", "admissions_rejected", "evictions", "pruned_rows", "pulled_rows", "pushed_rows", "pulled_static", "pulled_dynamic", "step", "evictions_steps_to_live", "evictions_l2", "evictions_capacity")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     DYNAMIC_ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,9 @@ class TableStats(_message.Message):
     PULLED_STATIC_FIELD_NUMBER: _ClassVar[int]
     PULLED_DYNAMIC_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_STEPS_TO_LIVE_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_L2_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     keys: int
     dynamic_rows: int
@@ -232,7 +235,10 @@ class TableStats(_message.Message):
     pulled_static: int
     pulled_dynamic: int
     step: int
-    def __init__(self, name: _Optional[str] = ..., keys: _Optional[int] = ..., dynamic_rows: _Optional[int] = ..., static_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., dynamic_bytes: _Optional[int] = ..., static_bytes: _Optional[int] = ..., load_factor: _Optional[float] = ..., promotions: _Optional[int] = ..., admissions_rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., pruned_rows: _Optional[int] = ..., pulled_rows: _Optional[int] = ..., pushed_rows: _Optional[int] = ..., pulled_static: _Optional[int] = ..., pulled_dynamic: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    evictions_steps_to_live: int
+    evictions_l2: int
+    evictions_capacity: int
+    def __init__(self, name: _Optional[str] = ..., keys: _Optional[int] = ..., dynamic_rows: _Optional[int] = ..., static_rows: _Optional[int] = ..., bytes: _Optional[int] = ..., dynamic_bytes: _Optional[int] = ..., static_bytes: _Optional[int] = ..., load_factor: _Optional[float] = ..., promotions: _Optional[int] = ..., admissions_rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., pruned_rows: _Optional[int] = ..., pulled_rows: _Optional[int] = ..., pushed_rows: _Optional[int] = ..., pulled_static: _Optional[int] = ..., pulled_dynamic: _Optional[int] = ..., step: _Optional[int] = ..., evictions_steps_to_live: _Optional[int] = ..., evictions_l2: _Optional[int] = ..., evictions_capacity: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("table", "keys", "train", "num_shards", "dtype", "mask")
@@ -343,6 +349,36 @@ class PruneResponse(_message.Message):
     rows_freed: int
     bytes_freed: int
     def __init__(self, rows_freed: _Optional[int] = ..., bytes_freed: _Optional[int] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("table", "num_shards")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    num_shards: int
+    def __init__(self, table: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class TableEviction(_message.Message):
+    __slots__ = ("table", "rows", "bytes", "steps_to_live_rows", "l2_rows", "seconds")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TO_LIVE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    L2_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    rows: int
+    bytes: int
+    steps_to_live_rows: int
+    l2_rows: int
+    seconds: float
+    def __init__(self, table: _Optional[str] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., steps_to_live_rows: _Optional[int] = ..., l2_rows: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("tables",)
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[TableEviction]
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableEviction, _Mapping]]] = ...) -> None: ...
 
 class FrequenciesRequest(_message.Message):
     __slots__ = ("table", "keys", "num_shards")

@@ -79,6 +79,11 @@ class ParameterServerStub:
                 request_serializer=embps_dot_v1_dot_embps__pb2.FrequenciesRequest.SerializeToString,
                 response_deserializer=embps_dot_v1_dot_embps__pb2.FrequenciesResponse.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/embps.v1.ParameterServer/Evict',
+                request_serializer=embps_dot_v1_dot_embps__pb2.EvictRequest.SerializeToString,
+                response_deserializer=embps_dot_v1_dot_embps__pb2.EvictResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -138,6 +143,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +196,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Frequencies,
                     request_deserializer=embps_dot_v1_dot_embps__pb2.FrequenciesRequest.FromString,
                     response_serializer=embps_dot_v1_dot_embps__pb2.FrequenciesResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=embps_dot_v1_dot_embps__pb2.EvictRequest.FromString,
+                    response_serializer=embps_dot_v1_dot_embps__pb2.EvictResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +446,33 @@ class ParameterServer:
             '/embps.v1.ParameterServer/Frequencies',
             embps_dot_v1_dot_embps__pb2.FrequenciesRequest.SerializeToString,
             embps_dot_v1_dot_embps__pb2.FrequenciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/Evict',
+            embps_dot_v1_dot_embps__pb2.EvictRequest.SerializeToString,
+            embps_dot_v1_dot_embps__pb2.EvictResponse.FromString,
             options,
             channel_credentials,
             insecure,
