@@ -27,8 +27,10 @@ _VERSION_LINES = (
     (re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.M), "GRPC_GENERATED_VERSION = <v>"),
     (re.compile(r"^# Protobuf Python Version: .*$", re.M), "# Protobuf Python Version: <v>"),
     (
-        re.compile(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)"
-                   r"\s*\d+,\s*\d+,\s*\d+,\s*'[^']*',"),  # fmt: skip
+        re.compile(
+            r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)"
+            r"\s*\d+,\s*\d+,\s*\d+,\s*'[^']*',"
+        ),
         r"\1 <v>,",
     ),
 )
@@ -81,8 +83,9 @@ def test_an_edited_proto_without_regenerating_is_caught(tmp_path: Path) -> None:
 def test_a_tool_patch_release_is_not_staleness() -> None:
     have = committed()
     bumped = {
-        n: re.sub(r"GRPC_GENERATED_VERSION = '[^']*'", "GRPC_GENERATED_VERSION = '1.85.99'", c)
-        .replace("# Protobuf Python Version: ", "# Protobuf Python Version: 9")
+        n: re.sub(
+            r"GRPC_GENERATED_VERSION = '[^']*'", "GRPC_GENERATED_VERSION = '1.85.99'", c
+        ).replace("# Protobuf Python Version: ", "# Protobuf Python Version: 9")
         for n, c in have.items()
     }
     bumped["embps_pb2.py"] = re.sub(
@@ -121,7 +124,9 @@ def _pins() -> dict[str, str]:
     for line in CONSTRAINTS.read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
-        assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.\-]*", line), f"not an exact pin: {line!r}"
+        assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.\-]*", line), (
+            f"not an exact pin: {line!r}"
+        )
         name, version = line.split("==")
         pins[name.lower().replace("_", "-")] = version
     return pins
@@ -176,5 +181,3 @@ def test_generated_imports_need_no_rewriting() -> None:
 
     assert embps_pb2_grpc.ParameterServerStub is not None
     assert embps_pb2.DESCRIPTOR.package == "embps.v1"
-
-
