@@ -12,11 +12,7 @@ import grpc
 class EmbpsServerError(Exception):
     """Root of every error a shard reports to a client."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-    def grpc_status_code(self) -> grpc.StatusCode:
-        """The status the client receives."""
-        return self.code
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL  # the status the client receives
 
 
 class InvalidArgument(EmbpsServerError):

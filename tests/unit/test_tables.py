@@ -559,7 +559,7 @@ def test_invalid_argument_is_the_grpc_invalid_argument_code():
     table = make_table(cfg())
     with pytest.raises(errors.InvalidArgument) as exc:
         table.push([1], np.zeros((2, DIM)))
-    assert exc.value.grpc_status_code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT  # what ErrorInterceptor aborts with
     assert "(1, 4)" in str(exc.value), "the message states the expected shape"
 
 
