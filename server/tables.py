@@ -72,9 +72,9 @@ from .sketch import DEFAULT_DEPTH, FrequencySketch
 DEFAULT_SKETCH_WIDTH = 1 << 18
 DELETED_LOG_MAX = 1 << 20  # keys kept for incremental snapshots (or the table size, if larger)
 ROW_GROWTH = 1.5
-# Rows judged per lock hold by an eviction sweep: about 1-3 ms of work at dim 16 (a
+# Rows judged per lock hold by an eviction sweep: about 1 ms of work at dim 16 (a
 # pull waits at most that long; docs/benchmarks.md, "Eviction").
-EVICT_PAGE_ROWS = 1 << 16
+EVICT_PAGE_ROWS = 1 << 14
 _NORM_CODE = {Norm.L2: 0, Norm.L1: 1, Norm.LINF: 2}
 _STATIC_SEED = np.uint64(0x94D049BB133111EB)
 
@@ -413,12 +413,26 @@ class DynamicPart:
         self.row_keys[new] = keys[inserted]
         return rows, inserted
 
-    def erase_keys(self, keys: np.ndarray) -> np.ndarray:
-        """Delete keys; their rows go to the free list. Returns the freed rows (-1: absent)."""
+    def free_list_growth(self, more: int) -> int:
+        """Length the free list must grow to before ``more`` rows are freed (0: none)."""
         # Every row may be on the free list at once, never more: the arena bounds it.
-        need = min(int(self.meta[hm.M_FREE_TOP]) + keys.shape[0], self.block.rows)
-        if self.free.shape[0] < need:
-            grown = np.empty(min(max(need, 2 * self.free.shape[0]), self.block.rows), np.int64)
+        need = min(int(self.meta[hm.M_FREE_TOP]) + more, self.block.rows)
+        if self.free.shape[0] >= need:
+            return 0
+        return min(max(need, 2 * self.free.shape[0]), self.block.rows)
+
+    def erase_keys(self, keys: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
+        """Delete keys; their rows go to the free list. Returns the freed rows (-1: absent).
+
+        spare: int64 (m,), an array allocated (and its pages touched) outside the
+        table's lock by a caller that expects the free list to grow
+        (``free_list_growth``); used if m is at least the length needed.
+        """
+        grow = self.free_list_growth(keys.shape[0])
+        if grow:
+            grown = (
+                spare if spare is not None and spare.shape[0] >= grow else np.empty(grow, np.int64)
+            )
             grown[: self.free.shape[0]] = self.free
             self.free = grown
         rows = np.empty(keys.shape[0], dtype=np.int64)
@@ -798,13 +812,17 @@ class Table:
         if self.evicts:
             start = 0
             while start >= 0:
+                # A page may double the free list: allocate and touch the new one before
+                # taking the lock (a 4M-row copy-and-fault took 60 ms under it).
+                spare = self._free_list_spare(page_rows)
                 with self._lock.write():
-                    n_steps, n_l2, start = self._evict_page(start, page_rows)
+                    n_steps, n_l2, start = self._evict_page(start, page_rows, spare)
                     self.counters["evictions_steps_to_live"] += n_steps
                     self.counters["evictions_l2"] += n_l2
                     self.counters["evictions"] += n_steps + n_l2
                 by_steps += n_steps
                 by_l2 += n_l2
+                self._lock.let_waiters_in()  # pulls and pushes go between pages
         rows = by_steps + by_l2
         return EvictResult(
             table=self.name,
@@ -1116,9 +1134,17 @@ class Table:
     def _prune(self, threshold: float, norm: Norm) -> int:
         return 0
 
-    def _evict_page(self, start: int, n: int) -> tuple[int, int, int]:
-        """Evict among own rows [start, start + n): (by steps, by l2, next start or -1)."""
+    def _evict_page(
+        self, start: int, n: int, spare: np.ndarray | None = None
+    ) -> tuple[int, int, int]:
+        """Evict among own rows [start, start + n): (by steps, by l2, next start or -1).
+        spare: a pre-allocated free list for the rows it frees (``_free_list_spare``)."""
         return 0, 0, -1
+
+    def _free_list_spare(self, more: int) -> np.ndarray | None:
+        """A touched int64 array long enough for the free list after ``more`` rows are
+        freed, if it would have to grow (read without the lock: a hint only)."""
+        return None
 
     def _erase(self, keys: np.ndarray) -> int:
         return 0
@@ -1248,9 +1274,9 @@ class _DynamicBase(Table):
                 self.sketch.undo(undo)  # type: ignore[attr-defined]
             raise
 
-    def _drop_rows(self, rows: np.ndarray) -> None:
+    def _drop_rows(self, rows: np.ndarray, spare: np.ndarray | None = None) -> None:
         keys = self.part.keys_of(rows)
-        self.part.erase_keys(keys)
+        self.part.erase_keys(keys, spare)
         self._log_deleted(keys)
 
     def _log_deleted(self, keys: np.ndarray) -> None:
@@ -1272,7 +1298,17 @@ class _DynamicBase(Table):
     def evicts(self) -> bool:
         return bool(self.config.steps_to_live or self.config.l2_evict_threshold > 0)
 
-    def _evict_page(self, start: int, n: int) -> tuple[int, int, int]:
+    def _free_list_spare(self, more: int) -> np.ndarray | None:
+        grow = self.part.free_list_growth(more)
+        if not grow:
+            return None
+        spare = np.empty(grow, np.int64)
+        spare.fill(-1)  # touch every page here (np.zeros would map them lazily)
+        return spare
+
+    def _evict_page(
+        self, start: int, n: int, spare: np.ndarray | None = None
+    ) -> tuple[int, int, int]:
         cfg = self.config
         live, top = self.part.live_rows_in(start, start + n)
         by_steps = np.zeros(live.shape[0], dtype=np.bool_)
@@ -1285,7 +1321,7 @@ class _DynamicBase(Table):
             )
         victims = live[by_steps | by_l2]
         if victims.shape[0]:
-            self._drop_rows(victims)
+            self._drop_rows(victims, spare)
         nxt = start + n if start + n < top else -1
         return int(by_steps.sum()), int(by_l2.sum()), nxt
 

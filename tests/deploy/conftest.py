@@ -100,6 +100,7 @@ def live_metrics() -> Iterator[LiveMetrics]:
     for call in calls:
         metrics.observe(*call)
     metrics.checkpoint_done("full", 1.5)
+    metrics.eviction_sweep_done("periodic", 0.02)
     port = metrics.serve(0, "127.0.0.1")
 
     stop = threading.Event()

@@ -62,6 +62,9 @@ def test_each_page_is_its_own_lock_hold() -> None:
         def read(self):
             return real.read()
 
+        def let_waiters_in(self):
+            real.let_waiters_in()
+
         @contextlib.contextmanager
         def write(self):
             with real.write():

@@ -4,6 +4,7 @@ writers first. Threads coordinate through events; every wait is bounded."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -107,3 +108,36 @@ def test_an_exception_inside_releases_the_lock() -> None:
         assert lock.state() == (0, False, 0)
     with lock.write():  # neither hold leaked
         pass
+
+
+def test_let_waiters_in_hands_the_lock_to_a_waiting_writer() -> None:
+    """Work done in pages lets a waiting writer in between its pages (eviction sweeps)."""
+    lock = RWLock()
+    order: list[str] = []
+    waiting = threading.Event()
+
+    def other() -> None:
+        waiting.set()
+        with lock.write():
+            order.append("other")
+
+    with lock.write():
+        order.append("page 1")
+        t = threading.Thread(target=other)
+        t.start()
+        waiting.wait(5)
+        deadline = time.monotonic() + 5
+        while lock.state()[2] == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the other thread waits for the lock
+    lock.let_waiters_in(timeout=5)
+    with lock.write():
+        order.append("page 2")
+    t.join(5)
+    assert order == ["page 1", "other", "page 2"]
+
+
+def test_let_waiters_in_returns_at_once_when_nobody_waits() -> None:
+    lock = RWLock()
+    t0 = time.monotonic()
+    lock.let_waiters_in(timeout=5)
+    assert time.monotonic() - t0 < 0.5
