@@ -14,15 +14,20 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
+from enum import Enum, StrEnum
+from typing import Any, TypeVar, cast
+
+from google.protobuf.descriptor import FieldDescriptor
 
 from embps.v1 import embps_pb2 as pb
 
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")  # fullmatch
 MAX_DIM = 65536
 
 # Memory layout of a table's arrays, for ``max_bytes`` (server/tables.py owns the
@@ -76,14 +81,99 @@ class InitKind(StrEnum):
     NORMAL = "normal"  # N(mean=a, std=b)
 
 
-def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+# --------------------------------------------------------------------------
+# Normalisation: one helper per field type
+#
+# Every config dataclass passes each field through one of these in
+# ``__post_init__``, so a config built directly, from a mapping (``from_dict``:
+# config files, ``PSClient.create_table`` options) or from the wire is checked and
+# converted the same way. Each returns the canonical value (a float, an int, an
+# enum member, an optimizer or initializer object) or raises ValueError naming
+# the field (``what``), the value and what is accepted. Bools are never numbers;
+# floats are never integers; non-finite floats are refused.
+# --------------------------------------------------------------------------
+
+_E = TypeVar("_E", bound=StrEnum)
 
 
-def _non_negative(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+def _show(value: object) -> str:
+    """``repr`` for messages, at most 80 characters; a huge int by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"{'-' if value < 0 else ''}<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _as_float(what: str, value: object, low: float | None = None, strict: bool = False) -> float:
+    """``value`` as a finite float (``>= low``, or ``> low`` when strict).
+
+    ints and other real numbers (numpy scalars) convert; bools, strings and
+    everything else do not.
+    """
+    number: float | None = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (OverflowError, ValueError):
+            number = None
+    if (
+        number is None
+        or not math.isfinite(number)
+        or (low is not None and (number <= low if strict else number < low))
+    ):
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{what} must be a finite number{bound}, got {_show(value)}")
+    return number
+
+
+def _as_int(what: str, value: object, low: int, high: int) -> int:
+    """``value`` as an int in ``[low, high]``: an int or another integral (numpy ints);
+    never a bool or a float (``4.0`` is refused, not truncated)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not low <= int(value) <= high
+    ):
+        top = f"2**{high.bit_length()} - 1" if high > 2**20 and high & (high + 1) == 0 else high
+        raise ValueError(f"{what} must be an integer in [{low}, {top}], got {_show(value)}")
+    return int(value)
+
+
+def _as_enum(what: str, enum: type[_E], value: object) -> _E:
+    """``value`` as a member of ``enum``: the member, or its value or name in any case
+    (``"lfu"``, ``"LFU"``, ``"Lfu"``). A member of another enum is refused."""
+    if isinstance(value, enum):
+        return value
+    if isinstance(value, str) and not isinstance(value, Enum):
+        folded = value.lower()
+        for member in enum:
+            if folded in (member.value, member.name.lower()):
+                return member
+    accepted = ", ".join(repr(m.value) for m in enum)
+    raise ValueError(
+        f"{what} must be one of {accepted} (any case) or a member of {enum.__name__}, "
+        f"got {_show(value)}"
+    )
+
+
+def _set_floats(obj: object, **bounds: tuple[float | None, bool]) -> None:
+    """Replace each named field of a frozen dataclass by ``_as_float`` of it.
+
+    bounds: field name -> (low, strict); the message names ``Class.field``.
+    """
+    for name, (low, strict) in bounds.items():
+        what = f"{type(obj).__name__}.{name}"
+        object.__setattr__(obj, name, _as_float(what, getattr(obj, name), low, strict))
+
+
+def _unknown_keys(what: str, given: Mapping[Any, Any], known: set[str]) -> None:
+    """ValueError naming the keys of ``given`` that are not in ``known``, and the known ones."""
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise ValueError(
+            f"{what}: unknown options {', '.join(sorted(map(repr, unknown)))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -98,7 +188,7 @@ class SGD:
     lr: float = 0.01
 
     def __post_init__(self) -> None:
-        _positive("SGD.lr", self.lr)
+        object.__setattr__(self, "lr", _as_float("SGD.lr", self.lr, 0.0, strict=True))
 
 
 @dataclass(frozen=True)
@@ -110,9 +200,7 @@ class Adagrad:
     eps: float = 1e-10
 
     def __post_init__(self) -> None:
-        _positive("Adagrad.lr", self.lr)
-        _non_negative("Adagrad.initial_accumulator_value", self.initial_accumulator_value)
-        _non_negative("Adagrad.eps", self.eps)
+        _set_floats(self, lr=(0.0, True), initial_accumulator_value=(0.0, False), eps=(0.0, False))
         if self.eps == 0 and self.initial_accumulator_value == 0:
             raise ValueError(
                 "Adagrad needs eps > 0 or initial_accumulator_value > 0 "
@@ -130,11 +218,10 @@ class Adam:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _positive("Adam.lr", self.lr)
-        for name, b in (("Adam.beta1", self.beta1), ("Adam.beta2", self.beta2)):
-            if not (0.0 <= b < 1.0):
-                raise ValueError(f"{name} must be in [0, 1), got {b!r}")
-        _positive("Adam.eps", self.eps)
+        _set_floats(self, lr=(0.0, True), beta1=(0.0, False), beta2=(0.0, False), eps=(0.0, True))
+        for name in ("beta1", "beta2"):
+            if getattr(self, name) >= 1.0:
+                raise ValueError(f"Adam.{name} must be in [0, 1), got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -148,15 +235,16 @@ class FTRL:
     initial_accumulator_value: float = 0.1
 
     def __post_init__(self) -> None:
-        _positive("FTRL.alpha", self.alpha)
-        _non_negative("FTRL.beta", self.beta)
-        _non_negative("FTRL.l1", self.l1)
-        _non_negative("FTRL.l2", self.l2)
-        _positive("FTRL.initial_accumulator_value", self.initial_accumulator_value)
+        _set_floats(self, alpha=(0.0, True), beta=(0.0, False), l1=(0.0, False), l2=(0.0, False),
+                    initial_accumulator_value=(0.0, True))  # fmt: skip
 
 
 OptimizerConfig = SGD | Adagrad | Adam | FTRL
 SLOTS_PER_OPTIMIZER: dict[type, int] = {SGD: 0, Adagrad: 1, Adam: 2, FTRL: 2}
+# "sgd" -> SGD, ...: the names of config files, ``to_dict`` and the shorthands
+OPTIMIZER_BY_NAME: dict[str, type[OptimizerConfig]] = {
+    t.__name__.lower(): t for t in SLOTS_PER_OPTIMIZER
+}
 
 
 def optimizer_slots(opt: OptimizerConfig) -> int:
@@ -173,13 +261,79 @@ class Initializer:
     b: float = 0.05
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", InitKind(self.kind))
-        if not (math.isfinite(self.a) and math.isfinite(self.b)):
-            raise ValueError("Initializer a and b must be finite")
+        object.__setattr__(self, "kind", _as_enum("Initializer.kind", InitKind, self.kind))
+        _set_floats(self, a=(None, False), b=(None, False))
         if self.kind == InitKind.UNIFORM and not self.a <= self.b:
             raise ValueError(f"uniform initializer needs a <= b, got a={self.a} b={self.b}")
         if self.kind == InitKind.NORMAL and self.b < 0:
             raise ValueError(f"normal initializer needs std b >= 0, got {self.b}")
+
+
+# --------------------------------------------------------------------------
+# Shorthands for the object-valued fields (a string or a mapping, as users write them)
+# --------------------------------------------------------------------------
+
+
+def _as_optimizer(what: str, value: object) -> OptimizerConfig:
+    """An optimizer object from itself, a name or a mapping.
+
+    ``"adam"`` (any case) is ``Adam()``: that optimizer with its defaults.
+    ``{"name": "adam", "lr": 0.01}`` is ``Adam(lr=0.01)``; without ``name`` it is SGD
+    (the config-file form, which ``to_dict`` writes).
+    """
+    if type(value) in SLOTS_PER_OPTIMIZER:
+        return cast(OptimizerConfig, value)
+    options: dict[Any, Any] = {}
+    name: object = value
+    if isinstance(value, Mapping):
+        options = dict(value)
+        name = options.pop("name", "sgd")
+    accepted = ", ".join(repr(n) for n in OPTIMIZER_BY_NAME)
+    if not isinstance(name, str) or name.lower() not in OPTIMIZER_BY_NAME:
+        raise ValueError(
+            f"{what} must be an SGD, Adagrad, Adam or FTRL object, one of the names {accepted} "
+            f"(any case) or a mapping {{'name': ..., <its options>}}, got {_show(value)}"
+        )
+    cls = OPTIMIZER_BY_NAME[name.lower()]
+    _unknown_keys(f"{what} {name.lower()}", options, {f.name for f in dataclasses.fields(cls)})
+    try:
+        return cls(**options)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def _as_initializer(what: str, value: object) -> Initializer:
+    """An ``Initializer`` from itself, a kind or a mapping.
+
+    ``"normal"`` (a kind name in any case, or an ``InitKind``) is ``Initializer("normal")``:
+    that kind with the class defaults a=-0.05, b=0.05. ``{"kind": "normal", "a": 0,
+    "b": 0.01}`` is ``Initializer("normal", 0.0, 0.01)`` (the config-file form).
+    """
+    if isinstance(value, Initializer):
+        return value
+    try:
+        if isinstance(value, str):
+            return Initializer(value)  # type: ignore[arg-type]
+        if isinstance(value, Mapping):
+            _unknown_keys("Initializer", value, {"kind", "a", "b"})
+            return Initializer(**value)
+    except ValueError as e:
+        raise ValueError(f"{what} {_show(value)}: {e}") from None
+    kinds = ", ".join(repr(k.value) for k in InitKind)
+    raise ValueError(
+        f"{what} must be an Initializer, one of the kinds {kinds} (any case) "
+        f"or a mapping {{'kind': ..., 'a': ..., 'b': ...}}, got {_show(value)}"
+    )
+
+
+def _as_name(value: object) -> str:
+    """A table name: 1-128 characters [A-Za-z0-9_.-], starting with a letter or underscore."""
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"table name {_show(value)} is invalid: use 1-128 characters "
+            "[A-Za-z0-9_.-], starting with a letter or underscore"
+        )
+    return str(value)
 
 
 # --------------------------------------------------------------------------
@@ -190,6 +344,12 @@ class Initializer:
 @dataclass(frozen=True)
 class TableConfig:
     """One embedding table. Options that do not apply to ``kind`` must keep their defaults.
+
+    Fields also take shorthands, each with one meaning (README "Shorthands"): enums by
+    value or name in any case (``eviction="LFU"``), ``optimizer="adam"`` (its defaults)
+    or ``{"name": "adam", "lr": 0.01}``, ``initializer="normal"`` (``Initializer("normal")``)
+    or ``{"kind": "normal", "a": 0.0, "b": 0.01}``. ``__post_init__`` stores the canonical
+    value (enum member, object, int, float) or raises ValueError naming the field.
 
     Example::
 
@@ -227,32 +387,22 @@ class TableConfig:
     qr_combiner: Combiner = Combiner.MULT
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", TableKind(self.kind))
-        object.__setattr__(self, "eviction", Eviction(self.eviction))
-        object.__setattr__(self, "qr_combiner", Combiner(self.qr_combiner))
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            raise ValueError(
-                f"table name {self.name!r} is invalid: use 1-128 characters "
-                "[A-Za-z0-9_.-], starting with a letter or underscore"
-            )
-        if not isinstance(self.dim, int) or not 1 <= self.dim <= MAX_DIM:
-            raise ValueError(
-                f"table {self.name!r}: dim must be an integer in [1, {MAX_DIM}], got {self.dim!r}"
-            )
-        if type(self.optimizer) not in SLOTS_PER_OPTIMIZER:
-            raise ValueError(f"table {self.name!r}: optimizer must be SGD, Adagrad, Adam or FTRL")
-        ints = ("seed", "initial_capacity", "admission_threshold", "max_rows", "steps_to_live",
-                "max_bytes", "hash_bucket_size", "promote_threshold", "sketch_width",
-                "sketch_depth", "qr_quotient_buckets", "qr_remainder_buckets")  # fmt: skip
-        for name in ints:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 2**63:
-                raise ValueError(
-                    f"table {self.name!r}: {name} must be an integer in [0, 2**63), got {v!r}"
-                )
-        _non_negative(f"table {self.name!r}: l2_evict_threshold", self.l2_evict_threshold)
-        if not math.isfinite(self.default_value):
-            raise ValueError(f"table {self.name!r}: default_value must be finite")
+        name = _as_name(self.name)
+        t = f"table {name!r}"
+
+        put = functools.partial(object.__setattr__, self)  # frozen: set the canonical values
+        put("name", name)
+        put("dim", _as_int(f"{t}: dim", self.dim, 1, MAX_DIM))
+        put("kind", _as_enum(f"{t}: kind", TableKind, self.kind))
+        put("optimizer", _as_optimizer(f"{t}: optimizer", self.optimizer))
+        put("initializer", _as_initializer(f"{t}: initializer", self.initializer))
+        for option, high in _INT_MAX.items():
+            put(option, _as_int(f"{t}: {option}", getattr(self, option), 0, high))
+        put("default_value", _as_float(f"{t}: default_value", self.default_value))
+        l2 = _as_float(f"{t}: l2_evict_threshold", self.l2_evict_threshold, 0.0)
+        put("l2_evict_threshold", l2)
+        put("eviction", _as_enum(f"{t}: eviction", Eviction, self.eviction))
+        put("qr_combiner", _as_enum(f"{t}: qr_combiner", Combiner, self.qr_combiner))
         if self.sketch_width and self.sketch_width & (self.sketch_width - 1):
             raise ValueError(
                 f"table {self.name!r}: sketch_width must be a power of two, got {self.sketch_width}"
@@ -270,7 +420,7 @@ class TableConfig:
             raise ValueError(
                 f"table {self.name!r}: max_bytes={self.max_bytes} is below the "
                 f"{self.fixed_bytes} bytes its fixed arrays need ({self._fixed_parts()}); "
-                f"raise max_bytes to at least {self.fixed_bytes} or make the table smaller"
+                f"raise max_bytes to at least {self.fixed_bytes}{self._fixed_options()}"
             )
 
     # ---------------------------------------------------------------- memory
@@ -315,6 +465,23 @@ class TableConfig:
 
     def _fixed_parts(self) -> str:
         return ", ".join(f"{name} {n}" for name, n in self._fixed_sizes().items())
+
+    def _fixed_options(self) -> str:
+        """For the max_bytes message: ' or make the table smaller (<the options that size
+        its fixed arrays>)', or '' when only the empty index is fixed."""
+        sizes = self._fixed_sizes()
+        options: list[str] = []
+        if "static rows" in sizes:
+            options += ["dim", "optimizer", "hash_bucket_size"]
+        if "qr rows" in sizes:
+            options += ["dim", "optimizer", "qr_combiner", "qr_quotient_buckets",
+                        "qr_remainder_buckets"]  # fmt: skip
+        if "sketch" in sizes:
+            sketch = ["admission_threshold"] if self.kind == TableKind.DYNAMIC else []
+            options += sketch or ["sketch_width", "sketch_depth"]
+        if not options:
+            return ""
+        return f" or make the table smaller ({', '.join(options)})"
 
     def _check_kind_options(self) -> None:
         kind = self.kind
@@ -467,30 +634,21 @@ class TableConfig:
         )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TableConfig:
-        """Config from a plain mapping (YAML/TOML config files).
+    def from_dict(cls, d: Mapping[str, Any]) -> TableConfig:
+        """Config from a plain mapping (YAML/TOML config files, ``PSClient.create_table``).
 
-        ``optimizer`` is ``{"name": "adagrad", "lr": 0.05, ...}``; ``initializer``
-        is ``{"kind": "normal", "a": 0, "b": 0.01}``. Unknown keys are an error.
+        Values are what the constructor accepts: ``optimizer`` may be
+        ``{"name": "adagrad", "lr": 0.05, ...}`` or ``"adagrad"``; ``initializer``
+        ``{"kind": "normal", "a": 0, "b": 0.01}`` or ``"normal"``; enums their names.
+        Unknown or missing keys are a ValueError.
         """
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"table {d.get('name')!r}: unknown options {sorted(unknown)}; known: {sorted(known)}"
-            )
-        if "optimizer" in d and isinstance(d["optimizer"], dict):
-            o = dict(d["optimizer"])
-            name = str(o.pop("name", "sgd")).lower()
-            types = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam, "ftrl": FTRL}
-            if name not in types:
-                raise ValueError(
-                    f"table {d.get('name')!r}: unknown optimizer {name!r}; use one of {sorted(types)}"
-                )
-            d["optimizer"] = types[name](**o)
-        if "initializer" in d and isinstance(d["initializer"], dict):
-            d["initializer"] = Initializer(**d["initializer"])
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a table config must be a mapping of options, got {_show(d)}")
+        what = f"table {_show(d.get('name'))}"
+        _unknown_keys(what, d, {f.name for f in dataclasses.fields(cls)})
+        for required in ("name", "dim"):
+            if required not in d:
+                raise ValueError(f"{what}: {required} is required")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -512,6 +670,20 @@ class TableConfig:
         """Optimizer slot vectors per row."""
         return optimizer_slots(self.optimizer)
 
+
+def _int_max(option: str) -> int:
+    """Largest value of an integer option: its wire type's for uint32 fields; 2**63 - 1 for
+    uint64 fields, as the server holds sizes, counts and seeds in int64."""
+    wire = pb.TableConfig.DESCRIPTOR.fields_by_name[option].type
+    return 2**32 - 1 if wire == FieldDescriptor.TYPE_UINT32 else 2**63 - 1
+
+
+# Every ``int`` option but dim (which has its own range): 0 .. its largest value.
+_INT_MAX = {
+    f.name: _int_max(f.name)
+    for f in dataclasses.fields(TableConfig)
+    if f.type == "int" and f.name != "dim"
+}
 
 _KIND_TO_PB = {
     TableKind.DYNAMIC: pb.TABLE_KIND_DYNAMIC,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
+from embps.client import InvalidArgumentError, PSClient
 from embps.protos.config import (
     FTRL,
     SGD,
@@ -74,7 +76,7 @@ def make(kind: str, optimizer=None, **kw) -> TableConfig:
 # Validation: a ValueError naming the option
 # --------------------------------------------------------------------------
 
-BAD = {
+BAD: dict[str, tuple[dict[str, object], str]] = {
     "empty-name": (dict(name=""), "name"),
     "name-with-space": (dict(name="a b"), "name"),
     "dim-zero": (dict(dim=0), "dim"),
@@ -130,7 +132,17 @@ BAD = {
         "combiner",
     ),
     "dynamic-with-combiner": (dict(qr_combiner="add"), "qr_combiner"),
-    "optimizer-not-an-optimizer": (dict(optimizer="sgd"), "optimizer"),
+    "optimizer-not-an-optimizer": (dict(optimizer="rmsprop"), "optimizer"),
+    "optimizer-class-not-instance": (dict(optimizer=SGD), "optimizer"),
+    "name-with-trailing-newline": (dict(name="t\n"), "name"),
+    "name-not-a-string": (dict(name=b"t"), "name"),
+    "dim-bool": (dict(dim=True), "dim"),
+    "seed-too-large": (dict(seed=2**63), "seed"),
+    "uint32-option-too-large": (dict(admission_threshold=2**32), "admission_threshold"),
+    "inf-l2-threshold": (dict(l2_evict_threshold=float("inf")), "l2_evict_threshold"),
+    "string-default": (dict(default_value="0.5"), "default_value"),
+    "huge-int-default": (dict(default_value=10**400), "default_value"),
+    "kind-of-another-enum": (dict(kind=Eviction.LFU), "kind"),
 }
 
 
@@ -322,3 +334,207 @@ def test_max_bytes_fixed_parts_name_both_numbers_and_every_part():
     msg = str(info.value)
     assert f"max_bytes={need - 1}" in msg and f"{need} bytes" in msg
     assert "static rows 560, sketch 512, empty index 304" in msg
+
+
+# --------------------------------------------------------------------------
+# Shorthands (README "Shorthands"): one meaning each, the same from every entry
+# --------------------------------------------------------------------------
+
+QR = dict(kind="qr", qr_quotient_buckets=2, qr_remainder_buckets=2)
+
+SHORTHANDS = {
+    # what a Keras / config-file user writes -> the config it means
+    "initializer-zeros": (
+        dict(initializer="zeros"),
+        dict(initializer=Initializer(InitKind.ZEROS, a=-0.05, b=0.05)),
+    ),
+    "initializer-constant": (
+        dict(initializer="constant"),
+        dict(initializer=Initializer(InitKind.CONSTANT, a=-0.05, b=0.05)),
+    ),
+    "initializer-uniform": (
+        dict(initializer="uniform"),
+        dict(initializer=Initializer(InitKind.UNIFORM, a=-0.05, b=0.05)),
+    ),
+    "initializer-normal": (
+        dict(initializer="normal"),
+        dict(initializer=Initializer(InitKind.NORMAL, a=-0.05, b=0.05)),
+    ),
+    "initializer-any-case": (dict(initializer="ZEROS"), dict(initializer=Initializer("zeros"))),
+    "initializer-enum-member": (
+        dict(initializer=InitKind.NORMAL),
+        dict(initializer=Initializer("normal")),
+    ),
+    "initializer-mapping": (
+        dict(initializer={"kind": "normal", "a": 0, "b": 0.01}),
+        dict(initializer=Initializer(InitKind.NORMAL, a=0.0, b=0.01)),
+    ),
+    "initializer-mapping-without-kind": (
+        dict(initializer={"a": -1, "b": 1}),
+        dict(initializer=Initializer(InitKind.UNIFORM, a=-1.0, b=1.0)),
+    ),
+    "optimizer-sgd": (dict(optimizer="sgd"), dict(optimizer=SGD(lr=0.01))),
+    "optimizer-adagrad": (
+        dict(optimizer="Adagrad"),
+        dict(optimizer=Adagrad(lr=0.01, initial_accumulator_value=0.0, eps=1e-10)),
+    ),
+    "optimizer-adam": (
+        dict(optimizer="ADAM"),
+        dict(optimizer=Adam(lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8)),
+    ),
+    "optimizer-ftrl": (
+        dict(optimizer="ftrl"),
+        dict(optimizer=FTRL(alpha=0.05, beta=1.0, l1=0.0, l2=0.0, initial_accumulator_value=0.1)),
+    ),
+    "optimizer-mapping": (
+        dict(optimizer={"name": "Adam", "lr": 0.01}),
+        dict(optimizer=Adam(lr=0.01)),
+    ),
+    "optimizer-mapping-without-name": (dict(optimizer={"lr": 1}), dict(optimizer=SGD(lr=1.0))),
+    "kind-by-name": (dict(kind="STATIC", hash_bucket_size=4), dict(kind=TableKind.STATIC,
+                                                                    hash_bucket_size=4)),
+    "eviction-by-name": (dict(eviction="LFU", max_rows=5), dict(eviction=Eviction.LFU, max_rows=5)),
+    "eviction-mixed-case": (dict(eviction="Lru", max_rows=5), dict(eviction=Eviction.LRU,
+                                                                    max_rows=5)),
+    "combiner-by-name": (dict(QR, qr_combiner="Concat"), dict(QR, qr_combiner=Combiner.CONCAT)),
+    "numpy-integer-dim": (dict(dim=np.int64(8)), dict(dim=8)),
+    "integer-default-value": (dict(default_value=1), dict(default_value=1.0)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SHORTHANDS))
+def test_a_shorthand_builds_the_documented_config(case):
+    short, meant = SHORTHANDS[case]
+    cfg = TableConfig(**{"name": "t", "dim": 8, **short})
+    want = TableConfig(**{"name": "t", "dim": 8, **meant})
+    assert cfg == want
+    assert TableConfig.from_dict({"name": "t", "dim": 8, **short}) == cfg
+    # canonical inside: the enum members, objects and float/int types, not what was written
+    for f in dataclasses.fields(TableConfig):
+        assert type(getattr(cfg, f.name)) is type(getattr(want, f.name)), f.name
+    assert TableConfig.from_proto(cfg.to_proto()) == cfg
+
+
+BAD_SHORTHANDS: dict[str, tuple[dict[str, object], list[str]]] = {
+    "initializer-unknown-kind": (
+        dict(initializer="glorot_uniform"),
+        ["initializer", "'glorot_uniform'", "'zeros', 'constant', 'uniform', 'normal'"],
+    ),
+    "initializer-wrong-type": (dict(initializer=0.05), ["initializer", "0.05", "'zeros'"]),
+    "initializer-unknown-key": (
+        dict(initializer={"kind": "normal", "std": 0.1}),
+        ["initializer", "'std'", "a, b, kind"],
+    ),
+    "optimizer-unknown-name": (
+        dict(optimizer="rmsprop"),
+        ["optimizer", "'rmsprop'", "'sgd', 'adagrad', 'adam', 'ftrl'"],
+    ),
+    "optimizer-wrong-type": (dict(optimizer=0.1), ["optimizer", "0.1", "'sgd'"]),
+    "optimizer-unknown-key": (
+        dict(optimizer={"name": "sgd", "momentum": 0.9}),
+        ["optimizer", "'momentum'", "lr"],
+    ),
+    "optimizer-bad-value": (
+        dict(optimizer={"name": "adam", "lr": True}),
+        ["optimizer", "Adam.lr", "True", "finite number > 0"],
+    ),
+    "kind-unknown": (
+        dict(kind="sparse"),
+        ["kind", "'sparse'", "'dynamic', 'static', 'adaptive', 'qr'"],
+    ),
+    "eviction-unknown": (
+        dict(eviction="fifo", max_rows=5),
+        ["eviction", "'fifo'", "'none', 'lfu', 'lru'"],
+    ),
+    "eviction-not-a-string": (dict(eviction=1, max_rows=5), ["eviction", "1", "'lfu'"]),
+    "combiner-unknown": (
+        dict(QR, qr_combiner="max"),
+        ["qr_combiner", "'max'", "'mult', 'add', 'concat'"],
+    ),
+    "dim-bool": (dict(dim=True), ["dim", "True", "integer in [1, 65536]"]),
+    "dim-float": (dict(dim=8.0), ["dim", "8.0", "integer"]),
+    "seed-float": (dict(seed=1.5), ["seed", "1.5", "integer in [0, 2**63 - 1]"]),
+    "default-nan": (dict(default_value=float("nan")), ["default_value", "nan", "finite"]),
+    "default-bool": (dict(default_value=False), ["default_value", "False", "finite number"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SHORTHANDS))
+def test_a_bad_shorthand_names_the_option_the_value_and_what_is_accepted(case):
+    kw, parts = BAD_SHORTHANDS[case]
+    for build in (lambda: TableConfig(**{"name": "t", "dim": 8, **kw}),
+                  lambda: TableConfig.from_dict({"name": "t", "dim": 8, **kw})):  # fmt: skip
+        with pytest.raises(ValueError) as info:
+            build()
+        for part in parts:
+            assert part in str(info.value)
+
+
+def test_from_dict_names_a_missing_or_unknown_option():
+    with pytest.raises(ValueError, match="table 't': dim is required"):
+        TableConfig.from_dict({"name": "t"})
+    with pytest.raises(ValueError, match="unknown options 'colour', 'size'"):
+        TableConfig.from_dict({"name": "t", "dim": 2, "size": 1, "colour": "red"})
+    with pytest.raises(ValueError, match="mapping"):
+        TableConfig.from_dict([("name", "t")])
+
+
+# --------------------------------------------------------------------------
+# PSClient.create_table: shorthands are encoded; a bad one is InvalidArgumentError
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch):
+    """A PSClient (2 shards, never connected) whose calls are recorded, not sent."""
+    sent: list[tuple[str, list]] = []
+
+    def call_all(method, jobs, retry=True):
+        sent.append((method, jobs))
+        return [pb.CreateTableResponse(created=True) for _ in jobs]
+
+    with PSClient(["127.0.0.1:1", "127.0.0.1:2"]) as ps:
+        monkeypatch.setattr(ps, "_call_all", call_all)
+        yield ps, sent
+
+
+def test_create_table_encodes_a_shorthand(recorded):
+    ps, sent = recorded
+    assert ps.create_table("t", dim=8, initializer="zeros") is True
+    ((method, jobs),) = sent
+    assert method == "CreateTable" and [s for s, _ in jobs] == [0, 1]
+    want = TableConfig("t", dim=8, initializer=Initializer("zeros")).to_proto()
+    for _, req in jobs:
+        assert req.config == want
+        assert req.config.initializer.kind == pb.INITIALIZER_ZEROS
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (dict(initializer="glorot"), "initializer"),
+        (dict(optimizer="rmsprop"), "optimizer"),
+        (dict(kind="sparse"), "kind"),
+        (dict(max_rows=True), "max_rows"),
+        (dict(colour="red"), "colour"),
+    ],
+)
+def test_create_table_with_a_bad_shorthand_raises_invalid_argument_and_sends_nothing(
+    recorded, options, named
+):
+    ps, sent = recorded
+    with pytest.raises(InvalidArgumentError, match=named) as info:
+        ps.create_table("t", dim=8, **options)
+    assert info.value.shard is None and sent == []
+
+
+def test_create_table_shorthands_on_a_real_shard(inproc_factory):
+    (shard,) = inproc_factory(1)
+    with PSClient([shard.address]) as ps:
+        assert ps.create_table("t", dim=8, initializer="zeros", optimizer="adagrad") is True
+        # the same table, spelled differently: identical, so not created again
+        assert ps.create_table("t", dim=8, kind="DYNAMIC", initializer={"kind": "Zeros"},
+                               optimizer=Adagrad()) is False  # fmt: skip
+        (cfg,) = ps.describe_tables()
+        assert cfg == TableConfig("t", dim=8, optimizer=Adagrad(), initializer=Initializer("zeros"))
+        np.testing.assert_array_equal(ps.pull("t", [1, 2, 3]), np.zeros((3, 8), np.float32))
