@@ -19,7 +19,6 @@ from embps.protos.config import SKETCH_DEFAULT_DEPTH, SKETCH_DEFAULT_WIDTH
 
 from .hashmap import fmix64
 
-DEFAULT_DEPTH = SKETCH_DEFAULT_DEPTH  # the name server/tables.py imports
 _ROW_SEED = np.uint64(0xA0761D6478BD642F)
 _SAT = np.uint32(0xFFFFFFFF)
 

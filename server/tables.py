@@ -45,6 +45,8 @@ import numpy as np
 from numba import njit
 
 from embps.protos.config import (
+    SKETCH_DEFAULT_DEPTH,
+    SKETCH_DEFAULT_WIDTH,
     Combiner,
     Eviction,
     Norm,
@@ -67,9 +69,8 @@ from .optimizers import (
 from .parallel import run_in_pieces
 from .replay import REPLAY_ARRAYS, ReplayGuard
 from .rwlock import RWLock
-from .sketch import DEFAULT_DEPTH, FrequencySketch
+from .sketch import FrequencySketch
 
-DEFAULT_SKETCH_WIDTH = 1 << 18
 DELETED_LOG_MAX = 1 << 20  # keys kept for incremental snapshots (or the table size, if larger)
 ROW_GROWTH = 1.5
 # Rows judged per lock hold by an eviction sweep: about 1 ms of work at dim 16 (a
@@ -1347,8 +1348,8 @@ class DynamicTable(_DynamicBase):
         self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, self.row_limit)
         self.sketch: FrequencySketch | None = None
         if config.admission_threshold > 1:
-            self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
-                                          config.sketch_depth or DEFAULT_DEPTH)  # fmt: skip
+            self.sketch = FrequencySketch(config.sketch_width or SKETCH_DEFAULT_WIDTH,
+                                          config.sketch_depth or SKETCH_DEFAULT_DEPTH)  # fmt: skip
 
     def _pull(
         self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
@@ -1444,8 +1445,8 @@ class AdaptiveTable(_DynamicBase):
             np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
         )
         self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, self.row_limit)
-        self.sketch = FrequencySketch(config.sketch_width or DEFAULT_SKETCH_WIDTH,
-                                      config.sketch_depth or DEFAULT_DEPTH)  # fmt: skip
+        self.sketch = FrequencySketch(config.sketch_width or SKETCH_DEFAULT_WIDTH,
+                                      config.sketch_depth or SKETCH_DEFAULT_DEPTH)  # fmt: skip
 
     def _blocks(self) -> dict[str, Block]:
         return {"static": self.static}
