@@ -460,6 +460,11 @@ class PSClient:
         else:
             if dim is None:
                 raise InvalidArgumentError(f"table {name_or_config!r}: dim is required")
+            if "name" in options:
+                raise InvalidArgumentError(
+                    f"table {name_or_config!r}: name is given twice (the first argument and "
+                    f"name={options['name']!r}); pass it once"
+                )
             try:
                 cfg = TableConfig.from_dict({"name": name_or_config, "dim": dim, "kind": kind,
                                              **options})  # fmt: skip

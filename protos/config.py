@@ -252,16 +252,40 @@ def optimizer_slots(opt: OptimizerConfig) -> int:
     return SLOTS_PER_OPTIMIZER[type(opt)]
 
 
+# (a, b) of an Initializer that leaves them out, per kind: (low, high), (mean, std), value.
+INIT_DEFAULTS: dict[InitKind, tuple[float, float]] = {
+    InitKind.UNIFORM: (-0.05, 0.05),
+    InitKind.NORMAL: (0.0, 0.05),
+    InitKind.CONSTANT: (0.0, 0.0),
+    InitKind.ZEROS: (0.0, 0.0),
+}
+
+
 @dataclass(frozen=True)
 class Initializer:
-    """Row initializer; ``a``/``b`` mean value / (low, high) / (mean, std) by kind."""
+    """Row initializer; ``a``/``b`` mean value / (low, high) / (mean, std) by kind.
+
+    An ``a`` or ``b`` left out takes its kind's default (``INIT_DEFAULTS``): uniform
+    U(-0.05, 0.05), normal N(0, 0.05), constant 0.0, zeros 0.0 (a and b unused).
+
+    Example::
+
+        Initializer("normal")            # N(0, 0.05)
+        Initializer("normal", b=0.01)    # N(0, 0.01)
+        Initializer("uniform", -0.1, 0.1)
+    """
 
     kind: InitKind = InitKind.UNIFORM
-    a: float = -0.05
-    b: float = 0.05
+    a: float = None  # type: ignore[assignment]  # None: the kind's default
+    b: float = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", _as_enum("Initializer.kind", InitKind, self.kind))
+        default_a, default_b = INIT_DEFAULTS[self.kind]
+        if self.a is None:
+            object.__setattr__(self, "a", default_a)
+        if self.b is None:
+            object.__setattr__(self, "b", default_b)
         _set_floats(self, a=(None, False), b=(None, False))
         if self.kind == InitKind.UNIFORM and not self.a <= self.b:
             raise ValueError(f"uniform initializer needs a <= b, got a={self.a} b={self.b}")
@@ -477,8 +501,9 @@ class TableConfig:
             options += ["dim", "optimizer", "qr_combiner", "qr_quotient_buckets",
                         "qr_remainder_buckets"]  # fmt: skip
         if "sketch" in sizes:
-            sketch = ["admission_threshold"] if self.kind == TableKind.DYNAMIC else []
-            options += sketch or ["sketch_width", "sketch_depth"]
+            if self.kind == TableKind.DYNAMIC:
+                options.append("admission_threshold")
+            options += ["sketch_width", "sketch_depth"]
         if not options:
             return ""
         return f" or make the table smaller ({', '.join(options)})"
@@ -487,7 +512,8 @@ class TableConfig:
         kind = self.kind
         uses = {
             TableKind.DYNAMIC: {"initial_capacity", "admission_threshold", "default_value", "max_rows",
-                                "eviction", "steps_to_live", "l2_evict_threshold"},
+                                "eviction", "steps_to_live", "l2_evict_threshold", "sketch_width",
+                                "sketch_depth"},
             TableKind.STATIC: {"hash_bucket_size"},
             TableKind.ADAPTIVE: {"initial_capacity", "max_rows", "eviction", "steps_to_live",
                                  "l2_evict_threshold", "hash_bucket_size", "promote_threshold",
@@ -502,6 +528,14 @@ class TableConfig:
                 raise ValueError(
                     f"table {self.name!r}: option {name} does not apply to kind {kind.value}"
                 )
+        if kind == TableKind.DYNAMIC and self.admission_threshold <= 1:
+            for name in ("sketch_width", "sketch_depth"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"table {self.name!r}: option {name} sizes the admission sketch, which a "
+                        "dynamic table keeps only with admission_threshold >= 2; set "
+                        "admission_threshold or leave it out"
+                    )
         if kind in (TableKind.STATIC, TableKind.ADAPTIVE) and self.hash_bucket_size < 1:
             raise ValueError(f"table {self.name!r}: kind {kind.value} needs hash_bucket_size >= 1")
         if kind == TableKind.ADAPTIVE and self.promote_threshold < 1:

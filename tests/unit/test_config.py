@@ -346,11 +346,11 @@ SHORTHANDS = {
     # what a Keras / config-file user writes -> the config it means
     "initializer-zeros": (
         dict(initializer="zeros"),
-        dict(initializer=Initializer(InitKind.ZEROS, a=-0.05, b=0.05)),
+        dict(initializer=Initializer(InitKind.ZEROS, a=0.0, b=0.0)),
     ),
     "initializer-constant": (
         dict(initializer="constant"),
-        dict(initializer=Initializer(InitKind.CONSTANT, a=-0.05, b=0.05)),
+        dict(initializer=Initializer(InitKind.CONSTANT, a=0.0, b=0.0)),
     ),
     "initializer-uniform": (
         dict(initializer="uniform"),
@@ -358,7 +358,7 @@ SHORTHANDS = {
     ),
     "initializer-normal": (
         dict(initializer="normal"),
-        dict(initializer=Initializer(InitKind.NORMAL, a=-0.05, b=0.05)),
+        dict(initializer=Initializer(InitKind.NORMAL, a=0.0, b=0.05)),  # N(0, 0.05)
     ),
     "initializer-any-case": (dict(initializer="ZEROS"), dict(initializer=Initializer("zeros"))),
     "initializer-enum-member": (
@@ -517,6 +517,7 @@ def test_create_table_encodes_a_shorthand(recorded):
         (dict(kind="sparse"), "kind"),
         (dict(max_rows=True), "max_rows"),
         (dict(colour="red"), "colour"),
+        (dict(name="x"), "name is given twice"),
     ],
 )
 def test_create_table_with_a_bad_shorthand_raises_invalid_argument_and_sends_nothing(
@@ -526,6 +527,15 @@ def test_create_table_with_a_bad_shorthand_raises_invalid_argument_and_sends_not
     with pytest.raises(InvalidArgumentError, match=named) as info:
         ps.create_table("t", dim=8, **options)
     assert info.value.shard is None and sent == []
+
+
+def test_initializer_defaults_are_per_kind() -> None:
+    """What a Keras user expects: normal is N(0, 0.05), not centred on the uniform's low."""
+    assert (Initializer("normal").a, Initializer("normal").b) == (0.0, 0.05)
+    assert (Initializer("uniform").a, Initializer("uniform").b) == (-0.05, 0.05)
+    assert Initializer("constant").a == 0.0 and Initializer("constant", 2.0).a == 2.0
+    assert Initializer("normal", b=0.01) == Initializer("normal", 0.0, 0.01)
+    assert Initializer() == Initializer("uniform", -0.05, 0.05)  # the table default
 
 
 def test_create_table_shorthands_on_a_real_shard(inproc_factory):
@@ -538,3 +548,15 @@ def test_create_table_shorthands_on_a_real_shard(inproc_factory):
         (cfg,) = ps.describe_tables()
         assert cfg == TableConfig("t", dim=8, optimizer=Adagrad(), initializer=Initializer("zeros"))
         np.testing.assert_array_equal(ps.pull("t", [1, 2, 3]), np.zeros((3, 8), np.float32))
+
+
+def test_sketch_size_acts_on_a_dynamic_table_with_admission() -> None:
+    from embps.server.tables import make_table
+
+    cfg = TableConfig("t", 4, admission_threshold=3, sketch_width=1024, sketch_depth=2)
+    assert make_table(cfg).sketch.counters.shape == (2, 1024)  # type: ignore[attr-defined]
+    assert cfg.fixed_bytes - TableConfig("t", 4, admission_threshold=3).fixed_bytes < 0
+    with pytest.raises(ValueError, match="sketch_width sizes the admission sketch"):
+        TableConfig("t", 4, sketch_width=1024)
+    with pytest.raises(ValueError, match="sketch_depth sizes the admission sketch"):
+        TableConfig("t", 4, admission_threshold=1, sketch_depth=2)
