@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,6 +291,96 @@ def _assemble_rows(plan: _Plan, parts: list[tuple[int, int, np.ndarray]], dim: i
     return np.take(uniq, plan.where, 0)
 
 
+def _pack_step(
+    num_shards: int,
+    pushes: list[tuple[str, _Plan, np.ndarray, int]],
+    pulls: list[tuple[str, _Plan, np.ndarray | None, int]],
+    dtype: int,
+    train: bool,
+    step: int | None,
+    max_keys: int,
+    max_bytes: int,
+) -> tuple[list[list[pb.StepRequest]], list[list[list[tuple[int, int, int]]]]]:
+    """Per shard, its StepRequests: every push group's keys, then every pull group's, cut
+    into requests of at most ``max_keys`` keys and about ``max_bytes`` bytes (a shard's
+    push requests all come before its pull requests). Also, per shard and request, the
+    pull pieces it carries: (pull group, a, b) for ``plan.keys[a:b]``.
+
+    pushes: (table, plan, wire gradients (u, dim), dim); pulls: (table, plan, mask (u,)
+    or None, dim). Every shard gets the push groups (empty ones too: each table's push
+    counter then advances once per call on every shard, as ``push`` does); pull groups
+    only where they have keys. A shard with nothing to do gets no request.
+    """
+    itemsize = codec.ITEMSIZE[dtype]
+    per_shard: list[list[pb.StepRequest]] = []
+    spans: list[list[list[tuple[int, int, int]]]] = []
+    for s in range(num_shards):
+        packer = _StepPacker(num_shards, dtype, train, step, max_keys, max_bytes)
+        for table, plan, grads, dim in pushes:
+            a, hi = plan.bounds[s], plan.bounds[s + 1]
+            per_key = 8 + dim * itemsize
+            while True:
+                b = a + packer.room(per_key, hi - a)
+                packer.req.push.add(table=table, keys=codec.encode_keys(plan.keys[a:b]),
+                                    grads=grads[a:b].tobytes())  # fmt: skip
+                packer.take(b - a, per_key, table)
+                a = b
+                if a >= hi:
+                    break
+        for gi, (table, plan, mask, dim) in enumerate(pulls):
+            a, hi = plan.bounds[s], plan.bounds[s + 1]
+            per_key = 8 + dim * itemsize + (1 if mask is not None else 0)
+            while a < hi:
+                b = a + packer.room(per_key, hi - a)
+                group = packer.req.pull.add(table=table, keys=codec.encode_keys(plan.keys[a:b]))
+                if mask is not None:
+                    group.mask = codec.encode_mask(mask[a:b])
+                packer.spans[-1].append((gi, a, b))
+                packer.take(b - a, per_key, table)
+                a = b
+        if not packer.req.push and not packer.req.pull:
+            packer.reqs.pop()
+            packer.spans.pop()
+        per_shard.append(packer.reqs)
+        spans.append(packer.spans)
+    return per_shard, spans
+
+
+class _StepPacker:
+    """The requests of one shard being packed (``_pack_step``): the current one and its
+    room left under the key and byte limits."""
+
+    def __init__(
+        self, num_shards: int, dtype: int, train: bool, step: int | None, keys: int, nbytes: int
+    ) -> None:
+        self._args = (num_shards, dtype, train, step)
+        self._limits = (keys, nbytes)
+        self.reqs: list[pb.StepRequest] = []
+        self.spans: list[list[tuple[int, int, int]]] = []
+        self._new()
+
+    def _new(self) -> None:
+        num_shards, dtype, train, step = self._args
+        self.req = pb.StepRequest(num_shards=num_shards, dtype=dtype, train=train)
+        if step is not None:
+            self.req.step = int(step)
+        self.reqs.append(self.req)
+        self.spans.append([])
+        self.keys_left, self.bytes_left = self._limits
+
+    def room(self, per_key: int, want: int) -> int:
+        """Keys of ``per_key`` bytes that fit (a new request when none does), <= want."""
+        fit = min(self.keys_left, self.bytes_left // per_key, want)
+        if fit <= 0 and want > 0:
+            self._new()
+            fit = min(self.keys_left, self.bytes_left // per_key, want)
+        return max(fit, 0)
+
+    def take(self, n: int, per_key: int, table: str) -> None:
+        self.keys_left -= n
+        self.bytes_left -= n * per_key + len(table) + 16
+
+
 def _slices(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
     """[lo, hi) in pieces of at most ``size`` (one empty piece for an empty range)."""
     if hi - lo <= size:
@@ -408,9 +498,14 @@ class PSClient:
             "Push": [c.unary_unary(f"/{_SERVICE}/Push",
                                    response_deserializer=pb.PushResponse.FromString)
                      for c in self._channels],
+            "Step": [c.unary_unary(f"/{_SERVICE}/Step",
+                                   request_serializer=pb.StepRequest.SerializeToString,
+                                   response_deserializer=pb.StepResponse.FromString)
+                     for c in self._channels],
         }  # fmt: skip
         self._dims: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._rpcs = 0  # RPCs sent (every attempt), for rpcs_sent
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> PSClient:
@@ -813,8 +908,202 @@ class PSClient:
                 )
         return PushResult(applied, dropped, replayed, tuple(sorted(replayed_shards)))
 
+    # ---------------------------------------------------------------- many tables
+    def pull_many(
+        self, keys: Mapping[str, Any], train: bool = True, masks: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Rows of many tables in one round trip: one request per shard for all of them.
+
+        keys: ``{table: integer keys of any shape}``. Returns ``{table: float32 (n, dim)}``
+        in the keys' order, as ``pull`` does table by table. masks: ``{table: bool, the
+        keys' size}`` for adaptive tables (True promotes). Retried like ``pull``.
+
+        Example::
+
+            rows = ps.pull_many({"user": user_ids, "item": item_ids})
+            rows["item"].shape  # (item_ids.size, dim of "item")
+        """
+        return self._step({}, keys, None, train, masks)[1]
+
+    def push_many(
+        self, grads: Mapping[str, tuple[Any, Any]], step: int | None = None
+    ) -> dict[str, PushResult]:
+        """Gradients of many tables in one round trip: ``{table: (keys, grads)}``, each as
+        ``push`` takes them, all with one ``step``. Returns ``{table: PushResult}``. The
+        whole call is checked before anything is sent, and each shard checks its whole
+        request before it changes anything. Retried only with a client id, as ``push``.
+        """
+        return self._step(grads, {}, step, True, None)[0]
+
+    def push_pull(
+        self,
+        push: Mapping[str, tuple[Any, Any]],
+        pull: Mapping[str, Any],
+        step: int | None = None,
+        train: bool = True,
+        masks: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, PushResult], dict[str, np.ndarray]]:
+        """The fused call of a synchronous training step: apply ``push`` (step t's
+        gradients, as ``push_many``), then answer ``pull`` (step t+1's keys, as
+        ``pull_many``) in the same round trip; the pulls see the pushes, so training
+        with it is exactly synchronous. One request per shard (more only past the
+        request limits: then every push request of a shard goes before its pulls).
+        """
+        return self._step(push, pull, step, train, masks)
+
+    def _step(
+        self,
+        push: Mapping[str, tuple[Any, Any]],
+        pull: Mapping[str, Any],
+        step: int | None,
+        train: bool,
+        masks: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, PushResult], dict[str, np.ndarray]]:
+        """Check, dedup and route every group, pack them into per-shard requests within
+        the limits, send them in waves (a shard's requests in order, shards at once),
+        and put the rows back per table."""
+        if step is not None and (not isinstance(step, int | np.integer) or step < 0):
+            raise InvalidArgumentError(f"step must be an integer >= 0 or None, got {step!r}")
+        masks = dict(masks or {})
+        unknown = sorted(set(masks) - set(pull))
+        if unknown:
+            raise InvalidArgumentError(f"masks for tables {unknown} that are not pulled")
+        itemsize = codec.ITEMSIZE[self.dtype]
+        # (table, plan, payload (u, dim) or mask (u,) or None, dim)
+        pushes: list[tuple[str, _Plan, np.ndarray, int]] = []
+        for table, item in push.items():
+            if not (isinstance(item, tuple | list) and len(item) == 2):
+                raise InvalidArgumentError(
+                    f"push[{table!r}] must be a (keys, grads) pair, got {type(item).__name__}"
+                )
+            karr = np.asarray(item[0])
+            k = _as_keys(karr)
+            dim = self._dim(table)
+            g = _as_grads(item[1], karr.shape, k.shape[0], dim)
+            if g.shape[1] != dim and g.shape[1] != (dim := self._dim(table, refresh=True)):
+                raise InvalidArgumentError(
+                    f"table {table!r} has dim {dim}; gradients have dim {g.shape[1]}"
+                )
+            plan = _plan(k, self.num_shards, first=True)
+            ug = _sum_duplicates(plan, g)
+            if k.shape[0]:
+                hi, lo = float(ug.max()), float(ug.min())
+                limit = _FINITE_MAX[self.dtype]
+                if not (hi <= limit and -lo <= limit):
+                    raise InvalidArgumentError(
+                        f"table {table!r}: gradients contain NaN or Inf (or exceed the range of "
+                        "the wire dtype after summing duplicates); nothing was sent"
+                    )
+            pushes.append((table, plan, codec.wire_values(ug, self.dtype), dim))
+        pulls: list[tuple[str, _Plan, np.ndarray | None, int]] = []
+        for table, keys in pull.items():
+            k = _as_keys(keys)
+            plan = _plan(k, self.num_shards)
+            umask = None
+            if table in masks:
+                m = np.asarray(masks[table])
+                if m.dtype != np.bool_ or m.size != k.shape[0]:
+                    raise InvalidArgumentError(
+                        f"masks[{table!r}] must be a bool array with one entry per key "
+                        f"({k.shape[0]}), got {m.dtype} {m.shape}"
+                    )
+                umask = np.zeros(plan.keys.shape[0], dtype=np.bool_)
+                umask[plan.where[m.reshape(-1)]] = True
+            pulls.append((table, plan, umask, self._dim(table)))
+        per_shard, spans = _pack_step(
+            self.num_shards, pushes, pulls, self.dtype, bool(train), step,
+            self.max_keys_per_request, self.max_message_bytes - _MESSAGE_OVERHEAD,
+        )  # fmt: skip
+        n_waves = max((len(r) for r in per_shard), default=0)
+        if pushes and step is None and n_waves > 1:
+            warnings.warn(
+                f"a push to {len(pushes)} tables is split into {n_waves} requests on some shard: "
+                "without step= each advances the tables' push counters; pass step=",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        cid = self._pushes.client_id if pushes else ""
+        first_seq = self._pushes.take(n_waves) if cid else 0
+        applied = [0] * len(pushes)
+        dropped = [0] * len(pushes)
+        replayed = [0] * len(pushes)
+        replayed_shards: set[int] = set()
+        index = {p[0]: i for i, p in enumerate(pushes)}
+        parts: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in pulls]
+        widths = [-1] * len(pulls)
+        done: list[int] = []
+        deadline = time.monotonic() + self.retry_deadline
+        for w in range(n_waves):
+            wave = [(s, per_shard[s][w]) for s in range(self.num_shards) if w < len(per_shard[s])]
+            wave_spans = [spans[s][w] for s, _ in wave]
+            if any(r.push for _, r in wave):
+                for _, r in wave:
+                    if cid and r.push:
+                        r.client_id, r.sequence = cid, first_seq + w
+                outcomes, unsure = self._push_wave(wave, deadline if cid else None, "Step")
+                errors = [e for e in outcomes if isinstance(e, EmbpsError)]
+                if errors:
+                    ok = sorted({s for (s, _), r in zip(wave, outcomes, strict=True)
+                                 if not isinstance(r, EmbpsError)} | set(done))  # fmt: skip
+                    rejected = sorted({e.shard for e in errors if e.shard is not None
+                                       and e.rejected and e.shard not in unsure})  # fmt: skip
+                    unsure_shards = sorted({e.shard for e in errors if e.shard is not None
+                                            and (not e.rejected or e.shard in unsure)})  # fmt: skip
+                    if not ok and not unsure_shards:
+                        raise errors[0]  # refused everywhere: nothing changed
+                    raise PushOutcomeUnknownError(
+                        f"push to tables {[p[0] for p in pushes]} is incomplete: applied on "
+                        f"shards {ok}, refused (nothing changed) on {rejected}, unknown on "
+                        f"{unsure_shards}; first error: {errors[0]}",
+                        applied=ok, rejected=rejected, unknown=unsure_shards, errors=errors,
+                    )  # fmt: skip
+            else:
+                outcomes = self._call_all("Step", wave)
+            for (s, req), sp, resp in zip(wave, wave_spans, outcomes, strict=True):
+                done.append(s)
+                if resp.replayed:
+                    replayed_shards.add(s)
+                for g, ap, dr in zip(req.push, resp.applied, resp.dropped, strict=True):
+                    i = index[g.table]
+                    applied[i] += ap
+                    dropped[i] += dr
+                    if resp.replayed and not ap and not dr:
+                        replayed[i] += len(g.keys) // 8
+                at = 0
+                vals = memoryview(resp.values)
+                for (gi, a, b), rdim in zip(sp, resp.dims, strict=True):
+                    size = (b - a) * rdim * itemsize
+                    try:
+                        rows = codec.decode_values(vals[at : at + size], resp.dtype, b - a, rdim)
+                    except codec.CodecError as e:
+                        raise EmbpsError(f"malformed step response: {e}", shard=s,
+                                         address=self.addresses[s]) from None  # fmt: skip
+                    at += size
+                    if widths[gi] >= 0 and widths[gi] != rdim:
+                        raise InconsistentShardsError(
+                            f"table {pulls[gi][0]!r} has dim {rdim} on shard {s} but "
+                            f"{widths[gi]} elsewhere"
+                        )
+                    widths[gi] = rdim
+                    parts[gi].append((a, b, rows))
+        results = {
+            table: PushResult(applied[i], dropped[i], replayed[i], tuple(sorted(replayed_shards)))
+            for i, (table, _, _, _) in enumerate(pushes)
+        }
+        rows_out: dict[str, np.ndarray] = {}
+        for gi, (table, plan, _, dim) in enumerate(pulls):
+            width = widths[gi] if widths[gi] >= 0 else dim
+            if width != dim:
+                with self._lock:
+                    self._dims[table] = width
+            if plan.where.shape[0] == 0:
+                rows_out[table] = np.empty((0, width), dtype=np.float32)
+            else:
+                rows_out[table] = _assemble_rows(plan, parts[gi], width)
+        return results, rows_out
+
     def _push_wave(
-        self, wave: list[tuple[int, bytes]], deadline: float | None
+        self, wave: list[tuple[int, Any]], deadline: float | None, method: str = "Push"
     ) -> tuple[list[Any], set[int]]:
         """Send one wave of pushes; (per request its PushResponse or EmbpsError, the shards
         whose outcome was unknown at some attempt).
@@ -824,7 +1113,7 @@ class PSClient:
         again, the same bytes (the same sequence: a shard that applied it answers
         ``replayed``), with backoff, until ``deadline``.
         """
-        outcomes = self._call_outcomes("Push", wave)
+        outcomes = self._call_outcomes(method, wave)
         unsure: set[int] = set()
         backoff = _BACKOFF_FIRST_S
         while deadline is not None:
@@ -840,7 +1129,7 @@ class PSClient:
                 break
             time.sleep(sleep)
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
-            retried = self._call_outcomes("Push", [wave[i] for i in again])
+            retried = self._call_outcomes(method, [wave[i] for i in again])
             for i, r in zip(again, retried, strict=True):
                 outcomes[i] = r
         return outcomes, unsure
@@ -876,8 +1165,17 @@ class PSClient:
         raw = self._raw.get(method)
         return raw[shard] if raw is not None else getattr(self._stubs[shard], method)
 
+    @property
+    def rpcs_sent(self) -> int:
+        """RPCs this client has sent so far (every attempt, every method): a training
+        step's count is the difference across it (one per shard with the multi-table
+        calls, whatever the number of tables)."""
+        return self._rpcs
+
     def _call_outcomes(self, method: str, jobs: list[tuple[int, Any]]) -> list[Any]:
         """Send every job concurrently; per job its response or its EmbpsError. No retries."""
+        with self._lock:
+            self._rpcs += len(jobs)
         if len(jobs) == 1:  # in this thread: a future would start a thread to wait on it
             ((s, req),) = jobs
             try:

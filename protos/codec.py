@@ -270,6 +270,46 @@ class PullResponseBuffer:
             np.copyto(self.rows, values, casting="same_kind")
 
 
+class StepResponseBuffer:
+    """The bytes of a ``StepResponse`` whose pulled rows are written in place.
+
+    ``rows[g]`` is a writable (n_g, dim_g) array in the wire dtype for pull group g,
+    each lying inside ``data`` (the ``values`` field: groups one after another), as
+    ``PullResponseBuffer`` does for one table. ``tail``: the other fields, already
+    serialized (a ``StepResponse`` without ``values``); protobuf reads a message's
+    fields in any order, so values first and the rest after is the same message.
+    """
+
+    __slots__ = ("data", "rows")
+
+    def __init__(self, shapes: list[tuple[int, int]], dtype: int, tail: bytes) -> None:
+        if dtype not in ITEMSIZE:
+            raise CodecError(f"unknown dtype {dtype}; use FLOAT32, FLOAT16 or BFLOAT16")
+        item = ITEMSIZE[dtype]
+        nbytes = sum(n * dim for n, dim in shapes) * item
+        head = _len_field(1, nbytes) if nbytes else b""
+        self.data, buf = _new_bytes(len(head) + nbytes + len(tail))
+        buf[: len(head)] = np.frombuffer(head, np.uint8)
+        buf[len(head) + nbytes :] = np.frombuffer(tail, np.uint8)
+        wire = {pb.DTYPE_FLOAT16: _LE_F2, pb.DTYPE_BFLOAT16: _LE_U2}.get(dtype, _LE_F4)
+        self.rows: list[np.ndarray] = []
+        at = len(head)
+        for n, dim in shapes:
+            size = n * dim * item
+            self.rows.append(buf[at : at + size].view(wire).reshape(n, dim))
+            at += size
+
+    def fill(self, group: int, values: np.ndarray) -> None:
+        """Write float32 (n, dim) rows of pull group ``group``, converted to the wire dtype."""
+        rows = self.rows[group]
+        if rows.dtype == _LE_U2:
+            rows[...] = _to_bf16(values)
+        elif rows.dtype == _LE_F2:
+            _to_half(values, rows)
+        else:
+            np.copyto(rows, values, casting="same_kind")
+
+
 _PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
 _PyBytes_FromStringAndSize.restype = ctypes.py_object
 _PyBytes_FromStringAndSize.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)

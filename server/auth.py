@@ -22,7 +22,8 @@ WHAT EACH PERMISSION ALLOWS (``METHOD_PERMISSION``)
     read:  Pull with train=False (inference), DescribeTables, Stats, Frequencies,
            server reflection
     write: Push, Pull with train=True (a training pull creates rows and counts
-           sightings: it changes the table, so it is not a read)
+           sightings: it changes the table, so it is not a read), Step with push
+           groups or train=True (read: a Step of inference pulls only)
     admin: CreateTable, DropTable, Prune, Checkpoint, Evict (restore is a start flag)
     none:  grpc.health.v1.Health (Kubernetes probes carry no token)
     A method missing from the table needs admin (deny by default).
@@ -82,6 +83,7 @@ _REFLECTION_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 _PULL = _PS + "Pull"
+_STEP = _PS + "Step"
 TOKEN_MIN_CHARS, TOKEN_MAX_CHARS = 16, 4096
 
 
@@ -110,6 +112,7 @@ METHOD_PERMISSION: dict[str, Permission | None] = {
     _PS + "Stats": Permission.READ,
     _PS + "Frequencies": Permission.READ,
     _PS + "Push": Permission.WRITE,
+    _PS + "Step": Permission.READ,  # write with push groups or training pulls
     _PS + "CreateTable": Permission.ADMIN,
     _PS + "DropTable": Permission.ADMIN,
     _PS + "Prune": Permission.ADMIN,
@@ -122,6 +125,15 @@ def required_permission(method: str, request: Any = None) -> Permission | None:
     """Permission a full method path (``/pkg.Service/Method``) needs for ``request``
     (None: the least any request of the method needs); None: no token needed."""
     if method == _PULL and request is not None and getattr(request, "train", False):
+        return Permission.WRITE
+    if (
+        method == _STEP
+        and request is not None
+        and (
+            len(getattr(request, "push", ()))
+            or (getattr(request, "train", False) and len(request.pull))
+        )
+    ):
         return Permission.WRITE
     if method in METHOD_PERMISSION:
         return METHOD_PERMISSION[method]
@@ -311,6 +323,9 @@ class Authorizer:
             if method == _PULL and need is Permission.WRITE:
                 what = "a training Pull (train=True creates rows and counts sightings)"
                 hint = "pull with train=False (inference) or use a token with write"
+            elif method == _STEP and need is Permission.WRITE:
+                what = "a Step with pushes or training pulls (they change tables)"
+                hint = "pull with train=False and no pushes (inference) or use a token with write"
             raise PermissionDenied(
                 f"{what} needs the {need.label} permission; this token has {have.label}; {hint}"
             )

@@ -13,6 +13,10 @@ class EmbpsServerError(Exception):
     """Root of every error a shard reports to a client."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL  # the status the client receives
+    # True when the request changed something before it failed (a multi-table Step
+    # whose pushes were applied before a pull was refused): the answer then does
+    # not say "rejected", so the client knows the pushes' outcome is not "nothing".
+    changed: bool = False
 
 
 class InvalidArgument(EmbpsServerError):

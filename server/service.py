@@ -68,6 +68,7 @@ from .errors import (
 from .eviction import Evictor
 from .metrics import ShardMetrics
 from .replay import ReplayGuard
+from .tables import as_grads
 
 log = logging.getLogger("embps.server")
 
@@ -369,7 +370,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 return behavior(request, context)
             except EmbpsServerError as e:
                 code = e.code.name
-                context.set_trailing_metadata(((OUTCOME_KEY, OUTCOME_REJECTED),))
+                if not e.changed:
+                    context.set_trailing_metadata(((OUTCOME_KEY, OUTCOME_REJECTED),))
                 context.abort(e.code, _clip(str(e)))
             except Exception as e:
                 code = "INTERNAL"
@@ -479,6 +481,96 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if res.replayed:
             return pb.PushResponse(replayed=True)
         return pb.PushResponse(applied=res.applied, dropped=res.dropped)
+
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> bytes:
+        """Many tables in one round trip: apply the push groups (one step), then answer
+        the pull groups; the bytes of a ``StepResponse`` (rows gathered in place,
+        ``codec.StepResponseBuffer``).
+
+        The whole request is checked first (shard count, dtype, every table, key,
+        gradient and mask, the request's total keys, the push sequence): one bad group
+        refuses the request and nothing changes. Groups then run in request order,
+        each holding only its own table's lock (pushes of one table, then the next),
+        so concurrent multi-table calls cannot deadlock. A pull group refused after the
+        pushes were applied (a full table) raises with ``changed`` set: the answer
+        says nothing about "rejected" and names what was applied.
+        """
+        self._check_shards(request.num_shards)
+        dtype = _dtype(request.dtype)
+        itemsize = codec.ITEMSIZE[dtype]
+        total = sum(len(g.keys) // 8 for g in request.push) + sum(
+            len(g.keys) // 8 for g in request.pull
+        )
+        if total > self.config.max_keys_per_request:
+            raise ResourceExhausted(
+                f"request has {total} keys in all its groups, over this shard's "
+                f"max_keys_per_request={self.config.max_keys_per_request}; split it "
+                "(PSClient does) or raise the server's limit"
+            )
+        pushes = []
+        for g in _unique_groups(request.push, "push"):
+            table = self.engine.table(g.table)
+            keys = self._keys(g.keys)
+            n, dim = keys.shape[0], table.dim
+            if len(g.grads) != n * dim * itemsize:
+                raise InvalidArgument(
+                    f"push group of table {g.table!r}: {n} keys need {n} x dim {dim} x "
+                    f"{itemsize} bytes = {n * dim * itemsize} bytes of gradients, got "
+                    f"{len(g.grads)}; send one gradient row of the table's dim per key"
+                )
+            grads = as_grads(codec.decode_values(g.grads, dtype, n, dim), n, dim, g.table)
+            if g.mask:
+                raise InvalidArgument(
+                    f"push group of table {g.table!r} has a mask; masks are for pulls"
+                )
+            pushes.append((table, keys, grads))
+        pulls = []
+        for g in _unique_groups(request.pull, "pull"):
+            table = self.engine.table(g.table)
+            keys = self._keys(g.keys)
+            if g.grads:
+                raise InvalidArgument(f"pull group of table {g.table!r} has gradients")
+            try:
+                mask = table.check_mask(codec.decode_mask(g.mask, keys.shape[0]), keys.shape[0])
+            except codec.CodecError as e:
+                raise InvalidArgument(f"table {g.table!r}: {e}") from None
+            pulls.append((table, keys, mask))
+        step = request.step if request.HasField("step") else None
+        if step is not None and step < 0:
+            raise InvalidArgument(f"step must be >= 0 (or absent), got {step}")
+        if pushes:
+            ReplayGuard.check(request.client_id, request.sequence)
+        applied, dropped, replayed = [], [], False
+        for i, (table, keys, grads) in enumerate(pushes):
+            try:
+                res = table.push(keys, grads, step, request.client_id, request.sequence)
+            except EmbpsServerError as e:
+                if i:  # earlier tables were applied
+                    e.changed = True
+                    e.args = (f"{e}; the pushes to {[t.name for t, _, _ in pushes[:i]]} were "
+                              "applied",)  # fmt: skip
+                raise
+            replayed |= res.replayed
+            applied.append(res.applied)
+            dropped.append(res.dropped)
+        tail = pb.StepResponse(
+            dims=[t.dim for t, _, _ in pulls], dtype=dtype, applied=applied, dropped=dropped,
+            replayed=replayed,
+        ).SerializeToString()  # fmt: skip
+        answer = codec.StepResponseBuffer([(k.shape[0], t.dim) for t, k, _ in pulls], dtype, tail)
+        for i, (table, keys, mask) in enumerate(pulls):
+            try:
+                if answer.rows[i].dtype == np.float32:
+                    table.pull(keys, train=request.train, mask=mask, out=answer.rows[i])
+                else:
+                    answer.fill(i, table.pull(keys, train=request.train, mask=mask))
+            except EmbpsServerError as e:
+                if pushes or i:
+                    e.changed = True
+                    e.args = (f"{e}; this request's pushes were applied and the pulls before "
+                              "this group were answered",)  # fmt: skip
+                raise
+        return answer.data
 
     # ---------------------------------------------------------------- tables
     def CreateTable(
@@ -649,6 +741,19 @@ _KIND_FROM_PB: dict[int, bool | None] = {
 }
 
 
+def _unique_groups(groups: Any, part: str) -> Any:
+    """``groups`` (a repeated TableGroup), InvalidArgument if a table appears twice."""
+    seen: set[str] = set()
+    for g in groups:
+        if g.table in seen:
+            raise InvalidArgument(
+                f"table {g.table!r} appears twice among the {part} groups; send each table "
+                "once (its keys in one group)"
+            )
+        seen.add(g.table)
+    return groups
+
+
 def _checkpoint_response(res: CheckpointResult) -> pb.CheckpointResponse:
     return pb.CheckpointResponse(
         shard_id=res.shard,
@@ -713,6 +818,11 @@ def add_servicer_to_server(servicer: ParameterServerServicer, server: grpc.Serve
     methods["Pull"] = grpc.unary_unary_rpc_method_handler(
         servicer.Pull,
         request_deserializer=pb.PullRequest.FromString,
+        response_serializer=_as_is,
+    )
+    methods["Step"] = grpc.unary_unary_rpc_method_handler(
+        servicer.Step,
+        request_deserializer=pb.StepRequest.FromString,
         response_serializer=_as_is,
     )
     methods["Push"] = grpc.unary_unary_rpc_method_handler(

@@ -1174,6 +1174,11 @@ class Table:
         with self._count_lock:
             self.counters[name] += n
 
+    def check_mask(self, mask: object | None, n: int) -> np.ndarray | None:
+        """A promotion mask for ``n`` keys as bool (n,), None for none; InvalidArgument
+        if the table is not adaptive or the mask is not bool of n entries."""
+        return self._as_mask(mask, n)
+
     def _as_mask(self, mask: object | None, n: int) -> np.ndarray | None:
         if mask is None:
             return None

@@ -296,6 +296,54 @@ class PushResponse(_message.Message):
     replayed: bool
     def __init__(self, applied: _Optional[int] = ..., dropped: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
+class TableGroup(_message.Message):
+    __slots__ = ("table", "keys", "grads", "mask")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    keys: bytes
+    grads: bytes
+    mask: bytes
+    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., mask: _Optional[bytes] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("num_shards", "dtype", "push", "step", "pull", "train", "client_id", "sequence")
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    num_shards: int
+    dtype: DType
+    push: _containers.RepeatedCompositeFieldContainer[TableGroup]
+    step: int
+    pull: _containers.RepeatedCompositeFieldContainer[TableGroup]
+    train: bool
+    client_id: str
+    sequence: int
+    def __init__(self, num_shards: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., push: _Optional[_Iterable[_Union[TableGroup, _Mapping]]] = ..., step: _Optional[int] = ..., pull: _Optional[_Iterable[_Union[TableGroup, _Mapping]]] = ..., train: _Optional[bool] = ..., client_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("values", "dims", "dtype", "applied", "dropped", "replayed")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    values: bytes
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    applied: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    replayed: bool
+    def __init__(self, values: _Optional[bytes] = ..., dims: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., applied: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
 class CreateTableRequest(_message.Message):
     __slots__ = ("config",)
     CONFIG_FIELD_NUMBER: _ClassVar[int]

@@ -84,6 +84,11 @@ class ParameterServerStub:
                 request_serializer=embps_dot_v1_dot_embps__pb2.EvictRequest.SerializeToString,
                 response_deserializer=embps_dot_v1_dot_embps__pb2.EvictResponse.FromString,
                 _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/embps.v1.ParameterServer/Step',
+                request_serializer=embps_dot_v1_dot_embps__pb2.StepRequest.SerializeToString,
+                response_deserializer=embps_dot_v1_dot_embps__pb2.StepResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -149,6 +154,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Step(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +212,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Evict,
                     request_deserializer=embps_dot_v1_dot_embps__pb2.EvictRequest.FromString,
                     response_serializer=embps_dot_v1_dot_embps__pb2.EvictResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=embps_dot_v1_dot_embps__pb2.StepRequest.FromString,
+                    response_serializer=embps_dot_v1_dot_embps__pb2.StepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +489,33 @@ class ParameterServer:
             '/embps.v1.ParameterServer/Evict',
             embps_dot_v1_dot_embps__pb2.EvictRequest.SerializeToString,
             embps_dot_v1_dot_embps__pb2.EvictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/Step',
+            embps_dot_v1_dot_embps__pb2.StepRequest.SerializeToString,
+            embps_dot_v1_dot_embps__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,
