@@ -44,40 +44,76 @@ def dedup_route(keys, num_shards):  # pragma: no cover - compiled
     ``keys[first[j]] == uniq[j]`` and ``first[j]`` is the smallest such index.
     """
     n = keys.shape[0]
+    uniq = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)
+    where = np.empty(n, dtype=np.int64)
+    bounds = np.zeros(num_shards + 1, dtype=np.int64)
+    u = _dedup_route_into(keys, 0, n, num_shards, uniq, where, first, bounds)
+    return uniq[:u], where, first[:u], bounds
+
+
+@nb.njit(nogil=True, cache=True)
+def dedup_route_groups(keys, offsets, num_shards):  # pragma: no cover - compiled
+    """``dedup_route`` of G groups of keys in one call: group g is
+    ``keys[offsets[g]:offsets[g + 1]]`` (int64 keys (n,), offsets int64 (G + 1,)).
+
+    Returns (uniq int64 (n,), where int64 (n,), first int64 (n,), counts int64 (G,),
+    bounds int64 (G, num_shards + 1)): group g's distinct keys are
+    ``uniq[offsets[g]:offsets[g] + counts[g]]`` (``first`` likewise, indices within the
+    group), its ``where`` is ``where[offsets[g]:offsets[g + 1]]`` and its shard bounds
+    ``bounds[g]``: exactly what ``dedup_route`` returns for the group alone.
+    """
+    n = keys.shape[0]
+    groups = offsets.shape[0] - 1
+    uniq = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)
+    where = np.empty(n, dtype=np.int64)
+    counts = np.zeros(groups, dtype=np.int64)
+    bounds = np.zeros((groups, num_shards + 1), dtype=np.int64)
+    for g in range(groups):
+        counts[g] = _dedup_route_into(
+            keys, offsets[g], offsets[g + 1], num_shards, uniq, where, first, bounds[g]
+        )
+    return uniq, where, first, counts, bounds
+
+
+@nb.njit(nogil=True, cache=True)
+def _dedup_route_into(keys, lo, hi, num_shards, uniq, where, first, bounds):  # pragma: no cover
+    """Dedup and route ``keys[lo:hi]``, writing the group's results at offset ``lo`` of
+    ``uniq``, ``where`` and ``first`` (positions and indices relative to the group) and its
+    shard bounds into ``bounds`` (num_shards + 1,, zeros on entry). Returns u, the
+    group's distinct keys."""
+    n = hi - lo
     cap = 16
     while cap < 2 * n:
         cap *= 2
     mask = np.uint64(cap - 1)
-    slot = np.full(cap, -1, dtype=np.int64)  # index into uniq, or -1
-    uniq = np.empty(n, dtype=np.int64)
-    first = np.empty(n, dtype=np.int64)
+    slot = np.full(cap, -1, dtype=np.int64)  # index into the group's uniq, or -1
     owner = np.empty(n, dtype=np.int64)
-    where = np.empty(n, dtype=np.int64)
-    bounds = np.zeros(num_shards + 1, dtype=np.int64)
     shards = np.uint64(num_shards)
     u = 0
     for i in range(n):
-        k = keys[i]
+        k = keys[lo + i]
         h = _mix64(k)
         j = np.int64((h >> _S32) & mask)  # high bits: the routing uses h % num_shards
         while True:
             s = slot[j]
             if s < 0:
                 slot[j] = u
-                uniq[u] = k
-                first[u] = i
+                uniq[lo + u] = k
+                first[lo + u] = i
                 o = np.int64(h % shards)
                 owner[u] = o
                 bounds[o + 1] += 1
-                where[i] = u
+                where[lo + i] = u
                 u += 1
                 break
-            if uniq[s] == k:
-                where[i] = s
+            if uniq[lo + s] == k:
+                where[lo + i] = s
                 break
             j = (j + 1) & (cap - 1)
     if num_shards == 1:
-        return uniq[:u], where, first[:u], bounds
+        return u
     for s in range(num_shards):
         bounds[s + 1] += bounds[s]
     cursor = bounds[:-1].copy()
@@ -89,11 +125,13 @@ def dedup_route(keys, num_shards):  # pragma: no cover - compiled
     out = np.empty(u, dtype=np.int64)
     out_first = np.empty(u, dtype=np.int64)
     for q in range(u):
-        out[pos[q]] = uniq[q]
-        out_first[pos[q]] = first[q]
+        out[pos[q]] = uniq[lo + q]
+        out_first[pos[q]] = first[lo + q]
+    uniq[lo : lo + u] = out
+    first[lo : lo + u] = out_first
     for i in range(n):
-        where[i] = pos[where[i]]
-    return out, where, out_first, bounds
+        where[lo + i] = pos[where[lo + i]]
+    return u
 
 
 @nb.njit(nogil=True, cache=True)

@@ -247,6 +247,27 @@ def _plan(keys: np.ndarray, num_shards: int, first: bool = False) -> _Plan:
     return _Plan(keys if same else uniq, where, bounds.tolist(), index if first else None, same)
 
 
+def _plans(keys: list[np.ndarray], num_shards: int, first: int = 0) -> list[_Plan]:
+    """``_plan`` of many groups of keys in one numba call (``dedup.dedup_route_groups``);
+    the first ``first`` groups keep their first occurrences (pushes)."""
+    from embps.client.dedup import dedup_route_groups
+
+    if not keys:
+        return []
+    offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum([k.shape[0] for k in keys], out=offsets[1:])
+    uniq, where, index, counts, bounds = dedup_route_groups(
+        np.concatenate(keys) if len(keys) > 1 else keys[0], offsets, num_shards
+    )
+    out = []
+    for g, k in enumerate(keys):
+        lo, hi, u = int(offsets[g]), int(offsets[g + 1]), int(counts[g])
+        same = num_shards == 1 and u == hi - lo
+        out.append(_Plan(k if same else uniq[lo : lo + u], where[lo:hi], bounds[g].tolist(),
+                         index[lo : lo + u] if g < first else None, same))  # fmt: skip
+    return out
+
+
 def _sum_duplicates(plan: _Plan, grads: np.ndarray) -> np.ndarray:
     """Gradient of each distinct key: float32 (u, dim), summed exactly as a shard sums them.
 
@@ -969,8 +990,8 @@ class PSClient:
         if unknown:
             raise InvalidArgumentError(f"masks for tables {unknown} that are not pulled")
         itemsize = codec.ITEMSIZE[self.dtype]
-        # (table, plan, payload (u, dim) or mask (u,) or None, dim)
-        pushes: list[tuple[str, _Plan, np.ndarray, int]] = []
+        # Check every group, then dedup and route them all in one numba pass.
+        push_in: list[tuple[str, np.ndarray, np.ndarray, int]] = []  # table, keys, grads, dim
         for table, item in push.items():
             if not (isinstance(item, tuple | list) and len(item) == 2):
                 raise InvalidArgumentError(
@@ -984,7 +1005,21 @@ class PSClient:
                 raise InvalidArgumentError(
                     f"table {table!r} has dim {dim}; gradients have dim {g.shape[1]}"
                 )
-            plan = _plan(k, self.num_shards, first=True)
+            push_in.append((table, k, g, dim))
+        pull_in = [(table, _as_keys(keys)) for table, keys in pull.items()]
+        for table, k in pull_in:
+            if table in masks and (
+                (m := np.asarray(masks[table])).dtype != np.bool_ or m.size != k.shape[0]
+            ):
+                raise InvalidArgumentError(
+                    f"masks[{table!r}] must be a bool array with one entry per key "
+                    f"({k.shape[0]}), got {m.dtype} {m.shape}"
+                )
+        plans = _plans([k for _, k, _, _ in push_in] + [k for _, k in pull_in], self.num_shards,
+                       first=len(push_in))  # fmt: skip
+        # (table, plan, wire gradients (u, dim), dim) and (table, plan, mask (u,) or None, dim)
+        pushes: list[tuple[str, _Plan, np.ndarray, int]] = []
+        for (table, k, g, dim), plan in zip(push_in, plans, strict=False):
             ug = _sum_duplicates(plan, g)
             if k.shape[0]:
                 hi, lo = float(ug.max()), float(ug.min())
@@ -996,19 +1031,11 @@ class PSClient:
                     )
             pushes.append((table, plan, codec.wire_values(ug, self.dtype), dim))
         pulls: list[tuple[str, _Plan, np.ndarray | None, int]] = []
-        for table, keys in pull.items():
-            k = _as_keys(keys)
-            plan = _plan(k, self.num_shards)
+        for (table, _k), plan in zip(pull_in, plans[len(push_in) :], strict=True):
             umask = None
             if table in masks:
-                m = np.asarray(masks[table])
-                if m.dtype != np.bool_ or m.size != k.shape[0]:
-                    raise InvalidArgumentError(
-                        f"masks[{table!r}] must be a bool array with one entry per key "
-                        f"({k.shape[0]}), got {m.dtype} {m.shape}"
-                    )
                 umask = np.zeros(plan.keys.shape[0], dtype=np.bool_)
-                umask[plan.where[m.reshape(-1)]] = True
+                umask[plan.where[np.asarray(masks[table]).reshape(-1)]] = True
             pulls.append((table, plan, umask, self._dim(table)))
         per_shard, spans = _pack_step(
             self.num_shards, pushes, pulls, self.dtype, bool(train), step,

@@ -133,3 +133,22 @@ def test_shard_addresses_from_a_dns_pattern() -> None:
         PSClient("embps-{i}:50051")
     with pytest.raises(ValueError, match="2 addresses"):
         PSClient(["a:1", "b:2"], num_shards=3)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 5])
+def test_dedup_route_groups_equals_dedup_route_per_group(num_shards: int) -> None:
+    from embps.client.dedup import dedup_route, dedup_route_groups
+
+    rng = np.random.default_rng(num_shards)
+    groups = [rng.integers(-40, 40, size=n).astype(np.int64) for n in (0, 1, 17, 200, 5, 0)]
+    offsets = np.cumsum([0] + [g.shape[0] for g in groups]).astype(np.int64)
+    uniq, where, first, counts, bounds = dedup_route_groups(
+        np.concatenate(groups), offsets, num_shards
+    )
+    for g, keys in enumerate(groups):
+        lo, hi, u = offsets[g], offsets[g + 1], counts[g]
+        want = dedup_route(keys, num_shards)
+        np.testing.assert_array_equal(uniq[lo : lo + u], want[0])
+        np.testing.assert_array_equal(where[lo:hi], want[1])
+        np.testing.assert_array_equal(first[lo : lo + u], want[2])
+        np.testing.assert_array_equal(bounds[g], want[3])
