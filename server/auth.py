@@ -20,7 +20,7 @@ TOKEN FILE (``embps serve --auth-token-file FILE``)
 
 WHAT EACH PERMISSION ALLOWS (``METHOD_PERMISSION``)
     read:  Pull with train=False (inference), DescribeTables, Stats, Frequencies,
-           server reflection
+           Changes (the change feed a replica follows), server reflection
     write: Push, Pull with train=True (a training pull creates rows and counts
            sightings: it changes the table, so it is not a read), Step with push
            groups or train=True (read: a Step of inference pulls only)
@@ -111,6 +111,7 @@ METHOD_PERMISSION: dict[str, Permission | None] = {
     _PS + "DescribeTables": Permission.READ,
     _PS + "Stats": Permission.READ,
     _PS + "Frequencies": Permission.READ,
+    _PS + "Changes": Permission.READ,  # the change feed replicas follow: values only
     _PS + "Push": Permission.WRITE,
     _PS + "Step": Permission.READ,  # write with push groups or training pulls
     _PS + "CreateTable": Permission.ADMIN,

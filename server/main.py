@@ -84,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_on_exit": None,
     "restore": None,
     "evict_every": 60.0,
+    "replica_of": None,
+    "replica_poll_seconds": 0.2,
+    "max_lag": 0.0,
     "tls_cert": None,
     "tls_key": None,
     "tls_client_ca": None,
@@ -146,6 +149,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "table's steps_to_live / l2_evict_threshold eviction every SECONDS "
                         f"(default {d['evict_every']:g}; 0: only at checkpoints and on the "
                         "Evict call)")  # fmt: skip
+    parser.add_argument("--replica-of", metavar="ADDRESSES", help="run read-only replica "
+                        "shards: shard i follows the training shard at the i-th of these "
+                        "comma-separated host:port (in shard-id order) and serves its inference "
+                        "pulls (README 'Serving replicas')")  # fmt: skip
+    parser.add_argument("--replica-poll-seconds", type=float, metavar="S", help="how often a "
+                        f"replica reads the change feed (default {d['replica_poll_seconds']})")  # fmt: skip
+    parser.add_argument("--max-lag", type=float, metavar="S", help="a replica reports "
+                        "NOT_SERVING while the state it serves is older than S seconds "
+                        "(default 0: never)")  # fmt: skip
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this "
                         "certificate (needs --tls-key; README 'Security')")  # fmt: skip
     parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -172,6 +184,7 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[Tab
         v = getattr(args, key, None)
         if v is not None:
             opts[key] = v
+    opts["shard_id"] = getattr(args, "shard_id", None)  # one shard of a replica group
     if opts["shards"] < 1:
         raise ValueError(f"--shards must be >= 1, got {opts['shards']}")
     for key in ("port", "metrics_port"):
@@ -184,6 +197,26 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[Tab
     if opts["auth_token_file"]:
         load_token_file(opts["auth_token_file"])
     return opts, tables
+
+
+def replica_address(opts: dict[str, Any], shard_id: int) -> str | None:
+    """The training shard replica ``shard_id`` follows (None: not a replica).
+
+    ``replica_of``: one host:port per shard, comma-separated, in shard-id order (a single
+    one is fine with one shard, or with ``--shard-id`` when it is that shard's own).
+    """
+    spec = opts.get("replica_of")
+    if not spec:
+        return None
+    addresses = [a.strip() for a in str(spec).split(",") if a.strip()]
+    if len(addresses) == 1 and (opts["shards"] == 1 or opts.get("shard_id") is not None):
+        return addresses[0]
+    if len(addresses) != opts["shards"]:
+        raise ValueError(
+            f"--replica-of names {len(addresses)} training shards but --shards is "
+            f"{opts['shards']}: give one host:port per shard, in shard-id order"
+        )
+    return addresses[shard_id]
 
 
 def shard_config(
@@ -209,6 +242,9 @@ def shard_config(
         checkpoint_on_exit=opts["checkpoint_on_exit"],
         restore=opts["restore"],
         evict_every=float(opts["evict_every"]),
+        replica_of=replica_address(opts, shard_id),
+        replica_poll_seconds=float(opts["replica_poll_seconds"]),
+        max_lag=float(opts["max_lag"]),
         tls_cert=opts["tls_cert"],
         tls_key=opts["tls_key"],
         tls_client_ca=opts["tls_client_ca"],

@@ -20,6 +20,8 @@ base units in the name, ``_total`` for counters.
 | embps_promotions_total, embps_admissions_rejected_total, embps_pruned_rows_total | counter | table |
 | embps_evictions_total | counter | table, reason (steps_to_live, l2, capacity) |
 | embps_eviction_sweep_duration_seconds | histogram | trigger (checkpoint, periodic, rpc) |
+| embps_replica_lag_seconds, embps_replica_resyncs, embps_replica_max_lag_seconds | gauge | (replica shards only) |
+| embps_replica_version | gauge | table (replica shards only) |
 | embps_checkpoint_duration_seconds | histogram | kind (full, incremental) |
 | embps_checkpoint_last_success_timestamp_seconds | gauge | |
 | embps_checkpoint_failures_total | counter | |
@@ -153,6 +155,22 @@ class TableCollector(Collector):
                     *counters.values())  # fmt: skip
 
 
+class _ReplicaVersions(Collector):
+    """``embps_replica_version{table}``: the training version each replica table reflects."""
+
+    def __init__(self, follower: Any) -> None:
+        self._follower = follower
+
+    def collect(self) -> Iterator[Metric]:
+        fam = GaugeMetricFamily(
+            "embps_replica_version", "Training version a replica's table reflects.",
+            labels=["table"],
+        )  # fmt: skip
+        for t in self._follower.engine.tables():
+            fam.add_metric([t.name], float(getattr(t, "version", 0)))
+        yield fam
+
+
 _CGROUP_LIMITS = (
     Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
     Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),  # cgroup v1
@@ -237,6 +255,20 @@ class ShardMetrics:
         """Count one RPC and its latency."""
         self.requests.labels(method, table, code).inc()
         self.latency.labels(method, table, code).observe(seconds)
+
+    def follow(self, follower: Any, max_lag: float) -> None:
+        """A replica shard: its freshness gauges, read from ``follower`` at scrape time."""
+        r = self.registry
+        lag = Gauge("embps_replica_lag_seconds", "How old the state a replica serves may be "
+                    "(since its oldest table's last complete feed round started).", registry=r)  # fmt: skip
+        lag.set_function(follower.lag_seconds)
+        resyncs = Gauge("embps_replica_resyncs", "Full resynchronisations of a replica (a "
+                        "restored training shard, a lost deletion log).", registry=r)  # fmt: skip
+        resyncs.set_function(lambda: follower.resyncs)
+        limit = Gauge("embps_replica_max_lag_seconds", "A replica's max_lag (0: none).",
+                      registry=r)  # fmt: skip
+        limit.set(max_lag)
+        r.register(_ReplicaVersions(follower))
 
     def eviction_sweep_done(self, trigger: str, seconds: float) -> None:
         """Record one table's eviction sweep (trigger: checkpoint, periodic, rpc)."""

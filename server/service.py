@@ -68,6 +68,7 @@ from .errors import (
 from .eviction import Evictor
 from .metrics import ShardMetrics
 from .replay import ReplayGuard
+from .replica import Follower, ReplicaEngine
 from .tables import as_grads
 
 log = logging.getLogger("embps.server")
@@ -121,6 +122,12 @@ class ShardConfig:
     # seconds between eviction sweeps (steps_to_live, l2_evict_threshold; 0: none). Sweeps
     # also run before every checkpoint and on the Evict RPC (server/eviction.py).
     evict_every: float = 60.0
+    # a read-only replica of this training shard's address (server/replica.py; None: a
+    # training shard): it follows the change feed every replica_poll_seconds and reports
+    # NOT_SERVING while its lag exceeds max_lag seconds (0: never)
+    replica_of: str | None = None
+    replica_poll_seconds: float = 0.2
+    max_lag: float = 0.0
     tls_cert: str | None = None  # PEM server certificate: serve TLS only (with tls_key)
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA: mutual TLS, clients need a cert it signed
@@ -162,6 +169,21 @@ class ShardConfig:
             )
         if not (isinstance(self.evict_every, int | float) and self.evict_every >= 0):
             raise ValueError(f"evict_every must be >= 0 seconds, got {self.evict_every!r}")
+        if not (self.replica_poll_seconds > 0 and self.max_lag >= 0):
+            raise ValueError(
+                f"replica_poll_seconds must be > 0 and max_lag >= 0, got "
+                f"{self.replica_poll_seconds!r} and {self.max_lag!r}"
+            )
+        if self.replica_of is not None:
+            clash = [n for n, on in (("tables", bool(self.tables)),
+                                     ("checkpoint_dir", bool(self.checkpoint_dir)),
+                                     ("restore", bool(self.restore))) if on]  # fmt: skip
+            if not self.replica_of or clash:
+                raise ValueError(
+                    f"replica_of must be the training shard's host:port, and a replica takes "
+                    f"no {', '.join(clash) or 'other state'}: it follows the training shard's "
+                    "tables (checkpoint the training shards)"
+                )
         if not isinstance(self.checkpoint_incremental, int) or self.checkpoint_incremental < 0:
             raise ValueError(
                 f"checkpoint_incremental must be an integer >= 0, got {self.checkpoint_incremental!r}"
@@ -426,6 +448,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.config = config
         self.checkpointer = checkpointer
         self.evictor = evictor if evictor is not None else Evictor(config.shard_id, engine.tables)
+        self.follower: Follower | None = None  # a replica's (build_server sets it)
 
     # ---------------------------------------------------------------- data
     # Pull answers and Push requests skip protobuf objects (the rows are copied once, or not
@@ -572,6 +595,30 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 raise
         return answer.data
 
+    def Changes(
+        self, request: pb.ChangesRequest, context: grpc.ServicerContext
+    ) -> pb.ChangesResponse:
+        """One page of a table's change feed (``Table.changes``): read only, bounded."""
+        self._check_shards(request.num_shards)
+        table = self.engine.table(request.table)
+        page = table.changes(
+            int(request.since_version), int(request.cursor), int(request.max_rows or 1 << 16),
+            request.epoch, request.follower,
+        )  # fmt: skip
+        resp = pb.ChangesResponse(
+            epoch=page.epoch, version=page.version, step=page.step, part=page.part,
+            next_cursor=page.next_cursor, resync=page.resync,
+        )  # fmt: skip
+        if page.keys is not None:
+            resp.keys = codec.encode_keys(page.keys)
+        if page.rows is not None:
+            resp.rows = codec.encode_keys(page.rows)
+        if page.values is not None:
+            resp.values = np.ascontiguousarray(page.values, dtype="<f4").tobytes()
+        if page.deleted is not None:
+            resp.deleted = codec.encode_keys(page.deleted)
+        return resp
+
     # ---------------------------------------------------------------- tables
     def CreateTable(
         self, request: pb.CreateTableRequest, context: grpc.ServicerContext
@@ -617,11 +664,16 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         """Sizes and counters of one table (or every table if ``table`` is empty)."""
         tables = [self.engine.table(request.table)] if request.table else self.engine.tables()
-        return pb.StatsResponse(
+        resp = pb.StatsResponse(
             shard_id=self.config.shard_id,
             num_shards=self.config.num_shards,
             tables=[pb.TableStats(**t.stats().as_dict()) for t in tables],
         )
+        if self.follower is not None:
+            resp.replica_of = self.follower.source
+            resp.lag_seconds = self.follower.lag_seconds()
+            resp.resyncs = self.follower.resyncs
+        return resp
 
     def Evict(self, request: pb.EvictRequest, context: grpc.ServicerContext) -> pb.EvictResponse:
         """Run steps-to-live / L2 eviction now on one table (or every table if ``table`` is
@@ -884,6 +936,7 @@ class ShardServer:
         self.gate = gate if gate is not None else ServingGate()
         self.checkpointer = checkpointer
         self.evictor = evictor if evictor is not None else Evictor(config.shard_id, engine.tables)
+        self.follower: Follower | None = None  # a replica shard's (build_server sets it)
         self.restored = threading.Event()  # set once serving (restore finished or not needed)
         self.restore_error: str | None = None  # why the restore failed (the shard must exit)
         self.restore_summary: dict | None = None
@@ -912,7 +965,12 @@ class ShardServer:
             self.metrics_port = self.metrics.serve(
                 self.config.metrics_port, addr=self.config.host, readiness=self.health_status
             )
-        if self.config.restore:
+        if self.follower is not None:  # a replica: serving once every table is synced
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.server.start()
+            self.follower.on_ready = self._serve
+            self.follower.start()
+        elif self.config.restore:
             self.gate.close(self._restoring_message)
             self.metrics.restore_progress.set(0.0)
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -948,6 +1006,8 @@ class ShardServer:
             time.sleep(self.config.drain_delay_seconds)
         self.server.stop(grace).wait()
         self.evictor.stop_periodic()
+        if self.follower is not None:
+            self.follower.stop()
         ck = self.checkpointer
         if ck is None:
             return None
@@ -975,6 +1035,17 @@ class ShardServer:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     # ---------------------------------------------------------------- internals
+    def _lag_health(self, lag: float) -> None:
+        """A replica with max_lag: NOT_SERVING while its lag exceeds it, SERVING again after."""
+        if not self.serving:
+            return
+        over = lag > self.config.max_lag
+        self._set_health(
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if over
+            else health_pb2.HealthCheckResponse.SERVING
+        )
+
     def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
@@ -985,7 +1056,7 @@ class ShardServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.checkpointer is not None and self.config.checkpoint_every > 0:
             self.checkpointer.start_periodic(self.config.checkpoint_every)
-        if self.config.evict_every > 0:
+        if self.config.evict_every > 0 and self.follower is None:
             self.evictor.start_periodic(self.config.evict_every)
         self.restored.set()
 
@@ -1085,6 +1156,8 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
     authorizer = None
     if config.auth_token_file:
         authorizer = Authorizer(load_token_file(config.auth_token_file))
+    if config.replica_of:
+        engine = ReplicaEngine(config.replica_of)
     engine = Engine() if engine is None else engine
     if not config.restore:
         for cfg in config.tables:
@@ -1119,7 +1192,8 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         ],
         options=options,
     )
-    add_servicer_to_server(ParameterServerServicer(engine, config, checkpointer, evictor), server)
+    servicer = ParameterServerServicer(engine, config, checkpointer, evictor)
+    add_servicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -1143,6 +1217,16 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         config, engine, server, port, health_servicer, metrics, gate, checkpointer, evictor
     )
     shard.authorizer = authorizer
+    if isinstance(engine, ReplicaEngine):
+        follower = Follower(
+            engine, engine.source, config.num_shards, f"replica-{config.shard_id}-{port}",
+            config.replica_poll_seconds,
+        )  # fmt: skip
+        shard.follower = follower
+        servicer.follower = follower
+        metrics.follow(follower, config.max_lag)
+        if config.max_lag > 0:
+            follower.on_lag = shard._lag_health
     # the servicer starts with "" SERVING: NOT_SERVING instead, until start() serves
     # (gRPC and /readyz)
     shard._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

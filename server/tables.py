@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -73,6 +74,11 @@ from .sketch import FrequencySketch
 
 DELETED_LOG_MAX = 1 << 20  # keys kept for incremental snapshots (or the table size, if larger)
 ROW_GROWTH = 1.5
+# Change feed: rows scanned per call (under the shared lock), and how long the deletions a
+# follower still needs are kept past a checkpoint's trim.
+FEED_SCAN_ROWS = 1 << 18
+FEED_CURSOR_PART = 1 << 40  # cursor = part * FEED_CURSOR_PART + row
+FOLLOWER_TTL_S = 300.0
 # Rows judged per lock hold by an eviction sweep: about 1 ms of work at dim 16 (a
 # pull waits at most that long; docs/benchmarks.md, "Eviction").
 EVICT_PAGE_ROWS = 1 << 14
@@ -117,6 +123,34 @@ class EvictResult:
     steps_to_live_rows: int
     l2_rows: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    """One page of a table's change feed (``Table.changes``).
+
+    epoch: the table's incarnation (new when it is created or restored: versions of
+    another epoch mean nothing here). version, step: the table's at the first page of
+    a round (a follower that applied the whole round reflects at least that version).
+    part: which storage part the rows belong to (``Table.feed_parts``); keys: int64
+    (k,) of own rows (None for a shared part), rows: int64 (k,) their row numbers in
+    the part (shared parts: the bucket), values: float32 (k, part dim). deleted: int64
+    keys deleted since ``since_version`` (the first page of a round only).
+    next_cursor: 0 when the round is complete. resync: the follower must start over
+    (since_version 0, a fresh table): the epoch changed, or the deletions since its
+    version are no longer known.
+    """
+
+    epoch: str
+    version: int
+    step: int
+    part: int = 0
+    keys: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    values: np.ndarray | None = None
+    deleted: np.ndarray | None = None
+    next_cursor: int = 0
+    resync: bool = False
 
 
 @dataclass(frozen=True)
@@ -573,6 +607,18 @@ class DynamicPart:
         self.free = np.empty(0, dtype=np.int64)
         self.row_keys = keys if _adoptable(keys) else keys.copy()
 
+    def put_values(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Set the values of ``keys`` (int64 (k,), distinct) to ``values`` float32 (k, dim),
+        inserting the keys that have no row (their slots and metadata zeroed): a replica
+        mirroring a change feed."""
+        rows, inserted = self.insert(keys)
+        new = rows[inserted]
+        if new.shape[0]:
+            self.block.freq[new] = 0
+            self.block.last_step[new] = 0
+            self.block.version[new] = 0
+        self.block.values[rows] = values
+
     def upsert_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
         """Set the rows of ``keys`` (int64 (k,), distinct) from ``fields_`` (BLOCK_FIELDS arrays)."""
         rows, _ = self.insert(keys)
@@ -688,6 +734,12 @@ class Table:
         # pulls, or adaptive promotions skipped. A process metric, not checkpointed.
         self.capacity_refusals = 0
         self.replay = ReplayGuard()  # push idempotency (client_id, sequence): server/replay.py
+        # Change feed (``changes``): this incarnation's id, and the version each follower
+        # asked from last (follower -> (since_version, monotonic time)): a checkpoint's
+        # trim keeps the deletions they still need for FOLLOWER_TTL_S.
+        self.epoch = uuid.uuid4().hex
+        self._followers: dict[str, tuple[int, float]] = {}
+        self._trimmed_upto = 0  # deletions at or before it may be gone from the log
 
     # ---------------------------------------------------------------- API
     def pull(
@@ -1043,9 +1095,89 @@ class Table:
                 f"limit of {limit} (max_rows={self.config.max_rows}, max_bytes={self.config.max_bytes})"
             )
 
+    def feed_parts(self) -> list[DynamicPart | Block]:
+        """The storage parts a change feed pages through, in order: a ``DynamicPart``
+        (own rows, by key) or a ``Block`` (shared rows, by number)."""
+        return []
+
+    def changes(
+        self,
+        since_version: int,
+        cursor: int = 0,
+        max_rows: int = 1 << 16,
+        epoch: str = "",
+        follower: str = "",
+    ) -> FeedPage:
+        """One page of what changed after ``since_version``: rows (values only) and, on
+        the first page (cursor 0), the keys deleted. Read only; the shared lock is held
+        for one page: at most FEED_SCAN_ROWS rows scanned and ``max_rows`` returned.
+
+        A follower runs rounds: cursor 0 with its version (0 and epoch "" for everything),
+        then each answer's ``next_cursor`` until it is 0; the first page's ``version`` is
+        its next round's since_version. Rows changed during a round behind its cursor
+        come in the next round; deletions are applied before rows, so a key deleted and
+        created again ends present. ``resync`` asks the follower to start over: another
+        epoch, or deletions it would need were dropped (the log passed its bound, or a
+        checkpoint trimmed them after the follower was away FOLLOWER_TTL_S).
+        """
+        if since_version < 0 or cursor < 0 or max_rows < 1:
+            raise InvalidArgument(
+                f"table {self.name!r}: since_version and cursor must be >= 0 and max_rows "
+                f">= 1, got {since_version}, {cursor}, {max_rows}"
+            )
+        first = cursor == 0
+        with self._lock.write() if first and since_version == 0 else self._lock.read():
+            if first and since_version == 0:
+                self._track_deleted = True  # deletions from here on are kept for the feed
+            if follower:
+                with self._count_lock:
+                    self._followers[follower] = (since_version, time.monotonic())
+            if since_version and (
+                epoch != self.epoch
+                or not self._track_deleted
+                or since_version < self._deleted_floor
+                or since_version > self.version
+                or since_version < self._trimmed_upto
+            ):
+                return FeedPage(self.epoch, self.version, self.step, resync=True)
+            parts = self.feed_parts()
+            part, row = divmod(cursor, FEED_CURSOR_PART)
+            deleted = None
+            if first:
+                logged = [k for v, k in self._deleted if v > since_version] if since_version else []
+                deleted = np.concatenate(logged) if logged else np.empty(0, np.int64)
+            if part >= len(parts):
+                return FeedPage(self.epoch, self.version, self.step, deleted=deleted)
+            store = parts[part]
+            if isinstance(store, DynamicPart):
+                live, top = store.live_rows_in(row, row + FEED_SCAN_ROWS)
+                block = store.block
+            else:
+                block, top = store, store.rows
+                live = np.arange(row, min(row + FEED_SCAN_ROWS, top), dtype=np.int64)
+            sel = live[block.version[live] > since_version]
+            nxt = min(row + FEED_SCAN_ROWS, top)
+            if sel.shape[0] > max_rows:
+                sel = sel[:max_rows]
+                nxt = int(sel[-1]) + 1
+            if nxt >= top:
+                part, nxt = part + 1, 0
+            next_cursor = part * FEED_CURSOR_PART + nxt if part < len(parts) else 0
+            return FeedPage(
+                self.epoch, self.version, self.step, part=int(divmod(cursor, FEED_CURSOR_PART)[0]),
+                keys=store.keys_of(sel) if isinstance(store, DynamicPart) else None,
+                rows=sel, values=block.values[sel], deleted=deleted,
+                next_cursor=next_cursor,
+            )  # fmt: skip
+
     def trim_deleted(self, upto_version: int) -> None:
-        """Forget deletions at or before ``upto_version`` (a checkpoint of it is durable)."""
+        """Forget deletions at or before ``upto_version`` (a checkpoint of it is durable),
+        except those a change-feed follower seen in the last FOLLOWER_TTL_S still needs."""
         with self._lock.write():
+            now = time.monotonic()
+            live = [v for v, t in self._followers.values() if now - t < FOLLOWER_TTL_S]
+            upto_version = min([upto_version, *live])
+            self._trimmed_upto = max(self._trimmed_upto, upto_version)
             self._deleted = [(v, k) for v, k in self._deleted if v > upto_version]
             self._deleted_keys = sum(int(k.shape[0]) for _, k in self._deleted)
 
@@ -1392,6 +1524,9 @@ class DynamicTable(_DynamicBase):
         self._apply(self.part.block, rows, grads, step)
         return PushResult(applied=found, dropped=keys.shape[0] - found)
 
+    def feed_parts(self) -> list[DynamicPart | Block]:
+        return [self.part]
+
     def _sizes(self) -> tuple[int, int, int, int, int, float]:
         dyn = self.part.nbytes + (self.sketch.nbytes if self.sketch is not None else 0)
         dyn += self._log_bytes()
@@ -1427,6 +1562,9 @@ class StaticTable(Table):
     def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
         self._apply(self.block, self.rows_of(keys), grads, step)
         return PushResult(applied=keys.shape[0], dropped=0)
+
+    def feed_parts(self) -> list[DynamicPart | Block]:
+        return [self.block]
 
     def _sizes(self) -> tuple[int, int, int, int, int, float]:
         b = self.block.nbytes
@@ -1533,6 +1671,9 @@ class AdaptiveTable(_DynamicBase):
             self._apply(self.static, self.static_rows_of(keys[st]), grads[st], step)
         return PushResult(applied=keys.shape[0], dropped=0)
 
+    def feed_parts(self) -> list[DynamicPart | Block]:
+        return [self.part, self.static]
+
     def _sizes(self) -> tuple[int, int, int, int, int, float]:
         dyn = self.part.nbytes + self.sketch.nbytes + self._log_bytes()
         st = self.static.nbytes
@@ -1602,6 +1743,9 @@ class QRTable(Table):
         self._apply(self.quotient, qr, gq, step)
         self._apply(self.remainder, rr, gr, step)
         return PushResult(applied=keys.shape[0], dropped=0)
+
+    def feed_parts(self) -> list[DynamicPart | Block]:
+        return [self.quotient, self.remainder]
 
     def _sizes(self) -> tuple[int, int, int, int, int, float]:
         st = self.quotient.nbytes + self.remainder.nbytes

@@ -344,6 +344,48 @@ class StepResponse(_message.Message):
     replayed: bool
     def __init__(self, values: _Optional[bytes] = ..., dims: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., applied: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
+class ChangesRequest(_message.Message):
+    __slots__ = ("table", "num_shards", "since_version", "cursor", "max_rows", "epoch", "follower")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWER_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    num_shards: int
+    since_version: int
+    cursor: int
+    max_rows: int
+    epoch: str
+    follower: str
+    def __init__(self, table: _Optional[str] = ..., num_shards: _Optional[int] = ..., since_version: _Optional[int] = ..., cursor: _Optional[int] = ..., max_rows: _Optional[int] = ..., epoch: _Optional[str] = ..., follower: _Optional[str] = ...) -> None: ...
+
+class ChangesResponse(_message.Message):
+    __slots__ = ("epoch", "version", "step", "part", "keys", "rows", "values", "deleted", "next_cursor", "resync")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    version: int
+    step: int
+    part: int
+    keys: bytes
+    rows: bytes
+    values: bytes
+    deleted: bytes
+    next_cursor: int
+    resync: bool
+    def __init__(self, epoch: _Optional[str] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., part: _Optional[int] = ..., keys: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., values: _Optional[bytes] = ..., deleted: _Optional[bytes] = ..., next_cursor: _Optional[int] = ..., resync: _Optional[bool] = ...) -> None: ...
+
 class CreateTableRequest(_message.Message):
     __slots__ = ("config",)
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -451,14 +493,20 @@ class StatsRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "num_shards", "tables")
+    __slots__ = ("shard_id", "num_shards", "tables", "replica_of", "lag_seconds", "resyncs")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_OF_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESYNCS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     num_shards: int
     tables: _containers.RepeatedCompositeFieldContainer[TableStats]
-    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
+    replica_of: str
+    lag_seconds: float
+    resyncs: int
+    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., replica_of: _Optional[str] = ..., lag_seconds: _Optional[float] = ..., resyncs: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("step", "kind", "num_shards")

@@ -89,6 +89,11 @@ class ParameterServerStub:
                 request_serializer=embps_dot_v1_dot_embps__pb2.StepRequest.SerializeToString,
                 response_deserializer=embps_dot_v1_dot_embps__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.Changes = channel.unary_unary(
+                '/embps.v1.ParameterServer/Changes',
+                request_serializer=embps_dot_v1_dot_embps__pb2.ChangesRequest.SerializeToString,
+                response_deserializer=embps_dot_v1_dot_embps__pb2.ChangesResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -160,6 +165,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Changes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +228,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=embps_dot_v1_dot_embps__pb2.StepRequest.FromString,
                     response_serializer=embps_dot_v1_dot_embps__pb2.StepResponse.SerializeToString,
+            ),
+            'Changes': grpc.unary_unary_rpc_method_handler(
+                    servicer.Changes,
+                    request_deserializer=embps_dot_v1_dot_embps__pb2.ChangesRequest.FromString,
+                    response_serializer=embps_dot_v1_dot_embps__pb2.ChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +532,33 @@ class ParameterServer:
             '/embps.v1.ParameterServer/Step',
             embps_dot_v1_dot_embps__pb2.StepRequest.SerializeToString,
             embps_dot_v1_dot_embps__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Changes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/Changes',
+            embps_dot_v1_dot_embps__pb2.ChangesRequest.SerializeToString,
+            embps_dot_v1_dot_embps__pb2.ChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

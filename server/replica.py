@@ -1,0 +1,328 @@
+"""Read-only replica shards that follow a training shard's change feed.
+
+DESIGN
+======
+``embps serve --replica-of ADDRESSES`` runs replica shard i as a follower of training
+shard i. It serves the same ``ParameterServer`` service, but its engine is a
+``ReplicaEngine``: inference pulls (``train=False``, Pull or Step) are answered, every
+write (training pulls, pushes, table changes, prune, evict, checkpoints) is refused with
+FAILED_PRECONDITION naming the shard read-only.
+
+Storage. A ``ReplicaTable`` wraps a real table of the same kind, built from a serving
+config: the training config with SGD (no optimizer slots) and no row caps (the training
+shard enforces them; the replica mirrors what it keeps). Inference pulls run the very
+code a training shard's inference pull runs, so a replica answers every key exactly as
+the training shard did at the version it reflects: own rows, default values, adaptive
+tables' static rows for keys without their own, qr combinations.
+
+Following (``Follower``, one thread). Every ``poll_seconds``: DescribeTables on the
+training shard (tables created or dropped there are created or dropped here), then one
+feed round per table (``Table.changes``: deletions first, then changed rows, page by
+page). The first round of a table, or a round answered ``resync`` (the training shard
+was restored, so its epoch changed, or the deletions since our version are gone), fills
+a *fresh* table while the current one keeps serving, then swaps it in with one
+assignment: an answer never mixes rows of two histories.
+
+Freshness. A table reflects the training shard's state as of the start of its last
+complete round (the version of that round's first page). ``lag_seconds`` is the time
+since the oldest table's last complete round started (0 before none; the shard is
+NOT_SERVING until every table finished its first round). When the training shard cannot
+be reached, the replica keeps serving what it has and its lag grows; with ``max_lag``
+the shard reports NOT_SERVING while the lag exceeds it.
+
+LIMITATIONS. Values are float32 (the training rows' exact bits); optimizer slots are not
+kept. A round reads each changed row once per round, so a table under heavy churn costs
+the training shard about one scan of its arena per ``poll_seconds`` (FEED_SCAN_ROWS rows
+per call, under the shared lock). The follower talks plaintext gRPC without a token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import cast
+
+import grpc
+import numpy as np
+
+from embps.protos import codec
+from embps.protos.config import SGD, Eviction, TableConfig, TableKind
+from embps.v1 import embps_pb2 as pb
+from embps.v1 import embps_pb2_grpc as pb_grpc
+
+from .engine import Engine
+from .errors import FailedPrecondition
+from .tables import DynamicPart, EvictResult, Table, TableStats, make_table
+
+log = logging.getLogger("embps.server")
+
+FEED_PAGE_ROWS = 1 << 16
+
+
+def serving_config(config: TableConfig) -> TableConfig:
+    """The config of a replica's inner table: ``config`` without optimizer slots, row caps
+    or a full-size sketch (inference never uses them)."""
+    extra: dict[str, object] = {}
+    if config.kind == TableKind.ADAPTIVE or (
+        config.kind == TableKind.DYNAMIC and config.admission_threshold > 1
+    ):
+        extra = {"sketch_width": 16, "sketch_depth": 1}
+    if config.kind in (TableKind.DYNAMIC, TableKind.ADAPTIVE):
+        extra.update(max_rows=0, eviction=Eviction.NONE, steps_to_live=0, l2_evict_threshold=0.0)
+    return dataclasses.replace(config, optimizer=SGD(), max_bytes=0, **extra)
+
+
+class ReplicaTable:
+    """A read-only table that mirrors one training table (see the module's DESIGN)."""
+
+    evicts = False
+
+    def __init__(self, config: TableConfig, source: str) -> None:
+        self.config = config  # the training table's (DescribeTables, Stats)
+        self.name = config.name
+        self.dim = config.dim
+        self.source = source
+        self.inner: Table = make_table(serving_config(config))
+        self.epoch = ""
+        self.version = 0  # the training version this table reflects
+        self.round_started = 0.0  # wall time its last complete round started (0: none)
+
+    # ---------------------------------------------------------------- reads
+    def pull(
+        self, keys: object, train: bool = True, mask: object | None = None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """Inference rows, exactly as the training shard's inference pull answered."""
+        if train:
+            raise self._read_only("a training pull (train=True)")
+        return self.inner.pull(keys, train=False, mask=mask, out=out)
+
+    def check_mask(self, mask: object | None, n: int) -> np.ndarray | None:
+        return self.inner.check_mask(mask, n)
+
+    def stats(self) -> TableStats:
+        return self.inner.stats()
+
+    def memory_bytes(self) -> int:
+        return self.inner.memory_bytes()
+
+    # ---------------------------------------------------------------- writes: refused
+    def push(self, *args: object, **kwargs: object) -> None:
+        raise self._read_only("Push")
+
+    def prune(self, *args: object, **kwargs: object) -> None:
+        raise self._read_only("Prune")
+
+    def evict(self, *args: object, **kwargs: object) -> EvictResult:
+        raise self._read_only("Evict")
+
+    def frequencies(self, *args: object, **kwargs: object) -> None:
+        raise FailedPrecondition(
+            f"table {self.name!r} on a replica keeps no training counts; ask the training "
+            f"shard {self.source}"
+        )
+
+    def changes(self, *args: object, **kwargs: object) -> None:
+        raise FailedPrecondition(
+            f"table {self.name!r} is a replica's: follow the training shard {self.source}"
+        )
+
+    def snapshot(self, *args: object, **kwargs: object) -> None:
+        raise self._read_only("a checkpoint")
+
+    def _read_only(self, what: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"{what} refused: this shard is a read-only replica of {self.source}; send "
+            "writes and training pulls to the training shard"
+        )
+
+    # ---------------------------------------------------------------- following
+    def apply(self, page: pb.ChangesResponse, dims: list[int]) -> None:
+        """Apply one feed page: its deletions, then its rows (under the inner lock)."""
+        inner = self.inner
+        parts = inner.feed_parts()
+        with inner._lock.write():
+            if page.deleted:
+                inner._erase(codec.decode_keys(page.deleted))
+            if not page.rows:
+                return
+            rows = codec.decode_keys(page.rows)
+            store = parts[page.part]
+            dim = dims[page.part]
+            values = np.frombuffer(page.values, dtype="<f4").reshape(rows.shape[0], dim)
+            if isinstance(store, DynamicPart):
+                store.put_values(codec.decode_keys(page.keys), values)
+            else:
+                store.values[rows] = values
+            inner.step = max(inner.step, int(page.step))
+
+
+def part_dims(config: TableConfig, table: Table) -> list[int]:
+    """Row width of each feed part of ``table``."""
+    return [int(p.block.values.shape[1] if isinstance(p, DynamicPart) else p.values.shape[1])
+            for p in table.feed_parts()]  # fmt: skip
+
+
+class ReplicaEngine(Engine):
+    """The tables of a replica shard: filled by its ``Follower``, refused to clients."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def create_table(self, config: TableConfig) -> bool:
+        raise FailedPrecondition(
+            f"CreateTable refused: this shard is a read-only replica of {self.source}; "
+            "create tables on the training shard (the replica follows)"
+        )
+
+    def drop_table(self, name: str) -> bool:
+        raise FailedPrecondition(
+            f"DropTable refused: this shard is a read-only replica of {self.source}"
+        )
+
+    def put(self, table: ReplicaTable) -> None:
+        """Install (or replace, in one assignment) a replica table."""
+        with self._lock:
+            self._tables[table.name] = table  # type: ignore[assignment]
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._tables.pop(name, None)
+
+
+class Follower:
+    """Follows one training shard's tables into a ``ReplicaEngine`` (module DESIGN)."""
+
+    def __init__(
+        self,
+        engine: ReplicaEngine,
+        source: str,
+        num_shards: int,
+        name: str,
+        poll_seconds: float = 0.2,
+        on_ready: Callable[[], None] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.engine = engine
+        self.source = source
+        self.num_shards = num_shards
+        self.name = name
+        self.poll_seconds = poll_seconds
+        self.on_ready = on_ready
+        self.timeout = timeout
+        self.resyncs = 0
+        self.last_pass = 0.0  # wall time the last complete pass started
+        self.on_lag: Callable[[float], None] | None = None  # after each pass: the lag
+        self.ready = threading.Event()
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._channel = grpc.insecure_channel(
+            source, options=[("grpc.max_receive_message_length", 256 << 20)]
+        )
+        self._stub = pb_grpc.ParameterServerStub(self._channel)
+        self._thread = threading.Thread(target=self._loop, name=f"embps-follow-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.timeout + 5)
+        self._channel.close()
+
+    def lag_seconds(self) -> float:
+        """Age of the oldest table's state (0 before the first sync: see ``ready``)."""
+        tables = cast(list[ReplicaTable], self.engine.tables())  # only ReplicaTables here
+        if not self.ready.is_set():
+            return 0.0
+        if not tables:  # nothing to follow: as fresh as the last pass
+            return max(0.0, time.time() - self.last_pass)
+        return max(0.0, time.time() - min(t.round_started for t in tables))
+
+    # ---------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                started = time.time()
+                self.sync_once()
+                self.last_pass = started
+                self.last_error = ""
+                if not self.ready.is_set():
+                    self.ready.set()
+                    if self.on_ready is not None:
+                        self.on_ready()
+            except grpc.RpcError as e:
+                self.last_error = f"{e.code().name}: {e.details()}"
+                log.warning("replica %s: following %s: %s", self.name, self.source, self.last_error)
+            except Exception as e:  # a bug: keep serving what we have, say so
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("replica %s: following %s failed", self.name, self.source)
+            if self.on_lag is not None and self.ready.is_set():
+                self.on_lag(self.lag_seconds())
+            self._stop.wait(max(0.0, self.poll_seconds - (time.monotonic() - t0)))
+
+    def sync_once(self) -> None:
+        """One pass: the table list, then one feed round per table."""
+        resp = self._stub.DescribeTables(pb.DescribeTablesRequest(), timeout=self.timeout)
+        configs = {c.name: TableConfig.from_proto(c) for c in resp.tables}
+        for name in [t.name for t in self.engine.tables()]:
+            if name not in configs:
+                self.engine.remove(name)
+        for name, cfg in configs.items():
+            if self._stop.is_set():
+                return
+            have = self._current(name)
+            if have is None or have.config != cfg:
+                self._bootstrap(cfg)
+            elif not self._round(have):
+                self.resyncs += 1
+                log.info("replica %s: table %r: resynchronising from %s", self.name, name,
+                         self.source)  # fmt: skip
+                self._bootstrap(cfg)
+
+    def _current(self, name: str) -> ReplicaTable | None:
+        try:
+            t = self.engine.table(name)
+        except Exception:
+            return None
+        return t if isinstance(t, ReplicaTable) else None
+
+    def _bootstrap(self, cfg: TableConfig) -> None:
+        """Fill a fresh table from version 0, then swap it in (the old one serves till then)."""
+        fresh = ReplicaTable(cfg, self.source)
+        if not self._round(fresh):  # the epoch changed in the middle: once more
+            fresh = ReplicaTable(cfg, self.source)
+            if not self._round(fresh):
+                raise RuntimeError(f"table {cfg.name!r} keeps changing its epoch; retrying later")
+        self.engine.put(fresh)
+
+    def _round(self, table: ReplicaTable) -> bool:
+        """One feed round into ``table``; False if the shard asks for a resync."""
+        dims = part_dims(table.config, table.inner)
+        cursor, started = 0, time.time()
+        first: pb.ChangesResponse | None = None
+        while True:
+            page = self._stub.Changes(
+                pb.ChangesRequest(
+                    table=table.name, num_shards=self.num_shards,
+                    since_version=table.version, cursor=cursor, max_rows=FEED_PAGE_ROWS,
+                    epoch=table.epoch, follower=self.name,
+                ),
+                timeout=self.timeout,
+            )  # fmt: skip
+            if page.resync or (first is not None and page.epoch != first.epoch):
+                return False
+            if first is None:
+                first = page
+            table.apply(page, dims)
+            cursor = page.next_cursor
+            if cursor == 0:
+                break
+        table.epoch, table.version, table.round_started = first.epoch, first.version, started
+        return True
