@@ -8,11 +8,13 @@ What one run does, in order:
    (``embps.client.data.SyntheticCTR``): a static part sized for the ids
    expected to stay rare, own (dynamic) rows for ids seen ``promote_threshold``
    times, a count-min sketch sized for the ids a shard sees, Adagrad;
-3. trains a DLRM (``embps.client.models``) whose embeddings are
-   ``RemoteEmbedding`` modules, pipelined: ``staleness=1`` and a prefetch of the
-   next batch's rows while the current one computes. A short window in the
-   middle of training runs synchronously (``staleness=0``, no prefetch): the
-   baseline the pipelined throughput is compared with, in the same run;
+3. trains a DLRM (``embps.client.models``) whose embeddings are one
+   ``RemoteEmbeddingCollection`` (a table per field, every table in one request
+   per shard per step), pipelined: ``staleness=1`` and a prefetch of the next
+   batch's rows (carrying the previous step's push) while the current one
+   computes. A short window in the middle of training runs synchronously
+   (``staleness=0``, no prefetch): the baseline the pipelined throughput is
+   compared with, in the same run;
 4. evaluates AUC and logloss on held-out data (the batches that follow the
    training ones in time) beside the planted model's optimum and beside a
    trivial baseline (predict the training click rate);
@@ -936,12 +938,14 @@ def write_report(out: Path, res: DemoResult) -> Path:
     )
     add(
         "Note on pipelining: with `staleness=s >= 1` (this run: "
-        f"{cfg.staleness}) each `RemoteEmbedding` pushes its gradients on a background "
-        "thread, in order, and `prefetch()` pulls the next batch's rows while the current "
-        "batch runs backward. A pull then misses at most the last s pushes (bounded "
-        "staleness): exactness traded for throughput, which pays most when the trainer has "
+        f"{cfg.staleness}) the `RemoteEmbeddingCollection` holds each step's gradients "
+        "for every table and `prefetch()` sends them with the pull of the next batch's rows "
+        "(one request per shard per step), on a background thread, while the current batch "
+        "runs backward. A pull then misses at most the last push (bounded staleness): "
+        "exactness traded for throughput, which pays most when the trainer has "
         "cores (or a GPU) to spare while the shards work. `staleness=0` is exactly "
-        f"synchronous training, equal to in-process torch; {where}.\n"
+        "synchronous training, equal to in-process torch (each step's push rides on the "
+        f"next step's pull, also one request per shard); {where}.\n"
     )
 
     # ---- memory
@@ -1139,7 +1143,8 @@ def _model_description(cfg: DemoConfig, num_fields: int, num_dense: int) -> str:
     top = "->".join(map(str, (*cfg.top, 1)))
     extra = " + the embeddings" if cfg.concat_embeddings else ""
     return (
-        f"DLRM: {num_fields} RemoteEmbedding (dim {cfg.dim}), bottom MLP {bottom}, "
+        f"DLRM: RemoteEmbeddingCollection of {num_fields} tables (dim {cfg.dim}), "
+        f"bottom MLP {bottom}, "
         f"{(num_fields + 1) * num_fields // 2} pairwise dot products{extra}, top MLP ->{top}"
     )
 
@@ -1155,15 +1160,19 @@ def _session(
 
     from .exceptions import EmbpsError
     from .models import DLRM
-    from .torch import RemoteEmbedding
+    from .torch import FieldColumns, RemoteEmbeddingCollection, RemoteTableConfig
 
     cfg, data, plans = res.cfg, res.data, res.plans
     for plan in plans:
         ps.create_table(plan.config)
-    pipelined = [RemoteEmbedding(ps, p.table, staleness=cfg.staleness) for p in plans]
-    synchronous = [RemoteEmbedding(ps, p.table) for p in plans] if cfg.sync_steps else []
+    # One collection (a table per field, feature = table name) fed by the (B, F) id
+    # columns; the synchronous baseline is a second collection over the same tables.
+    tables = [RemoteTableConfig(p.table, [p.table]) for p in plans]
+    pipelined = [FieldColumns(RemoteEmbeddingCollection(ps, tables, staleness=cfg.staleness))]
+    synchronous = [FieldColumns(RemoteEmbeddingCollection(ps, tables))] if cfg.sync_steps else []
     torch.manual_seed(cfg.seed)
-    model = DLRM(pipelined, data.num_dense, cfg.dim, cfg.bottom, cfg.top, cfg.concat_embeddings)
+    model = DLRM(pipelined, data.num_dense, cfg.dim, cfg.bottom, cfg.top, cfg.concat_embeddings,
+                 num_fields=len(plans))  # fmt: skip
     res.dense_params = sum(p.numel() for p in model.parameters())
     res.model_desc = _model_description(cfg, len(plans), data.num_dense)
     _say(f"tables: {len(plans)} adaptive, dim {cfg.dim}, Adagrad; model: {res.model_desc}")
