@@ -1,7 +1,7 @@
 # embps: one image for the shard server and the `embps` command line.
 #
-#   docker build -t embps:0.1.0 .
-#   docker run --rm -p 50051:50051 -p 9091:9091 embps:0.1.0
+#   docker build -t embps:0.1.0 .      (or `make image`: podman or docker, see
+#   docker run --rm -p 50051:50051 -p 9091:9091 embps:0.1.0    deploy/image/build.py)
 #
 # The default command runs one shard (shard 0 of 1) in the container's main
 # process, listening on all interfaces. Kubernetes runs one shard per pod with
@@ -15,20 +15,43 @@ ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74b
 # ---------------------------------------------------------------- builder
 # Builds the project's wheel and installs it with its dependencies into a
 # virtual environment. Every dependency ships manylinux wheels (numpy, numba,
-# llvmlite, grpcio), so no compiler is needed.
+# llvmlite, grpcio), so no compiler is needed. The versions are the ones the
+# test suite runs with: requirements/constraints-dev.txt pins them (and the
+# build backend), so two builds of one commit install the same packages.
 FROM ${PYTHON_IMAGE} AS builder
+
+# Where pip finds packages, for a build host that reaches its index through a
+# mirror or a proxy with its own certificate authority: `make image` passes the
+# host's pip settings (deploy/image/build.py). Unset, pip uses its defaults.
+# The CA bundle comes in as a build secret: it is mounted for the one RUN that
+# needs it and stays out of every layer.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_CONSTRAINT=/src/requirements/constraints-dev.txt \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Two layers: the dependencies (pyproject.toml's list, at the pinned versions),
+# then the project itself. A change to the sources rebuilds only the second.
+COPY pyproject.toml ./
+COPY requirements/constraints-dev.txt requirements/
+RUN --mount=type=secret,id=pip-ca,required=false \
+    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+    && python -m venv /opt/venv \
+    && python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/dependencies.txt \
+    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/dependencies.txt
+COPY README.md ./
 COPY protos/ protos/
 COPY server/ server/
 COPY client/ client/
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir . \
+RUN --mount=type=secret,id=pip-ca,required=false \
+    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps . \
+    && /opt/venv/bin/pip check \
     && /opt/venv/bin/embps --help > /dev/null
 
 # ---------------------------------------------------------------- runtime

@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-stamp
 CONSTRAINTS := requirements/constraints-dev.txt
 PIP := PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PY) -m pip
 
-.PHONY: venv test lint unit integration demo demo-quick bench protos upgrade-deps clean
+.PHONY: venv test lint unit integration demo demo-quick bench protos upgrade-deps clean image
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench: venv
 	$(VENV)/bin/embps bench engine --json bench-results/engine.json
 	$(VENV)/bin/embps bench service --json bench-results/service.json
 	$(VENV)/bin/embps bench checkpoint --json bench-results/checkpoint.json
+
+# The server image (podman, or docker where its daemon runs): on the pinned base,
+# or on a Debian stand-in where no registry is reachable; prints its size.
+# Needs no venv. EMBPS_IMAGE_BASE=standin skips the pull attempt.
+image:
+	$(PYTHON) deploy/image/build.py
 
 protos: venv
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos \

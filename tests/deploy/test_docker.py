@@ -1,15 +1,15 @@
 """The Dockerfile: lint, pinned multi-stage build, non-root runtime, default command, HEALTHCHECK.
 
-There is no Docker engine here, so the build is checked in parts: hadolint;
-the builder stage's COPY lines, applied to the repository through
-.dockerignore, give a source tree that builds a wheel with every module; the
-default command parses with the real `embps serve` parser; the HEALTHCHECK
-command runs against a real shard's gRPC health service.
+These checks need no container engine (test_image.py and test_kube_play.py
+build the image and run it): hadolint; the builder stage's COPY lines, applied
+to the repository through .dockerignore, give a source tree that builds a
+wheel with every module; the default command parses with the real `embps
+serve` parser; the HEALTHCHECK command runs against a real shard's gRPC health
+service.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import shutil
@@ -23,13 +23,13 @@ import pytest
 
 from .artifacts import (
     DOCKERFILE,
-    DOCKERIGNORE,
     ROOT,
     dockerfile_instructions,
     exec_form,
     require,
     run,
 )
+from .containers import build_module
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 INSTRUCTIONS = dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
@@ -128,32 +128,9 @@ def test_default_command_starts_one_shard_on_all_interfaces() -> None:
 # --------------------------------------------------------------------------
 
 
-def _glob(path: str, pattern: str) -> bool:
-    """Docker's pattern match for the syntax .dockerignore uses: `*` within one level, `**/`."""
-    if pattern.startswith("**/"):
-        parts = path.split("/")
-        return any(_glob("/".join(parts[i:]), pattern[3:]) for i in range(len(parts)))
-    return fnmatch.fnmatchcase(path, pattern) and path.count("/") == pattern.count("/")
-
-
-def dockerignored(path: str, rules: list[str]) -> bool:
-    """Whether .dockerignore keeps ``path`` (relative, posix) out of the build context.
-
-    The last matching rule wins; a rule that matches a directory matches what is below it.
-    """
-    parts = path.split("/")
-    excluded = False
-    for rule in rules:
-        negate = rule.startswith("!")
-        pattern = rule.lstrip("!").rstrip("/")
-        if any(_glob("/".join(parts[: i + 1]), pattern) for i in range(len(parts))):
-            excluded = not negate
-    return excluded
-
-
-def dockerignore_rules() -> list[str]:
-    lines = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+# The .dockerignore matcher is build.py's: the same rules pick what `make image` hashes.
+dockerignored = build_module().dockerignored
+dockerignore_rules = build_module().dockerignore_rules
 
 
 def test_dockerignore_keeps_caches_and_the_venv_out() -> None:
