@@ -1,59 +1,74 @@
-"""``embps bench train``: training samples/s through a 2-shard PS beside local torch embeddings.
+"""``embps bench train``: training samples/s of a 26-field model through a 2-shard PS beside local torch.
 
-One model, one data stream, one optimizer setup; only where the embedding rows
-live changes. Every contender trains its own copy of the demo's model
-(``embps.client.demo``: a DLRM of ``embps.client.models`` with 8 categorical
-fields of dim 16, bottom MLP 4->32->16, top MLP ->64->32->1, the embeddings
-concatenated to the top MLP's input) on the same pre-generated batches of
-``SyntheticCTR`` (batch 8192), with the dense layers on torch ``Adam`` (lr 2e-3)
-and the embeddings on Adagrad (lr 0.05):
+The layout is the one CTR models train with: a table per categorical field, as
+DLRM trains Criteo. Every contender trains its own copy of one model on the same
+pre-generated batches, for each batch size in turn (128, 1024 and 8192); only
+where the embedding rows live changes.
 
-  local_sparse   ``torch.nn.Embedding(sparse=True)`` per field, ``torch.optim.Adagrad``
-                 on its sparse gradients (only the rows of the batch are touched).
-                 The ids are mapped to rows 0..n-1 of the field's table once,
-                 before timing (a vocabulary of every id in the pre-generated
-                 batches, like a preprocessed dataset); each id has its own row.
-  local_dense    the same with ``sparse=False`` (dense gradient, dense Adagrad).
-                 The faster of the two is the baseline (``local_samples_s``).
-  ps_sync        one ``RemoteEmbedding`` for all 8 fields against ``embps serve
-                 --shards 2`` (a child process on loopback, the demo's ``LocalPS``):
-                 one adaptive table holding every field (the ids are field-tagged,
-                 so they never collide; its budgets are the demo's per-field plans,
-                 ``demo.plan_tables``, summed), Adagrad on the server, the (B, 8) ids
-                 mapped at once (``DLRM(num_fields=8)``): one pull and one push per
-                 step. Staleness 0: every pull sees every push.
-  ps             the same, pipelined as the demo trains: staleness ``--staleness``
-                 (default 1), pushes on a background thread, the next batch's rows
-                 prefetched while the current batch's backward runs. This is
-                 ``ps_samples_s``, the number the target is about.
-  ps_per_field_sync / ps_per_field
-                 the demo's layout exactly: one adaptive table per field, one
-                 ``RemoteEmbedding`` each (8 pulls and 8 pushes per step), synchronous
-                 and pipelined.
-  local_sparse_all_threads
-                 information, not the baseline: ``local_sparse`` with as many torch
-                 threads as the machine has cores.
+Workload. ``SyntheticCTR`` with Criteo's shape: 26 categorical fields whose
+vocabularies are Criteo Kaggle's (``CRITEO_VOCAB``: 3 .. 10^7 distinct values)
+capped at 10^6 for this machine's memory (``VOCAB_CAP``, like DLRM's
+``--max-ind-range``: a field's vocabulary is ``min(Criteo's, cap)``), Zipf
+exponents ``SyntheticCTR``'s defaults (0.6 .. 1.2, cycled), 13 dense features.
+Model: the demo's DLRM sizes (``embps.client.models``, dim 16, bottom MLP
+13->32->16, top MLP ->64->32->1, the embeddings concatenated to the top MLP's
+input), torch ``Adam`` (lr 2e-3) on the MLPs, Adagrad (lr 0.05) on the rows.
+
+Contenders, per batch size B:
+
+  local       ``torch.nn.Embedding(sparse=True)`` per field + ``torch.optim.Adagrad``
+              on the sparse gradients: the baseline. Each id has its own row (the ids
+              are mapped to rows 0..n-1 once, before timing: a vocabulary of every id
+              in the pre-generated batches, like a preprocessed dataset), and each row
+              starts as the PS gives it on its first pull (``initial_rows``: the PS
+              table's initializer, seeded by key), so both start from the same model.
+  sync        the PS: a dynamic table per field on ``embps serve --shards 2`` (a child
+              process on loopback, the demo's ``LocalPS``), each id its own row, the
+              same initializer and Adagrad on the server; ``ps_embeddings(...,
+              staleness=0)``: every pull sees every push.
+  pipelined   the same with ``staleness`` (default 1): pushes on background threads,
+              the next batch's rows prefetched while the current batch's backward runs.
+
+``ps_embeddings`` builds the PS side of both: today one ``RemoteEmbedding`` per
+table, so a step sends a pull and a push per table to each shard (4 x 26 = 104
+RPCs with 2 shards); a collection over every table (``RemoteEmbeddingCollection``
+through ``FieldColumns``) replaces them there. RPCs per step are counted by the client
+(``PSClient.rpcs_sent``) where it counts them, else from the shards'
+``embps_requests_total`` (every method; no other client calls them during the
+bench): the RPCs sent in the timed rounds over their steps, the rounds' ends
+included (see ``rpc_targets``).
 
 Timing. Each contender first trains ``warm-up`` steps (not timed: numba and torch
-warm-up, the first rows created). Then ``rounds`` rounds; in each, every
-contender trains the next ``steps`` batches in turn (the same batches for all),
-so a busy moment of the shared machine hits all of them alike. A round's time
-runs from the first pull (or prefetch) to the last push acknowledged (``flush``);
-garbage collection is paused in it. A contender's rate is its best round.
-Data generation is outside every timing (batches are made before the first
-round). Torch runs with ``--threads`` threads (default 1, as the demo: on a
-2-core machine the two shard processes need the other core).
+warm-up, the first rows created). Then ``rounds`` rounds; in each, every contender
+trains the next ``steps`` batches in turn (the same batches for all), so a busy
+moment of the shared machine hits all of them alike. A round runs from the first
+pull (or prefetch) to the last push acknowledged (``flush``), with garbage
+collection paused; a contender's rate is its best round. Data generation is
+outside every timing. Torch runs ``--threads`` threads (default 1: on a 2-core
+machine the two shard processes need the other core).
 
-Profile. For the PS contenders the benchmark also records, per timed step: the
-trainer's wall time in forward (including waiting for the rows), in the
-prefetch call, in backward (including handing the gradients to the push thread
-or, synchronous, pushing) and in the optimizer; the trainer process's CPU time
-(all its threads) and each shard's CPU time (``/proc``). After the rounds, it
-times the parts of one step alone on one batch: unique + inverse of every
-field's ids, the pulls and the pushes of every table (wall and trainer CPU), the
-torch forward + backward with the rows already in hand, and a local step.
+Profile. For the PS contenders, per timed step: the trainer's wall time in
+forward (including waiting for the rows), in the prefetch call, in backward
+(including pushing, or handing the gradients to the push threads) and in the
+optimizer; the trainer process's CPU (all its threads) and each shard's CPU
+(``/proc``). After the rounds, the parts of one step alone on one batch
+(``step_parts``): unique + inverse, the pulls and the pushes of every table one
+after another, and where the client has them the multi-table calls (``pull_many``,
+``push_many``, ``push_pull``), torch with the rows in hand, a local step.
 
-Target (issue 4): ``ps_samples_s / local_samples_s >= 0.7``.
+Targets (the issue "One round trip per shard per training step"): RPCs per step ==
+shards (with an allowance for each round's two ends, ``rpc_targets``); pipelined >=
+0.7x local at B = 1024 and >= 0.33x at 128; synchronous >= 0.5x at 1024.
+
+JSON (one flat object): ``fields``, ``batch_sizes``, ``vocab_sizes``; per batch size B
+``local_B_samples_s``, ``sync_B_samples_s``, ``pipelined_B_samples_s``,
+``sync_B_ratio``, ``pipelined_B_ratio`` (vs local in the same run),
+``rpcs_per_step_B`` (the larger of the two modes'); per contender and B
+``<contender>_B_loss_first`` / ``_loss_last`` (its first step's loss; its last
+round's mean), per PS mode ``<mode>_B_rpcs_per_step`` and ``<mode>_B_profile_ms``;
+``parts_B_ms``, ``server_tables_B`` (per mode: keys, rows pulled and pushed, bytes),
+``vocab_rows_B``; ``targets_met``, ``targets_total``, ``rpcs_counted_by``; the
+configuration.
 
 Example::
 
@@ -69,14 +84,16 @@ import os
 import sys
 import tempfile
 import time
+import urllib.request
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from embps.protos.config import TableConfig
+from embps.protos.config import Adagrad, TableConfig
 from embps.server.benchreport import (
     Target,
     fmt_ratio,
@@ -91,17 +108,44 @@ from .data import SyntheticCTR
 from .ps_client import PSClient
 
 NUM_SHARDS = 2
-BATCH = 8192  # the demo's batch size
-FULL = {"warmup": 10, "steps": 25, "rounds": 5}
-QUICK = {"warmup": 4, "steps": 8, "rounds": 3}
-TARGETS: tuple[Target, ...] = (Target("ratio", 0.7),)
-PS_CONTENDERS = ("ps_sync", "ps", "ps_per_field_sync", "ps_per_field")
-LOCAL_CONTENDERS = ("local_sparse", "local_dense")
-INFO_CONTENDER = "local_sparse_all_threads"  # not the baseline: other torch threads
+NUM_DENSE = 13  # Criteo's I1..I13
+# Distinct values of Criteo Kaggle's C1..C26 (TorchRec's / DLRM's counts for that dataset).
+CRITEO_VOCAB = (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+)  # fmt: skip
+VOCAB_CAP = 10**6
+BATCH_SIZES = (128, 1024, 8192)
+QUICK_BATCH_SIZES = (128, 1024)
+FULL = {"warmup": 5, "steps": 20, "rounds": 4}
+QUICK = {"warmup": 2, "steps": 5, "rounds": 2}
+MODES = ("sync", "pipelined")  # the PS contenders; "local" is the baseline
+TARGETS: tuple[Target, ...] = (
+    Target("pipelined_1024_ratio", 0.7),
+    Target("pipelined_128_ratio", 0.33),
+    Target("sync_1024_ratio", 0.5),
+)
+RPC_COUNTER = "rpcs_sent"  # PSClient's count of the RPCs it sent, where it has one
+
+
+def vocab_sizes(cap: int = VOCAB_CAP) -> tuple[int, ...]:
+    """Each field's vocabulary: Criteo's, capped at ``cap``."""
+    return tuple(min(v, cap) for v in CRITEO_VOCAB)
+
+
+def rpc_targets(batch_sizes: tuple[int, ...], steps: int) -> tuple[Target, ...]:
+    """One RPC per shard per step, for every batch size run: ``rpcs_per_step_B <= shards
+    * (1 + 2 / steps)``. The allowance is the round's two ends, where a fused call has
+    nothing to fuse with: its first pull has no push to carry, and its last pushes go
+    alone (a pipelined step with no next batch to prefetch, the closing flush); in
+    training that goes on, they would ride on pulls. Up to two RPCs per shard per round
+    of ``steps`` steps; rounding slack 1e-9."""
+    bound = NUM_SHARDS * (1 + 2 / steps) + 1e-9
+    return tuple(Target(f"rpcs_per_step_{b}", bound, at_most=True) for b in batch_sizes)
 
 
 # --------------------------------------------------------------------------
-# Workload
+# Workload and tables
 # --------------------------------------------------------------------------
 
 
@@ -109,20 +153,25 @@ INFO_CONTENDER = "local_sparse_all_threads"  # not the baseline: other torch thr
 class Workload:
     """Pre-generated batches (every contender trains on these, in this order).
 
-    sparse: int64 (N, B, F) field-tagged ids; local_ids: int64 (N, B, F) the same
-    ids as rows of the local tables; dense: float32 (N, B, D); labels: float32 (N, B);
-    vocab: rows of each field's local table (distinct ids over all N batches).
+    sparse: int64 (N, B, F) field-tagged ids; local_ids: int64 (N, B, F) the same ids
+    as rows of the local tables; dense: float32 (N, B, D); labels: float32 (N, B);
+    keys: per field, int64 (vocab_f,) the ids of the local table's rows, ascending.
     """
 
     sparse: np.ndarray
     local_ids: np.ndarray
     dense: np.ndarray
     labels: np.ndarray
-    vocab: list[int]
+    keys: list[np.ndarray]
 
     @property
     def num_batches(self) -> int:
         return int(self.sparse.shape[0])
+
+    @property
+    def vocab(self) -> list[int]:
+        """Rows of each field's local table (distinct ids over all batches)."""
+        return [int(k.shape[0]) for k in self.keys]
 
 
 def make_workload(data: SyntheticCTR, batch_size: int, num_batches: int) -> Workload:
@@ -131,34 +180,84 @@ def make_workload(data: SyntheticCTR, batch_size: int, num_batches: int) -> Work
     f, d = data.num_fields, data.num_dense
     sparse = block.sparse.reshape(num_batches, batch_size, f)
     local = np.empty_like(sparse)
-    vocab = []
+    keys = []
     for j in range(f):
         uniq, inverse = np.unique(sparse[:, :, j], return_inverse=True)
         local[:, :, j] = inverse.reshape(num_batches, batch_size)
-        vocab.append(int(uniq.shape[0]))
+        keys.append(uniq)
     return Workload(
         np.ascontiguousarray(sparse),
         local,
         np.ascontiguousarray(block.dense.reshape(num_batches, batch_size, d)),
         np.ascontiguousarray(block.labels.reshape(num_batches, batch_size)),
-        vocab,
+        keys,
     )
 
 
-def shared_table(plans: list[demo.FieldPlan], name: str) -> TableConfig:
-    """One adaptive table for every field: the per-field plans' budgets summed.
+def field_tables(cfg: demo.DemoConfig, work: Workload, prefix: str) -> list[TableConfig]:
+    """A dynamic table per field, each id its own row, as the local model has.
 
-    Static rows: the sum of the fields' ``hash_bucket_size`` (a multiple of 64);
-    sketch: the next power of two of the summed widths. Threshold, optimizer,
-    seed and dim as the per-field tables.
+    dim ``cfg.dim``, ``Adagrad(lr=cfg.emb_lr)``, the default initializer (uniform
+    -0.05..0.05), seed ``cfg.seed``; ``initial_capacity``: the field's distinct ids
+    on one shard with some margin, so no table grows during the timed rounds (the
+    local tables are allocated up front too).
     """
-    first = plans[0].config
-    width = sum(p.config.sketch_width for p in plans)
-    return replace(
-        first,
-        name=name,
-        hash_bucket_size=sum(p.config.hash_bucket_size for p in plans),
-        sketch_width=1 << (width - 1).bit_length(),
+    return [
+        TableConfig(
+            f"{prefix}_field_{f}",
+            cfg.dim,
+            kind="dynamic",
+            optimizer=Adagrad(lr=cfg.emb_lr),
+            seed=cfg.seed,
+            initial_capacity=int(1.25 * v / NUM_SHARDS) + 64,
+        )
+        for f, v in enumerate(work.vocab)
+    ]
+
+
+def initial_rows(config: TableConfig, keys: np.ndarray) -> np.ndarray:
+    """The rows a dynamic table of ``config`` gives ``keys`` on their first pull.
+
+    keys: int64 (n,) -> float32 (n, dim). The server's own initializer kernel, seeded
+    by (table seed, key): a local model built from these starts exactly where the PS
+    starts (``test_bench_train`` checks it against real pulls).
+    """
+    from embps.server.optimizers import INIT_CODES, init_rows
+
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    out = np.empty((keys.shape[0], config.dim), dtype=np.float32)
+    ini = config.initializer
+    rows = np.arange(keys.shape[0], dtype=np.int64)
+    init_rows(out, rows, keys, INIT_CODES[ini.kind], ini.a, ini.b, config.seed)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Counting RPCs
+# --------------------------------------------------------------------------
+
+
+def rpc_counter(ps: PSClient, shards: list[demo.ShardInfo]) -> tuple[str, Callable[[], float]]:
+    """(source, a function returning the RPCs sent so far).
+
+    ``PSClient.rpcs_sent`` where the client counts them ("client"); else the shards'
+    ``embps_requests_total`` summed over every method and table ("shards": only this
+    client calls them while the bench runs).
+    """
+    if getattr(ps, RPC_COUNTER, None) is not None:
+        return "client", lambda: float(getattr(ps, RPC_COUNTER))
+    urls = [f"http://127.0.0.1:{s.metrics_port}/metrics" for s in shards]
+    return "shards", lambda: sum(_requests_total(u) for u in urls)
+
+
+def _requests_total(url: str) -> float:
+    """The sum of every ``embps_requests_total`` sample a shard's metrics page shows."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("embps_requests_total{")
     )
 
 
@@ -170,7 +269,8 @@ def shared_table(plans: list[demo.FieldPlan], name: str) -> TableConfig:
 @dataclass
 class StepProfile:
     """Wall seconds of the trainer's main thread per part of a step, summed over steps,
-    and the CPU seconds of the trainer process and of each shard over the same steps."""
+    the CPU seconds of the trainer process and of each shard, and the RPCs sent, over
+    the same steps."""
 
     steps: int = 0
     forward: float = 0.0
@@ -180,6 +280,7 @@ class StepProfile:
     wall: float = 0.0
     trainer_cpu: float = 0.0
     shard_cpu: list[float] = field(default_factory=list)
+    rpcs: float = 0.0
 
     def per_step_ms(self) -> dict[str, Any]:
         n = max(self.steps, 1)
@@ -192,7 +293,11 @@ class StepProfile:
 
 
 class Contender:
-    """One model + optimizers training on the workload, a segment of batches at a time."""
+    """One model + optimizers training on the workload, a segment of batches at a time.
+
+    rpcs: the RPC counter (``rpc_counter``) for a PS contender, read around each timed
+    segment (outside its timing); None for a local one.
+    """
 
     def __init__(
         self,
@@ -201,40 +306,43 @@ class Contender:
         optimizers: list[Any],
         ids: np.ndarray,
         work: Workload,
-        pipelined: bool,
+        prefetch: bool,
         shard_pids: list[int] | None = None,
-        threads: int = 0,
+        rpcs: Callable[[], float] | None = None,
     ) -> None:
         import torch
 
         self.name = name
-        self.threads = threads  # torch threads while it trains (0: the run's setting)
         self.model = model
         self.optimizers = optimizers
         self.ids = ids
         self.work = work
-        self.pipelined = pipelined
+        self.prefetch = prefetch  # hand the model the next batch's ids before each backward
         self.shard_pids = shard_pids or []
+        self.rpcs = rpcs
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
-        self.losses: list[float] = []
+        self.loss_first: float | None = None  # its very first step's loss
+        self.round_losses: list[list[float]] = []  # per timed round, each step's loss
         self.seconds: list[float] = []  # per timed round
         self.profile = StepProfile(shard_cpu=[0.0] * len(self.shard_pids))
 
     def train(self, lo: int, hi: int, timed: bool) -> float:
-        """Train on batches [lo, hi); wall seconds from the first pull to the last push."""
+        """Train on batches [lo, hi); wall seconds from the first pull to the last push.
+
+        timed: a round (its time, losses and profile are recorded); else warm-up or
+        a part timed alone, whose losses count nowhere (but the first step's).
+        """
         import torch
 
         losses = []
         parts = np.zeros(4)
-        threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        rpcs0 = self.rpcs() if timed and self.rpcs is not None else 0.0
         gc.collect()
         gc.disable()
         try:
             cpu0, shards0 = _process_cpu(), [_pid_cpu(p) for p in self.shard_pids]
             t0 = time.perf_counter()
-            if self.pipelined:
+            if self.prefetch:
                 self.model.prefetch(self.ids[lo])
             for i in range(lo, hi):
                 a = time.perf_counter()
@@ -242,7 +350,7 @@ class Contender:
                     torch.from_numpy(self.ids[i]), torch.from_numpy(self.work.dense[i])
                 )
                 b = time.perf_counter()
-                if self.pipelined and i + 1 < hi:
+                if self.prefetch and i + 1 < hi:
                     self.model.prefetch(self.ids[i + 1])  # overlaps this step's backward
                 c = time.perf_counter()
                 loss = self.loss_fn(logits, torch.from_numpy(self.work.labels[i]))
@@ -261,9 +369,10 @@ class Contender:
             cpu1, shards1 = _process_cpu(), [_pid_cpu(p) for p in self.shard_pids]
         finally:
             gc.enable()
-            torch.set_num_threads(threads)
-        self.losses += [float(x) for x in losses]
+        if self.loss_first is None and losses:
+            self.loss_first = float(losses[0])
         if timed:
+            self.round_losses.append([float(x) for x in losses])
             self.seconds.append(seconds)
             p = self.profile
             p.steps += hi - lo
@@ -274,12 +383,36 @@ class Contender:
             p.wall += seconds
             p.trainer_cpu += cpu1 - cpu0
             p.shard_cpu = [s + y - x for s, x, y in zip(p.shard_cpu, shards0, shards1, strict=True)]
+            if self.rpcs is not None:
+                p.rpcs += self.rpcs() - rpcs0
         return seconds
 
     def close(self) -> None:
         close = getattr(self.model, "close", None)
         if close is not None:
             close()
+
+
+def summarize(c: Contender, batch_size: int) -> dict[str, Any]:
+    """A contender's results, after its timed rounds.
+
+    samples_s: its best round; loss_first: its first step's (warm-up) loss; loss_last:
+    the mean loss of its last timed round (untimed calls after it, such as
+    ``step_parts``' local step, do not count); for a PS contender also profile_ms
+    (``StepProfile.per_step_ms``) and rpcs_per_step (over every timed step).
+    """
+    if not c.seconds:
+        raise ValueError(f"contender {c.name!r} has no timed round")
+    steps = len(c.round_losses[-1])
+    out: dict[str, Any] = {
+        "samples_s": steps * batch_size / min(c.seconds),
+        "loss_first": c.loss_first,
+        "loss_last": float(np.mean(c.round_losses[-1])),
+    }
+    if c.rpcs is not None:
+        out["rpcs_per_step"] = c.profile.rpcs / c.profile.steps
+        out["profile_ms"] = c.profile.per_step_ms()
+    return out
 
 
 def _process_cpu() -> float:
@@ -304,7 +437,7 @@ def _model_text(cfg: demo.DemoConfig, num_fields: int, num_dense: int) -> str:
 
 
 def _dlrm(cfg: demo.DemoConfig, embeddings: list[Any], num_dense: int, num_fields: int) -> Any:
-    """The demo's model (same sizes, same seed) around ``embeddings``."""
+    """The demo's model sizes around ``embeddings``; the MLPs seeded alike in every contender."""
     import torch
 
     from .models import DLRM
@@ -316,18 +449,48 @@ def _dlrm(cfg: demo.DemoConfig, embeddings: list[Any], num_dense: int, num_field
     )  # fmt: skip
 
 
-def local_contender(
-    name: str, cfg: demo.DemoConfig, work: Workload, sparse: bool, threads: int = 0
-) -> Contender:
-    """DLRM on ``nn.Embedding`` tables in this process, Adagrad on the rows, Adam on the MLPs."""
+def local_contender(cfg: demo.DemoConfig, work: Workload, tables: list[TableConfig]) -> Contender:
+    """The baseline: DLRM on ``nn.Embedding(sparse=True)`` tables in this process.
+
+    Field f's table holds the rows of ``work.keys[f]``, each starting as ``tables[f]``
+    initializes it on the PS; ``torch.optim.Adagrad`` with the tables' Adagrad
+    settings on the rows, Adam on the MLPs.
+    """
     import torch
 
-    embs = [torch.nn.Embedding(n, cfg.dim, sparse=sparse) for n in work.vocab]
+    opt = tables[0].optimizer
+    if not isinstance(opt, Adagrad) or any(t.optimizer != opt for t in tables):
+        raise ValueError(f"the local baseline needs one Adagrad for every table, got {opt}")
+    embs = [
+        torch.nn.Embedding.from_pretrained(
+            torch.from_numpy(initial_rows(t, keys)), freeze=False, sparse=True
+        )
+        for t, keys in zip(tables, work.keys, strict=True)
+    ]
     model = _dlrm(cfg, embs, work.dense.shape[2], len(embs))
     dense = [p for n, p in model.named_parameters() if not n.startswith("embeddings.")]
-    rows = [e.weight for e in embs]
-    opts = [torch.optim.Adam(dense, lr=cfg.dense_lr), torch.optim.Adagrad(rows, lr=cfg.emb_lr)]
-    return Contender(name, model, opts, work.local_ids, work, pipelined=False, threads=threads)
+    rows = torch.optim.Adagrad(
+        [e.weight for e in embs], lr=opt.lr, eps=opt.eps,
+        initial_accumulator_value=opt.initial_accumulator_value,
+    )  # fmt: skip
+    opts = [torch.optim.Adam(dense, lr=cfg.dense_lr), rows]
+    return Contender("local", model, opts, work.local_ids, work, prefetch=False)
+
+
+def ps_embeddings(ps: PSClient, tables: list[str], staleness: int) -> tuple[list[Any], bool]:
+    """The PS side of a contender: (the embedding modules its DLRM gets, prefetch).
+
+    Field f's rows live in ``tables[f]``. prefetch: whether the training loop hands the
+    modules the next batch's ids (``DLRM.prefetch``) before each backward. Today one
+    ``RemoteEmbedding`` per table, prefetching where ``staleness >= 1``: a pull and a
+    push per table to each shard per step. Return one module instead to have DLRM share
+    it across the fields: it then maps int64 (B, F) -> (B, F, dim), and has
+    ``prefetch(ids (B, F))`` where prefetch is True, ``flush()`` and ``close()``:
+    ``torch.FieldColumns`` over a ``RemoteEmbeddingCollection`` of the tables.
+    """
+    from .torch import RemoteEmbedding
+
+    return [RemoteEmbedding(ps, t, staleness=staleness) for t in tables], staleness >= 1
 
 
 def ps_contender(
@@ -338,16 +501,16 @@ def ps_contender(
     tables: list[str],
     staleness: int,
     shard_pids: list[int],
+    rpcs: Callable[[], float],
 ) -> Contender:
-    """DLRM on ``RemoteEmbedding`` (one per table; one table = every field), as the demo wires it."""
+    """DLRM on ``ps_embeddings(ps, tables, staleness)``, Adam on the MLPs (Adagrad runs on
+    the server)."""
     import torch
 
-    from .torch import RemoteEmbedding
-
-    embs = [RemoteEmbedding(ps, t, staleness=staleness) for t in tables]
+    embs, prefetch = ps_embeddings(ps, tables, staleness)
     model = _dlrm(cfg, embs, work.dense.shape[2], work.sparse.shape[2])
     opts = [torch.optim.Adam(model.parameters(), lr=cfg.dense_lr)]
-    return Contender(name, model, opts, work.sparse, work, staleness > 0, shard_pids)
+    return Contender(name, model, opts, work.sparse, work, prefetch, shard_pids, rpcs)
 
 
 # --------------------------------------------------------------------------
@@ -366,21 +529,20 @@ def _timed(fn: Callable[[], object], reps: int) -> tuple[float, float]:
     return best, (_process_cpu() - cpu0) / reps
 
 
-def r_local(contenders: dict[str, Contender]) -> str:
-    """The local contender with the best round so far (the baseline's setup)."""
-    return min(LOCAL_CONTENDERS, key=lambda n: min(contenders[n].seconds))
-
-
 def step_parts(
-    cfg: demo.DemoConfig, work: Workload, ps: PSClient, tables: list[str], local: Contender
-) -> dict[str, float]:
-    """Milliseconds of each part of one PS step alone, on one batch.
+    cfg: demo.DemoConfig, work: Workload, ps: PSClient, tables: list[str], local: Contender,
+    reps: int = 5,
+) -> dict[str, float]:  # fmt: skip
+    """Milliseconds of each part of one PS step alone, on the last batch (best of ``reps``).
 
-    tables: one per field, or one for every field. Keys: unique_ms (unique + inverse
-    of the ids of every table), pull_ms / pull_cpu_ms (every table's pull, one after
-    another, train=True; wall and this process's CPU), push_ms / push_cpu_ms, torch_ms
-    (forward + backward + Adam with the rows in hand: what the trainer computes
-    whatever holds the rows), local_step_ms (one step of the local contender).
+    tables: one per field. Keys: unique_ms (unique + inverse of every field's ids),
+    pull_ms / pull_cpu_ms (every table's pull, one after another, train=True; wall and
+    this process's CPU), push_ms / push_cpu_ms, torch_ms (forward + backward + Adam with
+    the rows in hand: what the trainer computes whatever holds the rows), local_step_ms
+    (one step of the local contender; untimed, so its losses count nowhere). Where the
+    client has the multi-table calls, also pull_many_ms / pull_many_cpu_ms,
+    push_many_ms / push_many_cpu_ms and push_pull_ms / push_pull_cpu_ms: the same rows
+    of every table in one call (one RPC per shard).
     """
     import torch
     import torch.nn.functional as F
@@ -389,11 +551,7 @@ def step_parts(
 
     i = work.num_batches - 1
     batch, fields = work.sparse.shape[1], work.sparse.shape[2]
-    if len(tables) == 1:
-        cols = [work.sparse[i].reshape(-1)]
-    else:
-        cols = [np.ascontiguousarray(work.sparse[i, :, f]) for f in range(fields)]
-    reps = 5
+    cols = [np.ascontiguousarray(work.sparse[i, :, f]) for f in range(fields)]
     out: dict[str, float] = {}
     t, _ = _timed(lambda: [unique_inverse(c) for c in cols], reps)
     out["unique_ms"] = 1e3 * t
@@ -411,6 +569,20 @@ def step_parts(
 
     t, c = _timed(push, reps)
     out["push_ms"], out["push_cpu_ms"] = 1e3 * t, 1e3 * c
+    pull_many = getattr(ps, "pull_many", None)
+    push_many = getattr(ps, "push_many", None)
+    push_pull = getattr(ps, "push_pull", None)
+    if pull_many is not None and push_many is not None and push_pull is not None:
+        keys = dict(pairs)
+        both = {n: (u, g) for (n, u), g in zip(pairs, grads, strict=True)}
+        calls: dict[str, Callable[[], object]] = {
+            "pull_many": lambda: pull_many(keys, train=True),
+            "push_many": lambda: push_many(both, step=next(step)),
+            "push_pull": lambda: push_pull(push=both, pull=keys, step=next(step)),
+        }
+        for what, fn in calls.items():
+            t, c = _timed(fn, reps)
+            out[f"{what}_ms"], out[f"{what}_cpu_ms"] = 1e3 * t, 1e3 * c
 
     class InHand(torch.nn.Module):
         """The rows of one field already pulled: F.embedding(inverse, U), U a leaf."""
@@ -418,8 +590,7 @@ def step_parts(
         def __init__(self, u: int, inverse: np.ndarray) -> None:
             super().__init__()
             self.u = u
-            shape = (batch,) if inverse.shape[0] == batch else (batch, -1)  # (B,) or (B, F)
-            self.inverse = torch.from_numpy(inverse.reshape(shape))
+            self.inverse = torch.from_numpy(inverse.reshape(batch))
 
         def forward(self, ids: Any) -> Any:
             rows = torch.zeros(self.u, cfg.dim, requires_grad=True)
@@ -446,190 +617,227 @@ def step_parts(
 # --------------------------------------------------------------------------
 
 
+_T0 = time.perf_counter()
+
+
 def _progress(what: str) -> None:
-    print(f"  .. {what}", file=sys.stderr, flush=True)
+    print(f"  .. {time.perf_counter() - _T0:5.1f} s  {what}", file=sys.stderr, flush=True)
 
 
 def measure(
-    quick: bool, warmup: int, steps: int, rounds: int, batch_size: int, staleness: int,
-    threads: int, seed: int,
+    quick: bool, batch_sizes: tuple[int, ...], warmup: int, steps: int, rounds: int,
+    staleness: int, threads: int, seed: int, vocab_cap: int = VOCAB_CAP,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train every contender, interleaved; the flat results object (rates, ratios, profile)."""
+    """Train every contender at every batch size, interleaved; the flat results object."""
     import torch
 
+    # torch's sparse Adagrad says once that it skips sparse invariant checks: not ours
+    warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
     total = warmup + steps * rounds
     args = argparse.Namespace(
-        quick=True, steps=total, batch_size=batch_size, staleness=staleness, seed=seed
+        quick=True, steps=total, batch_size=batch_sizes[0], staleness=staleness, seed=seed
     )
     cfg = demo.config_for(args)
-    data = SyntheticCTR(seed=seed)
-    _progress(f"data: {total} batches of {batch_size} (generated before timing)")
-    work = make_workload(data, batch_size, total)
-    plans = demo.plan_tables(data, cfg, NUM_SHARDS)
+    vocab = vocab_sizes(vocab_cap)
+    data = SyntheticCTR(num_fields=len(vocab), vocab_sizes=vocab, num_dense=NUM_DENSE, seed=seed)
     r: dict[str, Any] = {
-        "quick": quick, "batch_size": batch_size, "warmup_steps": warmup, "steps": steps,
-        "rounds": rounds, "staleness": staleness, "torch_threads": threads, "seed": seed,
-        "fields": data.num_fields, "dim": cfg.dim, "shards": NUM_SHARDS,
+        "quick": quick, "batch_sizes": list(batch_sizes), "warmup_steps": warmup,
+        "steps": steps, "rounds": rounds, "staleness": staleness, "torch_threads": threads,
+        "seed": seed, "fields": data.num_fields, "vocab_sizes": list(vocab),
+        "dim": cfg.dim, "shards": NUM_SHARDS,
         "model": _model_text(cfg, data.num_fields, data.num_dense),
     }  # fmt: skip
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    contenders: list[Contender] = []
     try:
         with contextlib.ExitStack() as stack:
             logdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="embps-bench-")))
             local_ps = stack.enter_context(demo.LocalPS(NUM_SHARDS, logdir / "serve.log"))
-            _progress("start embps serve --shards 2")
+            _progress(f"start embps serve --shards {NUM_SHARDS}")
             local_ps.start()
-            pids = [s.pid for s in local_ps.shards]
             ps = stack.enter_context(PSClient(local_ps.addresses, timeout=60.0))
             ps.wait_ready(timeout=30.0)
-            tables: dict[str, list[str]] = {}
-            for name in PS_CONTENDERS:
-                if name.startswith("ps_per_field"):
-                    cfgs = [replace(p.config, name=f"{name}_{p.table}") for p in plans]
-                else:
-                    cfgs = [shared_table(plans, f"{name}_all_fields")]
-                for c in cfgs:
-                    ps.create_table(c)
-                tables[name] = [c.name for c in cfgs]
-            for name in LOCAL_CONTENDERS:
-                contenders.append(local_contender(name, cfg, work, sparse=name == "local_sparse"))
-            all_threads = os.cpu_count() or 1
-            if all_threads != threads:  # information: what local training gets by default
-                contenders.append(
-                    local_contender(INFO_CONTENDER, cfg, work, sparse=True, threads=all_threads)
+            r["rpcs_counted_by"], rpcs = rpc_counter(ps, local_ps.shards)
+            for b in batch_sizes:
+                _progress(f"batch {b}: {total} batches (generated before timing)")
+                work = make_workload(data, b, total)
+                r.update(
+                    _measure_batch(cfg, work, ps, local_ps, rpcs, b, warmup, steps, rounds, quick)
                 )
-                r["info_threads"] = all_threads
-            for name in PS_CONTENDERS:
-                st = 0 if name.endswith("_sync") else staleness
-                contenders.append(ps_contender(name, cfg, work, ps, tables[name], st, pids))
-            _progress(f"warm-up: {warmup} steps of each of {len(contenders)} contenders")
-            for c in contenders:
-                c.train(0, warmup, timed=False)
-            for k in range(rounds):
-                _progress(f"round {k + 1}/{rounds}: {steps} steps of each contender")
-                lo = warmup + k * steps
-                for c in contenders:
-                    c.train(lo, lo + steps, timed=True)
-            for c in contenders:
-                c.close()
-            by_name = {c.name: c for c in contenders}
-            _progress("parts of one step, alone")
-            local = by_name[r_local(by_name)]
-            r["parts_ms"] = step_parts(cfg, work, ps, tables["ps"], local)
-            r["parts_per_field_ms"] = step_parts(cfg, work, ps, tables["ps_per_field"], local)
-            memory = demo.table_memory(ps)
-            r["server_tables"] = {
-                name: {
-                    k: sum(memory[t][k] for t in tabs)
-                    for k in ("keys", "static_rows", "pulled_rows", "pushed_rows", "bytes")
-                }
-                for name, tabs in tables.items()
-            }
+                del work
     finally:
         torch.set_num_threads(old_threads)
-        for c in contenders:
-            with contextlib.suppress(Exception):
-                c.close()
-    for c in contenders:
-        r[f"{c.name}_samples_s"] = steps * batch_size / min(c.seconds)
-        r[f"{c.name}_loss_first"] = c.losses[0]
-        r[f"{c.name}_loss_last"] = float(np.mean(c.losses[-steps:]))
-        if c.shard_pids:
-            r[f"{c.name}_profile_ms"] = c.profile.per_step_ms()
     add_ratios(r)
     return r
 
 
+def _measure_batch(
+    cfg: demo.DemoConfig, work: Workload, ps: PSClient, local_ps: demo.LocalPS,
+    rpcs: Callable[[], float], b: int, warmup: int, steps: int, rounds: int, quick: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The three contenders at batch size ``b``: keys ``<contender>_<b>_...``, parts and
+    server tables. Creates the PS tables and drops them at the end."""
+    r: dict[str, Any] = {f"vocab_rows_{b}": int(sum(work.vocab))}
+    pids = [s.pid for s in local_ps.shards]
+    tables = {mode: field_tables(cfg, work, f"b{b}_{mode}") for mode in MODES}
+    contenders: list[Contender] = []
+    try:
+        for configs in tables.values():
+            for t in configs:
+                ps.create_table(t)
+        contenders.append(local_contender(cfg, work, tables["sync"]))
+        for mode in MODES:
+            st = 0 if mode == "sync" else cfg.staleness
+            names = [t.name for t in tables[mode]]
+            contenders.append(ps_contender(mode, cfg, work, ps, names, st, pids, rpcs))
+        _progress(f"batch {b}: warm-up, {warmup} steps of each contender")
+        for c in contenders:
+            c.train(0, warmup, timed=False)
+        for k in range(rounds):
+            _progress(f"batch {b}: round {k + 1}/{rounds}, {steps} steps of each contender")
+            lo = warmup + k * steps
+            for c in contenders:
+                c.train(lo, lo + steps, timed=True)
+        for c in contenders:
+            c.close()
+        for c in contenders:
+            r.update({f"{c.name}_{b}_{k}": v for k, v in summarize(c, b).items()})
+        _progress(f"batch {b}: parts of one step, alone")
+        r[f"parts_{b}_ms"] = step_parts(
+            cfg, work, ps, [t.name for t in tables["sync"]], contenders[0], 3 if quick else 5
+        )
+        memory = demo.table_memory(ps)
+        r[f"server_tables_{b}"] = {
+            mode: {
+                k: sum(memory[t.name][k] for t in configs)
+                for k in ("keys", "pulled_rows", "pushed_rows", "bytes")
+            }
+            for mode, configs in tables.items()
+        }
+    finally:
+        for c in contenders:
+            with contextlib.suppress(Exception):
+                c.close()
+        for configs in tables.values():
+            for t in configs:
+                with contextlib.suppress(Exception):
+                    ps.drop_table(t.name)
+    return r
+
+
 def add_ratios(r: dict[str, Any]) -> None:
-    """The baseline (the faster local setup), every PS contender / baseline, targets met."""
-    best = max(LOCAL_CONTENDERS, key=lambda n: r[f"{n}_samples_s"])
-    r["local_setup"] = best
-    r["local_samples_s"] = r[f"{best}_samples_s"]
-    for name in PS_CONTENDERS:
-        r[f"{name}_vs_local"] = r[f"{name}_samples_s"] / r["local_samples_s"]
-    r["ratio"] = r["ps_samples_s"] / r["local_samples_s"]
-    if f"{INFO_CONTENDER}_samples_s" in r:  # no target: the PS trainer keeps 1 core free
-        r["ps_vs_local_all_threads"] = r["ps_samples_s"] / r[f"{INFO_CONTENDER}_samples_s"]
-    r["targets_met"] = sum(t.met(r[t.ratio]) for t in TARGETS)
-    r["targets_total"] = len(TARGETS)
+    """Per batch size: rpcs_per_step_B (the larger of the two PS modes'), each PS mode's
+    rate / local's (``<mode>_B_ratio``); the targets met among those that ran."""
+    for b in r["batch_sizes"]:
+        r[f"rpcs_per_step_{b}"] = max(r[f"{m}_{b}_rpcs_per_step"] for m in MODES)
+        for m in MODES:
+            r[f"{m}_{b}_ratio"] = r[f"{m}_{b}_samples_s"] / r[f"local_{b}_samples_s"]
+    ran = [t for t in (*TARGETS, *rpc_targets(tuple(r["batch_sizes"]), r["steps"])) if t.ratio in r]
+    r["targets_met"] = sum(t.met(r[t.ratio]) for t in ran)
+    r["targets_total"] = len(ran)
 
 
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
 
-_LABELS = {
-    "local_sparse": "local: nn.Embedding(sparse=True) + Adagrad",
-    "local_dense": "local: nn.Embedding (dense grads) + Adagrad",
-    INFO_CONTENDER: "  (information) local sparse, {threads} torch threads",
-    "ps_sync": "PS, one table for all fields, synchronous",
-    "ps": "PS, one table for all fields, pipelined",
-    "ps_per_field_sync": "PS, a table per field (the demo's), synchronous",
-    "ps_per_field": "PS, a table per field (the demo's), pipelined",
-}
+
+def _target(key: str) -> Target | None:
+    return next((t for t in TARGETS if t.ratio == key), None)
 
 
 def report(r: dict[str, Any]) -> str:
-    """The readable report: every contender beside the baseline, the target, the profile."""
-    s = r["staleness"]
-    head = ("contender", "samples/s", "vs local", "target", "met")
+    """The readable report: per batch size, each contender beside the baseline, the
+    targets, RPCs per step; then the profile and the parts of a step."""
+    s, shards = r["staleness"], r["shards"]
+    rpc_bound = rpc_targets((0,), r["steps"])[0]
+    labels = {
+        "local": "local: nn.Embedding(sparse=True) + Adagrad",
+        "sync": "PS synchronous (staleness 0)",
+        "pipelined": f"PS pipelined (staleness {s} + prefetch)",
+    }
+    head = ("batch", "contender", "samples/s", "vs local", "target", "met",
+            "RPCs/step", "target", "met")  # fmt: skip
     rows: list[tuple[str, ...]] = []
-    info = (INFO_CONTENDER,) if f"{INFO_CONTENDER}_samples_s" in r else ()
-    for name in (*LOCAL_CONTENDERS, *info, *PS_CONTENDERS):
-        label = _LABELS[name].format(threads=r.get("info_threads"))
-        if name.startswith("ps") and not name.endswith("_sync"):
-            label += f" (staleness {s} + prefetch)"
-        vs = r[f"{name}_samples_s"] / r["local_samples_s"]
-        mark = " (baseline)" if name == r["local_setup"] else ""
-        t = TARGETS[0] if name == "ps" else None
-        rows.append(
-            (
-                label + mark,
-                f"{r[f'{name}_samples_s'] / 1e3:.1f}k",
-                fmt_ratio(vs),
-                *target_cells(t, vs),
-            )
-        )
+    for b in r["batch_sizes"]:
+        for name in ("local", *MODES):
+            rate = r[f"{name}_{b}_samples_s"]
+            if name == "local":
+                cells: tuple[str, ...] = ("1.00x (baseline)", "", "", "", "", "")
+            else:
+                ratio = r[f"{name}_{b}_ratio"]
+                n_rpcs = r[f"{name}_{b}_rpcs_per_step"]
+                rpc_ok = "yes" if rpc_bound.met(n_rpcs) else "NO"
+                cells = (
+                    fmt_ratio(ratio),
+                    *target_cells(_target(f"{name}_{b}_ratio"), ratio),
+                    f"{n_rpcs:.1f}", f"== {shards}", rpc_ok,
+                )  # fmt: skip
+            rows.append((f"{b:,}" if name == "local" else "", labels[name], _rate(rate), *cells))
     title = (
-        f"embps bench train{' --quick' if r['quick'] else ''}: {r['model']}; batch "
-        f"{r['batch_size']:,}; Adam (MLPs) + Adagrad (embeddings); a 2-shard PS on loopback; "
-        f"torch threads {r['torch_threads']}; {r['warmup_steps']} warm-up steps, then "
-        f"{r['rounds']} interleaved rounds of {r['steps']} steps per contender, best round"
+        f"embps bench train{' --quick' if r['quick'] else ''}: {r['model']}; a table per "
+        f"field (vocabularies {min(r['vocab_sizes']):,}..{max(r['vocab_sizes']):,}: "
+        f"Criteo's capped); Adam (MLPs) + Adagrad (embeddings); a {shards}-shard PS on "
+        f"loopback; torch threads {r['torch_threads']}; per batch size {r['warmup_steps']} "
+        f"warm-up steps, then {r['rounds']} interleaved rounds of {r['steps']} steps per "
+        f"contender, best round; RPCs counted by the {r['rpcs_counted_by']}"
     )
     lines = [title, machine_line(f", torch {demo._torch_version()}"), ""]
-    lines += table(head, rows, right={1, 2})
-    lines += ["", f"targets met: {r['targets_met']} of {r['targets_total']}"]
-    if "ps_vs_local_all_threads" in r:
-        lines.append(
-            f"PS pipelined vs local sparse with {r['info_threads']} torch threads: "
-            f"{fmt_ratio(r['ps_vs_local_all_threads'])} (no target: the PS trainer runs "
-            f"{r['torch_threads']} thread beside the shards, which need the other cores here)"
-        )
-    lines.append("")
-    prof_head = ("ms per step", *(n for n in PS_CONTENDERS))
+    lines += table(head, rows, right={2, 3, 6})
+    lines += [
+        f"RPCs/step: RPCs sent in the timed rounds / their steps. A round's first pull has "
+        f"no push to carry and its last pushes go alone (no next batch, the closing flush), "
+        f"so the target allows two RPCs per shard per round more: <= {rpc_bound.bound:.2f}.",
+        "",
+        f"targets met: {r['targets_met']} of {r['targets_total']}",
+        "",
+    ]
+    cols = [(m, b) for b in r["batch_sizes"] for m in MODES]
+    prof_head = ("ms per step", *(f"{m} {b}" for m, b in cols))
     keys = ("wall", "forward", "prefetch", "backward", "optimizer", "trainer_cpu")
-    prof = [(k, *(f"{r[f'{n}_profile_ms'][k]:.1f}" for n in PS_CONTENDERS)) for k in keys]
-    shards = [r[f"{n}_profile_ms"]["shard_cpu"] for n in PS_CONTENDERS]
-    prof.append(("shard_cpu (each)", *("/".join(f"{x:.1f}" for x in sc) for sc in shards)))
+    prof = [(k, *(f"{r[f'{m}_{b}_profile_ms'][k]:.1f}" for m, b in cols)) for k in keys]
+    prof.append(
+        (
+            "shard_cpu (each)",
+            *("/".join(f"{x:.1f}" for x in r[f"{m}_{b}_profile_ms"]["shard_cpu"]) for m, b in cols),
+        )
+    )
     lines += ["profile of the timed steps (mean; forward includes waiting for rows, "
               "backward includes pushing or queueing the push):"]  # fmt: skip
     lines += table(prof_head, prof, right=set(range(1, len(prof_head))))
-    one, per = r["parts_ms"], r["parts_per_field_ms"]
     parts = [
-        (what, *(f"{p[k]:.1f}" + (f" ({p[k2]:.1f})" if k2 else "") for p in (one, per)))
-        for what, k, k2 in (
-            ("unique + inverse of the ids", "unique_ms", ""),
-            ("pulls, one after another (CPU)", "pull_ms", "pull_cpu_ms"),
-            ("pushes, one after another (CPU)", "push_ms", "push_cpu_ms"),
-            ("torch fwd+bwd+Adam, rows in hand", "torch_ms", ""),
-            ("a local step (the baseline's)", "local_step_ms", ""),
+        (what, *(_part(r[f"parts_{b}_ms"], k) for b in r["batch_sizes"]))
+        for what, k in (
+            ("unique + inverse of the ids", "unique"),
+            ("pulls, one table after another (CPU)", "pull"),
+            ("pushes, one table after another (CPU)", "push"),
+            ("pull_many: every table, one call (CPU)", "pull_many"),
+            ("push_many: every table, one call (CPU)", "push_many"),
+            ("push_pull: both, one call (CPU)", "push_pull"),
+            ("torch fwd+bwd+Adam, rows in hand", "torch"),
+            ("a local step (the baseline's)", "local_step"),
         )
+        if any(f"{k}_ms" in r[f"parts_{b}_ms"] for b in r["batch_sizes"])
     ]
-    lines += ["", "parts of one step alone (one batch, best of 5):"]
-    lines += table(("ms", "one table", "a table per field"), parts, right={1, 2})
+    lines += ["", "parts of one step alone (the last batch, best of a few):"]
+    lines += table(
+        ("ms", *(f"batch {b:,}" for b in r["batch_sizes"])),
+        parts,
+        right=set(range(1, len(r["batch_sizes"]) + 1)),
+    )
     return "\n".join(lines)
+
+
+def _part(parts: dict[str, float], key: str) -> str:
+    """'12.3' or '12.3 (8.1)' (wall, and CPU where measured) of one part; '-' if absent."""
+    if f"{key}_ms" not in parts:
+        return "-"
+    cpu = parts.get(f"{key}_cpu_ms")
+    return f"{parts[f'{key}_ms']:.1f}" + (f" ({cpu:.1f})" if cpu is not None else "")
+
+
+def _rate(v: float) -> str:
+    return f"{v / 1e3:.1f}k" if v >= 1e4 else f"{v / 1e3:.2f}k"
 
 
 # --------------------------------------------------------------------------
@@ -637,20 +845,35 @@ def report(r: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 128,1024, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or len(set(sizes)) < len(sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be distinct and >= 1, got {text!r}")
+    return sizes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``embps bench train``."""
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"{QUICK['rounds']} rounds of {QUICK['steps']} steps after {QUICK['warmup']} "
-        f"warm-up steps (default {FULL['rounds']} of {FULL['steps']} after {FULL['warmup']})",
+        help=f"batch sizes {','.join(map(str, QUICK_BATCH_SIZES))}, {QUICK['rounds']} rounds "
+        f"of {QUICK['steps']} steps after {QUICK['warmup']} warm-up steps (default batch "
+        f"sizes {','.join(map(str, BATCH_SIZES))}, {FULL['rounds']} rounds of "
+        f"{FULL['steps']} after {FULL['warmup']})",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as a JSON object")
     parser.add_argument("--staleness", type=int, default=1, choices=(1, 2),
-                        help="pipelined contenders' staleness (default 1)")  # fmt: skip
+                        help="the pipelined contender's staleness (default 1)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of every contender (default 1, as the demo)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"default {BATCH}")
+    parser.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="B,B,..",
+                        help="batch sizes to run (default: the preset's)")  # fmt: skip
+    parser.add_argument("--vocab-cap", type=int, default=VOCAB_CAP,
+                        help=f"largest vocabulary of a field (default {VOCAB_CAP:,})")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="data and table seed (default 0)")
     parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=0, help=argparse.SUPPRESS)
@@ -663,11 +886,12 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or preset["steps"]
     rounds = args.rounds or preset["rounds"]
     warmup = args.warmup or preset["warmup"]
-    if steps < 1 or rounds < 1 or warmup < 1 or args.batch_size < 1 or args.threads < 1:
-        raise SystemExit("--steps, --rounds, --warmup, --batch-size and --threads must be >= 1")
+    sizes = args.batch_sizes or (QUICK_BATCH_SIZES if args.quick else BATCH_SIZES)
+    if steps < 1 or rounds < 1 or warmup < 1 or args.threads < 1 or args.vocab_cap < 1:
+        raise SystemExit("--steps, --rounds, --warmup, --threads and --vocab-cap must be >= 1")
     t0 = time.perf_counter()
-    r = measure(bool(args.quick), warmup, steps, rounds, args.batch_size, args.staleness,
-                args.threads, args.seed)  # fmt: skip
+    r = measure(bool(args.quick), sizes, warmup, steps, rounds, args.staleness, args.threads,
+                args.seed, args.vocab_cap)  # fmt: skip
     print(report(r))
     print(f"(run took {time.perf_counter() - t0:.0f} s)")
     if args.json:
