@@ -61,6 +61,7 @@ SERVER_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "tls_key": str,
     "tls_client_ca": str,
     "auth_token_file": str,
+    "log_level": str,
 }
 
 

@@ -91,7 +91,9 @@ DEFAULTS: dict[str, Any] = {
     "tls_key": None,
     "tls_client_ca": None,
     "auth_token_file": None,
+    "log_level": "INFO",
 }
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXIT_OK, EXIT_SHARD_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 EXIT_RESTORE_FAILED, EXIT_CHECKPOINT_FAILED = 3, 4
 _EXIT_MEANING = {
@@ -166,7 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth-token-file", metavar="FILE", help="bearer tokens, one "
                         "'read|write|admin TOKEN' per line; every call but health needs one "
                         "(SIGHUP reloads the file)")  # fmt: skip
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        help=f"{', '.join(LOG_LEVELS)} (default {d['log_level']}; logs go to "
+                        "stderr)")  # fmt: skip
 
 
 def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[TableConfig, ...]]:
@@ -185,6 +189,9 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[Tab
         if v is not None:
             opts[key] = v
     opts["shard_id"] = getattr(args, "shard_id", None)  # one shard of a replica group
+    opts["log_level"] = str(opts["log_level"]).upper()
+    if opts["log_level"] not in LOG_LEVELS:
+        raise ValueError(f"log_level {opts['log_level']!r} is not one of {', '.join(LOG_LEVELS)}")
     if opts["shards"] < 1:
         raise ValueError(f"--shards must be >= 1, got {opts['shards']}")
     for key in ("port", "metrics_port"):
@@ -345,7 +352,7 @@ def _child_argv(args: argparse.Namespace, opts: dict[str, Any], i: int) -> list[
             argv += [flag, str(v)]
     if args.config:
         argv += ["--config", args.config]
-    return [*argv, "--log-level", args.log_level]
+    return argv
 
 
 def _describe_exit(rc: int) -> str:
@@ -431,12 +438,13 @@ def run(args: argparse.Namespace) -> int:
     """``embps serve``: one shard (``--shard-id``) or a supervisor of ``--shards`` processes."""
     role = "supervisor" if args.shard_id is None else f"shard {args.shard_id}"
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level or DEFAULTS["log_level"]),
         format=f"%(asctime)s %(levelname)s embps[{role}] %(message)s",
         stream=sys.stderr,
     )
     try:
         opts, tables = resolve_options(args)
+        logging.getLogger().setLevel(opts["log_level"])  # the config file may set it
         if args.shard_id is not None:
             cfg = shard_config(opts, tables, args.shard_id)
     except ValueError as e:
