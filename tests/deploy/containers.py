@@ -302,6 +302,7 @@ class PodPlan:
     container: dict[str, Any]  # the shard container, as played (args expanded)
     grace_s: float
     dns_name: str  # <sts>-<i>.<serviceName>
+    namespace: str
     env: dict[str, str] = field(default_factory=dict)  # the container's env, resolved
     container_name: str = ""  # podman's: <podman_name>-<container name> (kube play)
 
@@ -351,9 +352,11 @@ def _write_secret(volume: dict[str, Any], data: dict[str, bytes], target: Path, 
 def statefulset_pods(
     docs: list[dict[str, Any]],
     podman: Podman,
+    group: str,
     secrets: dict[str, dict[str, bytes]] | None = None,
 ) -> list[PodPlan]:
-    """The pods of the one StatefulSet in ``docs`` (see the module docstring)."""
+    """The pods of the one StatefulSet in ``docs`` (see the module docstring); podman's
+    names of its pods and volumes start with ``<run id>-<group>-``."""
     (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
     name = sts["metadata"]["name"]
     replicas = int(sts["spec"]["replicas"])
@@ -363,7 +366,7 @@ def statefulset_pods(
     plans = []
     for i in range(replicas):
         pod_name = f"{name}-{i}"
-        podman_name = podman.name(pod_name)
+        podman_name = podman.name(f"{group}-{pod_name}")
         tpl = copy.deepcopy(sts["spec"]["template"])
         meta = tpl["metadata"]
         meta["labels"] = {
@@ -373,6 +376,8 @@ def statefulset_pods(
         }
         meta["name"] = pod_name
         meta["namespace"] = sts["metadata"].get("namespace", "default")
+        k8s_meta = copy.deepcopy(meta)  # what fieldRefs read: the pod's Kubernetes name
+        meta["name"] = podman_name  # podman's pod name (unique per run); hostname below
         spec = tpl["spec"]
         spec["hostname"], spec["subdomain"] = pod_name, service
         fs_group = int(spec.get("securityContext", {}).get("fsGroup", 0))
@@ -381,7 +386,7 @@ def statefulset_pods(
         claims = []
         renamed: dict[str, str] = {}
         for vct in sts["spec"].get("volumeClaimTemplates", []):
-            claim = podman.name(f"{vct['metadata']['name']}-{pod_name}")
+            claim = podman.name(f"{group}-{vct['metadata']['name']}-{pod_name}")
             pvc = copy.deepcopy(vct)
             pvc.update(apiVersion="v1", kind="PersistentVolumeClaim")
             pvc["metadata"]["name"] = claim
@@ -394,12 +399,12 @@ def statefulset_pods(
             if "configMap" in v:
                 cm = copy.deepcopy(config_maps[v["configMap"]["name"]])
                 cm["metadata"]["name"] = v["configMap"]["name"] = podman.name(
-                    cm["metadata"]["name"]
+                    f"{group}-{cm['metadata']['name']}"
                 )
                 out_docs.append(cm)
                 volumes.append(cm["metadata"]["name"])
             elif "emptyDir" in v:
-                renamed[v["name"]] = podman.name(f"{pod_name}-{v['name']}")
+                renamed[v["name"]] = podman.name(f"{group}-{pod_name}-{v['name']}")
                 v["name"] = renamed[v["name"]]
                 volumes.append(v["name"])
             elif "secret" in v:
@@ -419,7 +424,7 @@ def statefulset_pods(
                 if "value" in e:
                     env[e["name"]] = expand(e["value"], env)
                 else:
-                    env[e["name"]] = _field_ref(e["valueFrom"]["fieldRef"]["fieldPath"], meta)
+                    env[e["name"]] = _field_ref(e["valueFrom"]["fieldRef"]["fieldPath"], k8s_meta)
             for key in ("command", "args"):
                 if key in c:
                     c[key] = [expand(a, env) for a in c[key]]
@@ -440,6 +445,7 @@ def statefulset_pods(
                 container=shard,
                 grace_s=float(spec.get("terminationGracePeriodSeconds", 30)),
                 dns_name=f"{pod_name}.{service}",
+                namespace=k8s_meta["namespace"],
                 env=plan_env,
             )
         )
@@ -523,14 +529,19 @@ def wait_started(podman: Podman, plans: list[PodPlan]) -> float:
 # --------------------------------------------------------------------------
 
 
-def run_client(plans: list[PodPlan], steps: list[list[Any]], tmp: Path, **client: Any) -> list[Any]:
-    """Run ``steps`` with a PSClient of ``<sts>-{i}.<service>:<grpc port>`` (tests/deploy/
-    ps_driver.py) in a process whose /etc/hosts maps each pod's DNS name to its address
-    (a private mount namespace: the host's /etc/hosts is untouched); the step results."""
+def run_client(
+    plans: list[PodPlan], steps: list[list[Any]], tmp: Path, fqdn: bool = False, **client: Any
+) -> list[Any]:
+    """Run ``steps`` with a PSClient of ``<sts>-{i}.<service>:<grpc port>`` (fqdn:
+    ``<sts>-{i}.<service>.<namespace>.svc.cluster.local``; tests/deploy/ps_driver.py) in
+    a process whose /etc/hosts maps each pod's DNS name to its address (a private mount
+    namespace: the host's /etc/hosts is untouched); the step results."""
+    suffix = f".{plans[0].namespace}.svc.cluster.local" if fqdn else ""
     hosts = tmp / f"hosts-{random.randrange(16**6):06x}"
-    lines = ["127.0.0.1 localhost"] + [f"{p.address} {p.dns_name}" for p in plans]
+    lines = ["127.0.0.1 localhost"] + [f"{p.address} {p.dns_name}{suffix}" for p in plans]
     hosts.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    pattern = plans[0].dns_name.replace(plans[0].name, plans[0].name.rsplit("-", 1)[0] + "-{i}")
+    sts = plans[0].name.rsplit("-", 1)[0]
+    pattern = plans[0].dns_name.replace(plans[0].name, sts + "-{i}") + suffix
     port = plans[0].port("grpc")
     request = {"address": f"{pattern}:{port}", "num_shards": len(plans), "steps": steps, **client}
     script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'

@@ -212,7 +212,7 @@ class Pair:
 
     def __init__(self, podman: Podman, image: str, rendered: list[dict[str, Any]]) -> None:
         self.podman, self.image = podman, image
-        self.plans = statefulset_pods(rendered, podman)
+        self.plans = statefulset_pods(rendered, podman, "pair")
         assert len(self.plans) == 2, "the dev overlay runs 2 shards"
         root = podman.tmp / "pair"
         self.checkpoints = root / "checkpoints"  # one directory for both: ReadWriteMany
