@@ -29,10 +29,10 @@ Contenders, per batch size B:
   pipelined   the same with ``staleness`` (default 1): pushes on background threads,
               the next batch's rows prefetched while the current batch's backward runs.
 
-``ps_embeddings`` builds the PS side of both: today one ``RemoteEmbedding`` per
-table, so a step sends a pull and a push per table to each shard (4 x 26 = 104
-RPCs with 2 shards); a collection over every table (``RemoteEmbeddingCollection``
-through ``FieldColumns``) replaces them there. RPCs per step are counted by the client
+``ps_embeddings`` builds the PS side of both: one ``RemoteEmbeddingCollection`` over
+every table (through ``FieldColumns``), so a step sends one request per shard whatever
+the number of tables (one ``RemoteEmbedding`` per table sent a pull and a push per table
+to each shard: 4 x 26 = 104 RPCs with 2 shards). RPCs per step are counted by the client
 (``PSClient.rpcs_sent``) where it counts them, else from the shards'
 ``embps_requests_total`` (every method; no other client calls them during the
 bench): the RPCs sent in the timed rounds over their steps, the rounds' ends
@@ -480,17 +480,19 @@ def local_contender(cfg: demo.DemoConfig, work: Workload, tables: list[TableConf
 def ps_embeddings(ps: PSClient, tables: list[str], staleness: int) -> tuple[list[Any], bool]:
     """The PS side of a contender: (the embedding modules its DLRM gets, prefetch).
 
-    Field f's rows live in ``tables[f]``. prefetch: whether the training loop hands the
-    modules the next batch's ids (``DLRM.prefetch``) before each backward. Today one
-    ``RemoteEmbedding`` per table, prefetching where ``staleness >= 1``: a pull and a
-    push per table to each shard per step. Return one module instead to have DLRM share
-    it across the fields: it then maps int64 (B, F) -> (B, F, dim), and has
-    ``prefetch(ids (B, F))`` where prefetch is True, ``flush()`` and ``close()``:
-    ``torch.FieldColumns`` over a ``RemoteEmbeddingCollection`` of the tables.
+    Field f's rows live in ``tables[f]``. One ``RemoteEmbeddingCollection`` of every table
+    (what users run: one request per shard per step, whatever the number of tables), seen
+    by DLRM through ``FieldColumns`` (int64 (B, F) -> (B, F, dim)). staleness 0: the fused
+    synchronous step (this step's pushes with the next pull); >= 1: pipelined, the next
+    batch prefetched (prefetch True: the training loop hands over its ids before each
+    backward).
     """
-    from .torch import RemoteEmbedding
+    from .torch import FieldColumns, RemoteEmbeddingCollection, RemoteTableConfig
 
-    return [RemoteEmbedding(ps, t, staleness=staleness) for t in tables], staleness >= 1
+    ec = RemoteEmbeddingCollection(
+        ps, [RemoteTableConfig(t, [t]) for t in tables], staleness=staleness
+    )
+    return [FieldColumns(ec)], staleness >= 1
 
 
 def ps_contender(
