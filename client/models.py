@@ -13,22 +13,23 @@ With ``concat_embeddings=True`` the top MLP also sees the embeddings themselves,
 reach it directly instead of through ``<x0, e_f>``. On the demo's synthetic data
 (additive per-id effects) that learns a little faster at equal samples.
 
-The embeddings are any modules mapping int64 ids (B,) to float (B, dim): a
-``RemoteEmbedding`` (rows on the PS, pushed in ``backward``) in the demo, a
-``torch.nn.Embedding`` in unit tests. Or one module for every field at once
-(``num_fields=F`` with a single embedding), mapping (B, F) -> (B, F, dim): a
-``RemoteEmbedding`` over one table that holds every field (the ids are
-field-tagged), so a step costs one pull and one push instead of F of each.
-``prefetch`` / ``flush`` / ``close`` forward to the embeddings that have them (``RemoteEmbedding`` with
-``staleness >= 1``), so a training loop can pipeline the next batch's pulls.
+The embeddings are any modules mapping int64 ids (B,) to float (B, dim) (a
+``torch.nn.Embedding`` in unit tests), or one module for every field at once
+(``num_fields=F`` with a single embedding) mapping (B, F) -> (B, F, dim): with a
+table per field on the PS, ``FieldColumns`` over a ``RemoteEmbeddingCollection``
+(one request per shard per step for all F tables; the demo's). ``prefetch`` /
+``flush`` / ``close`` forward to the embeddings that have them, so a training loop
+can pipeline the next batch's pulls.
 
 Example::
 
     from embps.client.models import DLRM
-    from embps.client.torch import RemoteEmbedding
+    from embps.client.torch import FieldColumns, RemoteEmbeddingCollection, RemoteTableConfig
 
-    embs = [RemoteEmbedding(ps, f"field_{f}", staleness=1) for f in range(F)]
-    model = DLRM(embs, num_dense=4, dim=16)
+    ec = RemoteEmbeddingCollection(
+        ps, [RemoteTableConfig(f"field_{f}", [f"field_{f}"]) for f in range(F)], staleness=1
+    )
+    model = DLRM([FieldColumns(ec)], num_dense=4, dim=16, num_fields=F)
     logits = model(sparse, dense)          # sparse int64 (B, F), dense float32 (B, 4)
 """
 
