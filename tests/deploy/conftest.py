@@ -14,6 +14,7 @@ import json
 import socket
 import subprocess
 import threading
+import types
 import time
 import urllib.error
 import urllib.parse
@@ -101,6 +102,10 @@ def live_metrics() -> Iterator[LiveMetrics]:
         metrics.observe(*call)
     metrics.checkpoint_done("full", 1.5)
     metrics.eviction_sweep_done("periodic", 0.02)
+    # and the gauges a replica shard adds (server/replica.py), read from a stand-in follower
+    # (its engine is this one): every family a shard can export is on this one endpoint
+    follower = types.SimpleNamespace(engine=engine, resyncs=1, lag_seconds=lambda: 0.4)
+    metrics.follow(follower, 5.0)
     port = metrics.serve(0, "127.0.0.1")
 
     stop = threading.Event()
