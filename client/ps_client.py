@@ -145,6 +145,15 @@ class PruneResult:
 
 
 @dataclass(frozen=True)
+class NarrowResult:
+    """A table narrowed on every shard: its old and new dim, bytes freed (summed)."""
+
+    old_dim: int
+    dim: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class EvictResult:
     """One table's eviction, summed over shards: rows evicted (by reason), their bytes
     (returned to the tables' free lists) and the slowest shard's sweep in seconds."""
@@ -630,6 +639,26 @@ class PSClient:
         return PruneResult(
             rows=sum(r.rows_freed for r in resps), bytes=sum(r.bytes_freed for r in resps)
         )
+
+    def narrow(self, table: str, dim: int) -> NarrowResult:
+        """Keep the first ``dim`` columns of every row and optimizer slot of ``table`` on
+        every shard, freeing the rest (OptEmbed's narrowing, ``embps.client.optembed``).
+
+        dim in [1, the table's dim] (else InvalidArgumentError); a qr table with the
+        concat combiner is refused (FailedPreconditionError). Later pulls return
+        (n, dim). Needs admin permission. Not retried (a repeat of the same dim changes
+        nothing, so calling it again is safe).
+        """
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < 1 << 32:
+            raise InvalidArgumentError(f"narrow dim must be an integer >= 1, got {dim!r}")
+        req = pb.NarrowRequest(table=table, dim=dim, num_shards=self.num_shards)
+        resps = self._call_all("Narrow", [(s, req) for s in range(self.num_shards)], retry=False)
+        with self._lock:
+            self._dims[table] = int(resps[0].dim)
+        return NarrowResult(
+            old_dim=int(resps[0].old_dim), dim=int(resps[0].dim),
+            bytes=sum(int(r.bytes_freed) for r in resps),
+        )  # fmt: skip
 
     def evict(self, table: str | None = None) -> dict[str, EvictResult]:
         """Run steps-to-live / L2-threshold eviction now on ``table`` (None: every table)

@@ -661,6 +661,19 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         res = table.prune(request.threshold, norm)
         return pb.PruneResponse(rows_freed=res.rows, bytes_freed=res.bytes)
 
+    def Narrow(self, request: pb.NarrowRequest, context: grpc.ServicerContext) -> pb.NarrowResponse:
+        """Keep the first ``dim`` columns of every row and slot of a table (``Table.narrow``)."""
+        self._check_shards(request.num_shards)
+        table = self.engine.table(request.table)
+        narrow = getattr(table, "narrow", None)
+        if narrow is None:
+            raise FailedPrecondition(
+                f"table {request.table!r} is a replica's (read only): narrow it on the "
+                "training shard, then start the replica again"
+            )
+        res = narrow(int(request.dim))
+        return pb.NarrowResponse(old_dim=res.old_dim, dim=res.dim, bytes_freed=res.bytes)
+
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         """Sizes and counters of one table (or every table if ``table`` is empty)."""
         tables = [self.engine.table(request.table)] if request.table else self.engine.tables()

@@ -35,6 +35,7 @@ skips the promotion instead, and the key keeps training its static row.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -56,7 +57,7 @@ from embps.protos.config import (
 )
 
 from . import hashmap as hm
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from .optimizers import (
     INIT_CODES,
     apply_optimizer,
@@ -106,6 +107,16 @@ class PruneResult:
     """Rows deleted and bytes returned (memory before minus memory after)."""
 
     rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class NarrowResult:
+    """A table narrowed to its first ``dim`` columns: the old and new dims and the bytes
+    returned (memory before minus memory after)."""
+
+    old_dim: int
+    dim: int
     bytes: int
 
 
@@ -322,6 +333,16 @@ class Block:
         out.last_step = self.last_step[rows]
         out.version = self.version[rows]
         return out
+
+    def narrow(self, dim: int) -> None:
+        """Keep the first ``dim`` columns of every row and of each of its optimizer slots
+        (slot s of a row is columns [s * self.dim, (s + 1) * self.dim) of ``slots``); the
+        old arrays are released (new, smaller ones replace them)."""
+        rows = self.rows
+        self.values = np.ascontiguousarray(self.values[:, :dim])
+        slots = self.slots.reshape(rows, self.n_slots, self.dim)[:, :, :dim]
+        self.slots = np.ascontiguousarray(slots).reshape(rows, self.n_slots * dim)
+        self.dim = dim
 
     def init(self, rows: np.ndarray, keys: np.ndarray, cfg: TableConfig, seed: int) -> None:
         """Fresh rows: values from the initializer (seeded by key), slots at their initial values."""
@@ -831,6 +852,68 @@ class Table:
             rows = self._prune(float(threshold), nm)
             self.counters["pruned_rows"] += rows
             return PruneResult(rows=rows, bytes=before - self._sizes()[0])
+
+    def narrow(self, dim: int) -> NarrowResult:
+        """Keep the first ``dim`` columns of every row and of its optimizer slots; free the rest.
+
+        OptEmbed's last step (``embps.client.optembed``): a table trained as a supernet
+        of dims keeps the dim its search found. Kinds: dynamic, static and adaptive (all
+        their rows: own and shared), qr with the mult or add combiner (a combined row's
+        first ``dim`` columns come from the parts' first ``dim`` columns). The config's
+        dim becomes ``dim`` (DescribeTables, checkpoints and pulls follow); keys,
+        metadata and row counts do not change. ``dim == self.dim`` changes nothing.
+
+        Every row changes: the table's version moves past every row's, the deletion log
+        restarts (an incremental snapshot over an older version is refused: take a full
+        one), and the change feed gets a new epoch (followers resync). Bad requests
+        change nothing: a dim outside [1, dim] is InvalidArgument, a qr table with the
+        concat combiner (its parts are the row's halves) is FailedPrecondition.
+
+        LIMITATIONS. One lock hold for the whole table (a copy of every row, like
+        ``prune``'s compaction): a rare, admin-time call. A replica following this
+        table keeps the old dim until it is started again on the narrowed table.
+        """
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer):
+            raise InvalidArgument(
+                f"table {self.name!r}: narrow dim must be an integer, got {dim!r}"
+            )
+        if not 1 <= int(dim) <= self.dim:
+            raise InvalidArgument(
+                f"table {self.name!r}: narrow dim must be in [1, {self.dim}] (the table's dim), "
+                f"got {int(dim)}"
+            )
+        d = int(dim)
+        cfg = self.config
+        if cfg.kind == TableKind.QR and cfg.qr_combiner == Combiner.CONCAT:
+            raise FailedPrecondition(
+                f"table {self.name!r} is qr with the concat combiner: its rows are the two "
+                "parts' halves, so the first columns of a row are not the first columns of "
+                "its parts; narrow a dynamic, static, adaptive or qr mult/add table"
+            )
+        with self._lock.write():
+            old = self.dim
+            if d == old:
+                return NarrowResult(old_dim=old, dim=d, bytes=0)
+            before = self._sizes()[0]
+            blocks = list(self._blocks().values())
+            part: DynamicPart | None = getattr(self, "part", None)
+            if part is not None:
+                blocks.append(part.block)
+            for blk in blocks:
+                blk.narrow(d)
+            if isinstance(self, QRTable):
+                self.part_dim = d
+            self.config = dataclasses.replace(cfg, dim=d)
+            self.dim = d
+            if isinstance(self, _DynamicBase):
+                self.row_limit = row_limit(self.config)
+            self.version += 1
+            for blk in blocks:
+                blk.version[:] = self.version
+            self._deleted, self._deleted_keys = [], 0
+            self._deleted_floor = self.version
+            self.epoch = uuid.uuid4().hex
+            return NarrowResult(old_dim=old, dim=d, bytes=before - self._sizes()[0])
 
     @property
     def evicts(self) -> bool:

@@ -440,6 +440,26 @@ class PruneResponse(_message.Message):
     bytes_freed: int
     def __init__(self, rows_freed: _Optional[int] = ..., bytes_freed: _Optional[int] = ...) -> None: ...
 
+class NarrowRequest(_message.Message):
+    __slots__ = ("table", "dim", "num_shards")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    dim: int
+    num_shards: int
+    def __init__(self, table: _Optional[str] = ..., dim: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class NarrowResponse(_message.Message):
+    __slots__ = ("old_dim", "dim", "bytes_freed")
+    OLD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    old_dim: int
+    dim: int
+    bytes_freed: int
+    def __init__(self, old_dim: _Optional[int] = ..., dim: _Optional[int] = ..., bytes_freed: _Optional[int] = ...) -> None: ...
+
 class EvictRequest(_message.Message):
     __slots__ = ("table", "num_shards")
     TABLE_FIELD_NUMBER: _ClassVar[int]

@@ -94,6 +94,11 @@ class ParameterServerStub:
                 request_serializer=embps_dot_v1_dot_embps__pb2.ChangesRequest.SerializeToString,
                 response_deserializer=embps_dot_v1_dot_embps__pb2.ChangesResponse.FromString,
                 _registered_method=True)
+        self.Narrow = channel.unary_unary(
+                '/embps.v1.ParameterServer/Narrow',
+                request_serializer=embps_dot_v1_dot_embps__pb2.NarrowRequest.SerializeToString,
+                response_deserializer=embps_dot_v1_dot_embps__pb2.NarrowResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -171,6 +176,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Narrow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +244,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Changes,
                     request_deserializer=embps_dot_v1_dot_embps__pb2.ChangesRequest.FromString,
                     response_serializer=embps_dot_v1_dot_embps__pb2.ChangesResponse.SerializeToString,
+            ),
+            'Narrow': grpc.unary_unary_rpc_method_handler(
+                    servicer.Narrow,
+                    request_deserializer=embps_dot_v1_dot_embps__pb2.NarrowRequest.FromString,
+                    response_serializer=embps_dot_v1_dot_embps__pb2.NarrowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +575,33 @@ class ParameterServer:
             '/embps.v1.ParameterServer/Changes',
             embps_dot_v1_dot_embps__pb2.ChangesRequest.SerializeToString,
             embps_dot_v1_dot_embps__pb2.ChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Narrow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/Narrow',
+            embps_dot_v1_dot_embps__pb2.NarrowRequest.SerializeToString,
+            embps_dot_v1_dot_embps__pb2.NarrowResponse.FromString,
             options,
             channel_credentials,
             insecure,
