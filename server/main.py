@@ -58,6 +58,7 @@ from embps.protos.config import TableConfig
 
 from .auth import load_token_file, server_credentials
 from .config_file import SERVER_OPTIONS, load_serve_file
+from .replica import follower_credentials, read_token
 from .service import (
     DEFAULT_MAX_KEYS_PER_REQUEST,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -87,6 +88,10 @@ DEFAULTS: dict[str, Any] = {
     "replica_of": None,
     "replica_poll_seconds": 0.2,
     "max_lag": 0.0,
+    "replica_token_file": None,
+    "replica_tls_ca": None,
+    "replica_tls_cert": None,
+    "replica_tls_key": None,
     "tls_cert": None,
     "tls_key": None,
     "tls_client_ca": None,
@@ -160,6 +165,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lag", type=float, metavar="S", help="a replica reports "
                         "NOT_SERVING while the state it serves is older than S seconds "
                         "(default 0: never)")  # fmt: skip
+    parser.add_argument("--replica-token-file", metavar="FILE", help="a replica presents the "
+                        "bearer token in FILE to its training shard (a read token suffices)")  # fmt: skip
+    parser.add_argument("--replica-tls-ca", metavar="PEM", help="a replica follows over TLS, "
+                        "trusting this CA")  # fmt: skip
+    parser.add_argument("--replica-tls-cert", metavar="PEM", help="a replica's client "
+                        "certificate for mutual TLS (with --replica-tls-key)")  # fmt: skip
+    parser.add_argument("--replica-tls-key", metavar="PEM", help="private key of "
+                        "--replica-tls-cert")  # fmt: skip
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this "
                         "certificate (needs --tls-key; README 'Security')")  # fmt: skip
     parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -203,6 +216,10 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[Tab
         server_credentials(opts["tls_cert"], opts["tls_key"], opts["tls_client_ca"])
     if opts["auth_token_file"]:
         load_token_file(opts["auth_token_file"])
+    if opts["replica_of"]:  # the follower's credentials, checked before any shard starts
+        follower_credentials(opts["replica_tls_ca"], opts["replica_tls_cert"],
+                             opts["replica_tls_key"])  # fmt: skip
+        read_token(opts["replica_token_file"])
     return opts, tables
 
 
@@ -252,6 +269,10 @@ def shard_config(
         replica_of=replica_address(opts, shard_id),
         replica_poll_seconds=float(opts["replica_poll_seconds"]),
         max_lag=float(opts["max_lag"]),
+        replica_token_file=opts["replica_token_file"],
+        replica_tls_ca=opts["replica_tls_ca"],
+        replica_tls_cert=opts["replica_tls_cert"],
+        replica_tls_key=opts["replica_tls_key"],
         tls_cert=opts["tls_cert"],
         tls_key=opts["tls_key"],
         tls_client_ca=opts["tls_client_ca"],

@@ -30,10 +30,14 @@ NOT_SERVING until every table finished its first round). When the training shard
 be reached, the replica keeps serving what it has and its lag grows; with ``max_lag``
 the shard reports NOT_SERVING while the lag exceeds it.
 
+Security. The follower connects like a client: TLS when given a CA (``--replica-tls-ca``,
+plus a client certificate for mutual TLS), and a bearer token (``--replica-token-file``;
+a ``read`` token suffices: DescribeTables and Changes are reads).
+
 LIMITATIONS. Values are float32 (the training rows' exact bits); optimizer slots are not
 kept. A round reads each changed row once per round, so a table under heavy churn costs
 the training shard about one scan of its arena per ``poll_seconds`` (FEED_SCAN_ROWS rows
-per call, under the shared lock). The follower talks plaintext gRPC without a token.
+per call, under the shared lock).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import grpc
@@ -58,6 +63,50 @@ from .errors import FailedPrecondition
 from .tables import DynamicPart, EvictResult, Table, TableStats, make_table
 
 log = logging.getLogger("embps.server")
+
+
+def follower_credentials(
+    ca: str | None, cert: str | None, key: str | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials of a follower's channel (None without a CA: plaintext). ValueError
+    names the file that cannot be read."""
+    if not ca:
+        if cert or key:
+            raise ValueError("--replica-tls-cert / --replica-tls-key need --replica-tls-ca")
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("--replica-tls-cert and --replica-tls-key go together (mutual TLS)")
+
+    def read(path: str | None, what: str) -> bytes | None:
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca, "--replica-tls-ca"),
+        private_key=read(key, "--replica-tls-key"),
+        certificate_chain=read(cert, "--replica-tls-cert"),
+    )
+
+
+def read_token(path: str | None) -> str | None:
+    """The bearer token in ``path`` (its first non-empty line without comments; None: no
+    file). ValueError names the file when it cannot be read or holds no token."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--replica-token-file {path}: cannot read it ({e})") from None
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            return line
+    raise ValueError(f"--replica-token-file {path} holds no token (one line: the token)")
+
 
 FEED_PAGE_ROWS = 1 << 16
 
@@ -206,6 +255,8 @@ class Follower:
         poll_seconds: float = 0.2,
         on_ready: Callable[[], None] | None = None,
         timeout: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.engine = engine
         self.source = source
@@ -220,9 +271,13 @@ class Follower:
         self.ready = threading.Event()
         self.last_error = ""
         self._stop = threading.Event()
-        self._channel = grpc.insecure_channel(
-            source, options=[("grpc.max_receive_message_length", 256 << 20)]
+        options = [("grpc.max_receive_message_length", 256 << 20)]
+        self._channel = (
+            grpc.secure_channel(source, credentials, options=options)
+            if credentials is not None
+            else grpc.insecure_channel(source, options=options)
         )
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         self._thread = threading.Thread(target=self._loop, name=f"embps-follow-{name}", daemon=True)
 
@@ -269,7 +324,9 @@ class Follower:
 
     def sync_once(self) -> None:
         """One pass: the table list, then one feed round per table."""
-        resp = self._stub.DescribeTables(pb.DescribeTablesRequest(), timeout=self.timeout)
+        resp = self._stub.DescribeTables(
+            pb.DescribeTablesRequest(), timeout=self.timeout, metadata=self._metadata
+        )
         configs = {c.name: TableConfig.from_proto(c) for c in resp.tables}
         for name in [t.name for t in self.engine.tables()]:
             if name not in configs:
@@ -315,6 +372,7 @@ class Follower:
                     epoch=table.epoch, follower=self.name,
                 ),
                 timeout=self.timeout,
+                metadata=self._metadata,
             )  # fmt: skip
             if page.resync or (first is not None and page.epoch != first.epoch):
                 return False

@@ -68,7 +68,7 @@ from .errors import (
 from .eviction import Evictor
 from .metrics import ShardMetrics
 from .replay import ReplayGuard
-from .replica import Follower, ReplicaEngine
+from .replica import Follower, ReplicaEngine, follower_credentials, read_token
 from .tables import as_grads
 
 log = logging.getLogger("embps.server")
@@ -128,6 +128,10 @@ class ShardConfig:
     replica_of: str | None = None
     replica_poll_seconds: float = 0.2
     max_lag: float = 0.0
+    replica_token_file: str | None = None  # the bearer token a replica presents (read)
+    replica_tls_ca: str | None = None  # a replica follows over TLS, trusting this CA
+    replica_tls_cert: str | None = None  # and presents this client certificate (mTLS)
+    replica_tls_key: str | None = None
     tls_cert: str | None = None  # PEM server certificate: serve TLS only (with tls_key)
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA: mutual TLS, clients need a cert it signed
@@ -1234,6 +1238,10 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
         follower = Follower(
             engine, engine.source, config.num_shards, f"replica-{config.shard_id}-{port}",
             config.replica_poll_seconds,
+            credentials=follower_credentials(
+                config.replica_tls_ca, config.replica_tls_cert, config.replica_tls_key
+            ),
+            token=read_token(config.replica_token_file),
         )  # fmt: skip
         shard.follower = follower
         servicer.follower = follower

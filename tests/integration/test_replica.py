@@ -297,3 +297,48 @@ def test_replica_flags_are_checked(cluster_factory) -> None:
     bad = cluster_factory(None, "--shards", "1", "--port", "0", "--metrics-port", "0",
                           "--replica-of", "127.0.0.1:1", "--checkpoint-dir", "/tmp/x")  # fmt: skip
     assert bad.wait() == 2 and "checkpoint_dir" in bad.log()
+
+
+def test_a_replica_follows_a_mutual_tls_shard_with_a_read_token(
+    cluster_factory, tmp_path: Path
+) -> None:
+    from embps.client import TLSConfig
+
+    from .certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read r3ad-token-0123456789\nadmin wr1te-token-0123456789\n")
+    (tmp_path / "replica-token").write_text("# the replica's read token\nr3ad-token-0123456789\n")
+    (tmp_path / "wrong-token").write_text("not-a-token-0123456789\n")
+    trainer = cluster_factory(1, "--evict-every", "0", "--tls-cert", certs.server_cert,
+                              "--tls-key", certs.server_key, "--tls-client-ca", certs.ca,
+                              "--auth-token-file", str(tokens))  # fmt: skip
+    tls = TLSConfig(ca=certs.ca, cert=certs.client_cert, key=certs.client_key)
+    follow = ("--replica-of", trainer.addresses[0], *REPLICA_ARGS, "--replica-tls-ca", certs.ca,
+              "--replica-tls-cert", certs.client_cert, "--replica-tls-key", certs.client_key)  # fmt: skip
+    with PSClient(trainer.addresses, tls=tls, token="wr1te-token-0123456789") as ps:
+        ps.create_table(CONFIGS[1])
+        ps.pull("ada", np.arange(100))
+        ps.push("ada", np.arange(100), np.ones((100, DIM), np.float32), step=1)
+        good = cluster_factory(1, *follow, "--replica-token-file", str(tmp_path / "replica-token"))
+        bad = cluster_factory(1, *follow, "--replica-token-file", str(tmp_path / "wrong-token"))
+        with PSClient(good.addresses) as rep:
+            wait_until(lambda: _same(ps, rep, "ada"), timeout=20, what="following over mTLS")
+        (stub,) = _stubs(bad.addresses)
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(bad.addresses[0]))
+        time.sleep(1.0)  # several polls: every one refused (UNAUTHENTICATED)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING  # never synced
+        assert "UNAUTHENTICATED" in bad.log()
+        assert stub.Stats(pb.StatsRequest(), timeout=5).tables == []
+
+
+def _same(ps: PSClient, rep: PSClient, table: str) -> bool:
+    try:
+        keys = np.arange(-5, 120)
+        return np.array_equal(ps.pull(table, keys, train=False), rep.pull(table, keys, train=False))
+    except EmbpsError:
+        return False
