@@ -73,11 +73,26 @@ Criteo TSV
 ``label \\t I1..I13 \\t C1..C26`` (40 columns), integers possibly negative, categoricals
 8 hex digits, any feature may be empty. Dense ``x -> log(1 + max(x, 0))`` (empty ->
 0); categorical ``Ck`` (``k`` from 1) -> ``(k-1) << 40 | int(hex)``, empty ->
-``(k-1) << 40 | MISSING_LOCAL`` (``2^32``, outside the hex range). ``.gz`` paths are
-read through gzip. Lines are parsed a chunk at a time (4 MiB) with vectorised numpy,
+``(k-1) << 40 | MISSING_LOCAL`` (``2^32``, outside the hex range). Gzip is read
+through gzip (a ``.gz`` name or gzip's magic bytes: ``open_maybe_gzip``). Lines are parsed a chunk at a time (4 MiB) with vectorised numpy,
 about 250 k lines/s; a malformed line raises ``ValueError`` naming its (1-based) number
 and the column at fault, or with ``skip_bad=True`` is skipped and counted. (The
 unlabelled Criteo test files, 39 columns, are not this format.)
+
+Public datasets
+===============
+``movielens_batches`` (``ratings.dat`` ``::``, ML-100K ``u.data`` tab, ``ratings.csv``),
+``avazu_batches`` (Avazu CSV with its header; categorical values hashed, ``hour``
+YYMMDDHH -> hour-of-day and weekday fields, ``click`` the label) and ``libsvm_batches``
+(``label idx:val ...``, Frappe and others; libFFM ``label field:idx:val ...``) keep the
+Criteo loader's contract: the same ``Batch`` with field-tagged ids (field f of the
+format -> ``f << 40 | local``), dense float32 (B, D) (D = 0 where the format has none),
+float32 labels; gzip by name or magic bytes; the file read a line at a time and parsed
+8192 lines at a time (plain Python per line, 0.2-1 M lines/s by format); a malformed
+line raises ``ValueError("<path> line <n>: <what>")`` or, with ``skip_bad``, is skipped
+and counted. MovieLens labels are the ratings (not 0/1). Datasets are not bundled (their
+licences forbid it): README "Public datasets" says where to get them, and
+``docs/examples/`` trains on them.
 
 Example::
 
@@ -98,6 +113,7 @@ Example::
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import io
 import math
@@ -110,18 +126,28 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "AVAZU_TIME_FIELDS",
     "CRITEO_NUM_DENSE",
     "CRITEO_NUM_SPARSE",
     "FIELD_SHIFT",
     "LOCAL_MASK",
     "MISSING_LOCAL",
+    "AvazuStream",
     "Batch",
     "CriteoStream",
+    "LibSVMStream",
+    "LineStream",
+    "MovieLensStream",
     "SyntheticCTR",
     "auc",
+    "avazu_batches",
     "criteo_batches",
     "field_of",
+    "hash_values",
+    "libsvm_batches",
     "logloss",
+    "movielens_batches",
+    "open_maybe_gzip",
     "tag_ids",
 ]
 
@@ -232,7 +258,7 @@ class Batch:
 
     sparse: int64 (B, F)     one field-tagged id per field (``field_of(sparse[:, f]) == f``)
     dense:  float32 (B, D)   dense features
-    labels: float32 (B,)     0.0 or 1.0
+    labels: float32 (B,)     0.0 or 1.0 (MovieLens: the rating)
     probs:  float32 (B,) or None   the planted click probability (synthetic data only)
     """
 
@@ -961,9 +987,7 @@ class CriteoStream:
         self.close()
 
     def _open(self) -> io.BufferedIOBase:
-        if self.path.endswith(".gz"):
-            return gzip.open(self.path, "rb")
-        return open(self.path, "rb")  # closed by the `with` in _chunks
+        return open_maybe_gzip(self.path)  # closed by the `with` in _chunks
 
     def _chunks(self) -> Iterator[Batch]:
         carry = b""
@@ -1036,3 +1060,496 @@ def criteo_batches(
         max_samples=max_samples,
         chunk_bytes=chunk_bytes,
     )
+
+
+# --------------------------------------------------------------------------
+# Public datasets: MovieLens, Avazu, libSVM / libFM (line-oriented text)
+# --------------------------------------------------------------------------
+
+_GZIP_MAGIC = b"\x1f\x8b"
+CHUNK_LINES = 8192
+
+
+def open_maybe_gzip(path: str) -> io.BufferedIOBase:
+    """Open ``path`` for binary reading, through gzip when its name ends in ``.gz`` or its
+    first two bytes are gzip's magic number (``1f 8b``): a compressed file with another
+    name, or a ``.gz`` name on an already decompressed file, both read correctly."""
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic == _GZIP_MAGIC:
+        return gzip.open(path, "rb")
+    return open(path, "rb")  # the caller closes it (a `with` block)
+
+
+class _BadLine(Exception):
+    """(private) One line is malformed; the message says what is wrong, in words."""
+
+
+class LineStream:
+    """Iterator over batches of a line-oriented text file; the shared part of the loaders
+    of the public formats (``movielens_batches``, ``avazu_batches``, ``libsvm_batches``).
+
+    Same contract and attributes as ``CriteoStream``: ``lines`` (lines read, a header
+    included), ``samples`` (good lines yielded or pending), ``bad_lines`` (skipped,
+    ``skip_bad=True`` only) and ``bad_examples`` (the first 10 as ``(line number,
+    reason)``); ``fields`` names the sparse columns in order (column f holds field f's
+    tagged ids). The file is read a line at a time (gzip by name or magic bytes) and
+    parsed ``chunk_lines`` lines at a time; a malformed line raises
+    ``ValueError("<path> line <n>: <what is wrong>")`` (1-based n) or, with ``skip_bad``,
+    is skipped and counted. A line longer than ``MAX_LINE_BYTES`` is always an error.
+    Subclasses parse one line (``_parse_line``) and may read a header (``_header``) or
+    convert a chunk their own way (``_to_batch``).
+    """
+
+    fields: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        batch_size: int,
+        *,
+        skip_bad: bool = False,
+        drop_last: bool = False,
+        max_samples: int | None = None,
+        chunk_lines: int = CHUNK_LINES,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_samples is not None and max_samples < 0:
+            raise ValueError(f"max_samples must be >= 0 or None, got {max_samples}")
+        if chunk_lines < 1:
+            raise ValueError(f"chunk_lines must be >= 1, got {chunk_lines}")
+        self.path = os.fspath(path)
+        self.skip_bad = skip_bad
+        self.max_samples = max_samples
+        self.chunk_lines = chunk_lines
+        self.lines = 0
+        self.samples = 0
+        self.bad_lines = 0
+        self.bad_examples: list[tuple[int, str]] = []
+        self._it = _rebatch(self._chunks(), batch_size, drop_last)
+
+    def __iter__(self) -> LineStream:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stop early and close the file."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> LineStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ per format
+    def _header(self, line: bytes) -> bool:
+        """Read line 1 if it is a header: True when it was one (it yields no sample)."""
+        return False
+
+    def _parse_line(self, line: bytes) -> tuple[Sequence[Any], Sequence[float], float]:
+        """One line without its terminator -> (one value per field, dense, label);
+        raises ``_BadLine`` with what is wrong."""
+        raise NotImplementedError
+
+    def _to_batch(self, sparse: list[Any], dense: list[Any], labels: list[float]) -> Batch:
+        """Good rows of one chunk -> Batch: local ids int (n, F) tagged by column."""
+        local = np.array(sparse, dtype=np.int64).reshape(len(labels), len(self.fields))
+        tags = np.arange(len(self.fields), dtype=np.int64) << FIELD_SHIFT
+        d = np.array(dense, dtype=np.float32).reshape(len(labels), len(dense[0]))
+        return Batch(local | tags, d, np.array(labels, dtype=np.float32), None)
+
+    # ------------------------------------------------------------ reading
+    def _bad(self, number: int, reason: str) -> None:
+        if not self.skip_bad:
+            raise ValueError(f"{self.path} line {number}: {reason}")
+        self.bad_lines += 1
+        if len(self.bad_examples) < 10:
+            self.bad_examples.append((number, reason))
+
+    def _chunks(self) -> Iterator[Batch]:
+        sparse: list[Any] = []
+        dense: list[Any] = []
+        labels: list[float] = []
+        with open_maybe_gzip(self.path) as fh:
+            while True:
+                raw = fh.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    break
+                self.lines += 1
+                number = self.lines
+                if len(raw) > MAX_LINE_BYTES:
+                    raise ValueError(
+                        f"{self.path} line {number}: longer than {MAX_LINE_BYTES} bytes"
+                    )
+                line = raw.rstrip(b"\r\n")
+                if number == 1:
+                    try:
+                        if self._header(line):
+                            continue
+                    except _BadLine as e:
+                        raise ValueError(f"{self.path} line 1: {e}") from None
+                try:
+                    s, d, y = self._parse_line(line)
+                except _BadLine as e:
+                    self._bad(number, str(e))
+                    continue
+                sparse.append(s)
+                dense.append(d)
+                labels.append(y)
+                self.samples += 1
+                full = self.max_samples is not None and self.samples >= self.max_samples
+                if len(labels) >= self.chunk_lines or full:
+                    yield self._to_batch(sparse, dense, labels)
+                    sparse, dense, labels = [], [], []
+                if full:
+                    return
+        if labels:
+            yield self._to_batch(sparse, dense, labels)
+
+
+def _local_int(v: bytes, what: str) -> int:
+    """A non-negative integer id < 2^40 from its text, else ``_BadLine``."""
+    if not v.isdigit() or len(v) > 13:
+        shown = v[:40].decode("utf-8", "replace")
+        raise _BadLine(f"{what}: expected a non-negative integer id, got {shown!r}")
+    x = int(v)
+    if x > LOCAL_MASK:
+        raise _BadLine(f"{what}: id {x} is not below 2^40")
+    return x
+
+
+def _number(v: bytes, what: str) -> float:
+    """A finite float from its text, else ``_BadLine``."""
+    try:
+        x = float(v)
+    except ValueError:
+        shown = v[:40].decode("utf-8", "replace")
+        raise _BadLine(f"{what}: expected a number, got {shown!r}") from None
+    if not math.isfinite(x):
+        raise _BadLine(f"{what}: expected a finite number, got {x}")
+    return x
+
+
+# ------------------------------------------------------------ MovieLens
+
+
+class MovieLensStream(LineStream):
+    """MovieLens ratings: ``user::movie::rating::timestamp`` (ML-1M/10M ``ratings.dat``),
+    ``user\\tmovie\\trating\\ttimestamp`` (ML-100K ``u.data``) or ``userId,movieId,
+    rating,timestamp`` with a header (ML-latest/20M/25M ``ratings.csv``); the separator is
+    read off line 1. Fields: 0 user, 1 movie (local id = the integer id); dense: none
+    (B, 0); labels: the rating (float32, e.g. 1..5), not 0/1.
+    """
+
+    fields = ("user", "movie")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.sep = b""
+        super().__init__(*args, **kwargs)
+
+    def _header(self, line: bytes) -> bool:
+        for sep in (b"::", b"\t", b","):
+            if sep in line:
+                self.sep = sep
+                break
+        else:
+            raise _BadLine("expected '::', tab or ',' separated columns (user, movie, rating)")
+        return self.sep == b"," and line.lower().startswith(b"userid")
+
+    def _parse_line(self, line: bytes) -> tuple[Sequence[Any], Sequence[float], float]:
+        cols = line.split(self.sep)
+        if len(cols) not in (3, 4):
+            sep = {b"::": "'::'", b"\t": "tab", b",": "','"}[self.sep]
+            raise _BadLine(
+                f"expected 4 {sep}-separated columns (user, movie, rating, timestamp), "
+                f"got {len(cols)}"
+            )
+        user = _local_int(cols[0], "column 1 (user)")
+        movie = _local_int(cols[1], "column 2 (movie)")
+        rating = _number(cols[2], "column 3 (rating)")
+        return (user, movie), (), rating
+
+
+def movielens_batches(
+    path: str | os.PathLike[str],
+    batch_size: int,
+    *,
+    skip_bad: bool = False,
+    drop_last: bool = False,
+    max_samples: int | None = None,
+    chunk_lines: int = CHUNK_LINES,
+) -> MovieLensStream:
+    """Stream MovieLens ratings (``ratings.dat``, ``u.data``, ``ratings.csv``; gzip too).
+
+    Yields ``Batch`` with sparse int64 (B, 2) (user -> field 0, movie -> field 1), dense
+    float32 (B, 0), labels float32 (B,) the ratings. Errors, ``skip_bad``, ``drop_last``
+    and ``max_samples`` as ``criteo_batches``.
+
+    Example::
+
+        for b in movielens_batches("ml-1m/ratings.dat", 128):
+            users, movies = b.sparse[:, 0] & LOCAL_MASK, b.sparse[:, 1] & LOCAL_MASK
+    """
+    return MovieLensStream(path, batch_size, skip_bad=skip_bad, drop_last=drop_last,
+                           max_samples=max_samples, chunk_lines=chunk_lines)  # fmt: skip
+
+
+# ------------------------------------------------------------ Avazu
+
+AVAZU_TIME_FIELDS = ("hour_of_day", "weekday")
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def hash_values(values: Sequence[bytes]) -> np.ndarray:
+    """Local ids of categorical strings: ``mix64(fnv1a64(v)) & (2^40 - 1)``, int64 (n,).
+
+    Stable across runs, machines and Python versions (not ``hash()``); vectorised over
+    the bytes of one column. Two distinct values of one field share an id with
+    probability about ``n^2 / 2^41`` (n: the field's vocabulary).
+    """
+    if not values:
+        return np.empty(0, dtype=np.int64)
+    arr = np.array(values, dtype=np.bytes_)
+    width = arr.dtype.itemsize
+    b = arr.view(np.uint8).reshape(len(values), width)
+    lens = np.char.str_len(arr)
+    h = np.full(len(values), _FNV_OFFSET, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(width):
+            live = j < lens
+            nxt = (h ^ b[:, j].astype(np.uint64)) * _FNV_PRIME
+            h = np.where(live, nxt, h)
+    return (_mix64(h) & _MASK40).view(np.int64)
+
+
+class AvazuStream(LineStream):
+    """Avazu CTR CSV: a header line (``id,click,hour,C1,banner_pos,site_id,...``), then
+    one impression a line. ``click`` (0/1) is the label; ``hour`` (YYMMDDHH) becomes two
+    categorical fields, hour of day (0..23, local id = the hour) and weekday (0 Monday
+    .. 6 Sunday); ``id`` is dropped; every other column is a categorical field, its
+    value hashed (``hash_values``). Fields: the header's columns in order, less those
+    three, then ``hour_of_day``, ``weekday`` (23 for the Kaggle train file). Dense: none.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.columns: tuple[str, ...] = ()
+        self._cat: list[int] = []
+        self._click = self._hour = -1
+        self._hours: dict[bytes, tuple[int, int]] = {}
+        super().__init__(*args, **kwargs)
+
+    def _header(self, line: bytes) -> bool:
+        cols = tuple(c.strip().decode("utf-8", "replace") for c in line.split(b","))
+        missing = [c for c in ("click", "hour") if c not in cols]
+        if missing:
+            raise _BadLine(
+                f"expected a header with 'click' and 'hour' columns (Avazu train format), "
+                f"missing {missing} in {line[:80].decode('utf-8', 'replace')!r}"
+            )
+        self.columns = cols
+        self._click, self._hour = cols.index("click"), cols.index("hour")
+        self._cat = [i for i, c in enumerate(cols) if c not in ("id", "click", "hour")]
+        self.fields = tuple(cols[i] for i in self._cat) + AVAZU_TIME_FIELDS
+        return True
+
+    def _time_fields(self, v: bytes) -> tuple[int, int]:
+        got = self._hours.get(v)
+        if got is not None:
+            return got
+        bad = _BadLine(
+            f"column {self._hour + 1} (hour): expected YYMMDDHH, got "
+            f"{v[:40].decode('utf-8', 'replace')!r}"
+        )
+        if len(v) != 8 or not v.isdigit():
+            raise bad
+        try:
+            day = dt.date(2000 + int(v[:2]), int(v[2:4]), int(v[4:6]))
+        except ValueError:
+            raise bad from None
+        hh = int(v[6:])
+        if hh > 23:
+            raise bad
+        got = (hh, day.weekday())
+        if len(self._hours) < 100_000:  # a few hundred distinct hours in practice
+            self._hours[v] = got
+        return got
+
+    def _parse_line(self, line: bytes) -> tuple[Sequence[Any], Sequence[float], float]:
+        cols = line.split(b",")
+        if len(cols) != len(self.columns):
+            raise _BadLine(
+                f"expected {len(self.columns)} comma-separated columns (as the header), "
+                f"got {len(cols)}"
+            )
+        click = cols[self._click]
+        if click not in (b"0", b"1"):
+            raise _BadLine(
+                f"column {self._click + 1} (click): expected 0 or 1, got "
+                f"{click[:40].decode('utf-8', 'replace')!r}"
+            )
+        hod, wd = self._time_fields(cols[self._hour])
+        return [cols[i] for i in self._cat] + [hod, wd], (), float(click == b"1")
+
+    def _to_batch(self, sparse: list[Any], dense: list[Any], labels: list[float]) -> Batch:
+        n, k = len(labels), len(self._cat)
+        out = np.empty((n, k + 2), dtype=np.int64)
+        for f in range(k):
+            out[:, f] = hash_values([row[f] for row in sparse])
+        out[:, k] = [row[k] for row in sparse]
+        out[:, k + 1] = [row[k + 1] for row in sparse]
+        out |= np.arange(k + 2, dtype=np.int64) << FIELD_SHIFT
+        return Batch(out, np.zeros((n, 0), np.float32), np.array(labels, np.float32), None)
+
+
+def avazu_batches(
+    path: str | os.PathLike[str],
+    batch_size: int,
+    *,
+    skip_bad: bool = False,
+    drop_last: bool = False,
+    max_samples: int | None = None,
+    chunk_lines: int = CHUNK_LINES,
+) -> AvazuStream:
+    """Stream an Avazu CSV file (Kaggle ``train`` / ``train.gz``) as batches.
+
+    Yields ``Batch`` with sparse int64 (B, F) (``stream.fields`` names the columns: the
+    header's categorical columns, then hour of day and weekday), dense float32 (B, 0),
+    labels float32 (B,) the clicks. A header without ``click`` (the unlabelled test
+    file) is an error on line 1. Errors and options as ``criteo_batches``.
+    """
+    return AvazuStream(path, batch_size, skip_bad=skip_bad, drop_last=drop_last,
+                       max_samples=max_samples, chunk_lines=chunk_lines)  # fmt: skip
+
+
+# ------------------------------------------------------------ libSVM / libFM
+
+
+class LibSVMStream(LineStream):
+    """libSVM ``label idx:val idx:val ...`` (Frappe, MovieLens-tag and others as the NFM /
+    AFM papers ship them) or libFM-with-fields (libFFM) ``label field:idx:val ...``.
+
+    libSVM: the k-th ``idx:val`` of a line is field k, every line has the same number
+    of them (``num_fields``, default: line 1's); local id = ``idx``. libFFM: the field is
+    given, each at most once a line, in ``[0, num_fields)`` (default: line 1's largest
+    plus one); a field a line leaves out reads ``MISSING_LOCAL``. Dense: float32 (B, F)
+    each field's ``val`` (1.0 for one-hot data; 0.0 where a field is left out), the
+    weight an FM gives that id. Labels: with ``binary`` (default) -1 or 0 -> 0.0 and 1
+    -> 1.0 (anything else is an error), else the number as it is. The format (2 or 3
+    colon-separated parts) is read off line 1 and every line must keep it.
+    """
+
+    def __init__(
+        self, *args: Any, num_fields: int | None = None, binary: bool = True, **kwargs: Any
+    ) -> None:
+        if num_fields is not None and not 1 <= num_fields <= MAX_FIELDS:
+            raise ValueError(f"num_fields must be in [1, {MAX_FIELDS}] or None, got {num_fields}")
+        self.num_fields = num_fields
+        self.binary = binary
+        self.ffm: bool | None = None  # None until line 1 says
+        if num_fields is not None:
+            self.fields = tuple(f"f{i}" for i in range(num_fields))
+        super().__init__(*args, **kwargs)
+
+    def _header(self, line: bytes) -> bool:
+        tokens = line.split()
+        if len(tokens) < 2:
+            raise _BadLine("expected 'label idx:val ...' or 'label field:idx:val ...'")
+        parts = tokens[1].count(b":") + 1
+        if parts not in (2, 3):
+            raise _BadLine(
+                f"feature 1: expected idx:val or field:idx:val, got "
+                f"{tokens[1][:40].decode('utf-8', 'replace')!r}"
+            )
+        self.ffm = parts == 3
+        if self.num_fields is None:
+            if self.ffm:
+                self.num_fields = 1 + max(
+                    _local_int(t.split(b":")[0], f"feature {k} (field)")
+                    for k, t in enumerate(tokens[1:], 1)
+                )
+            else:
+                self.num_fields = len(tokens) - 1
+            self.fields = tuple(f"f{i}" for i in range(self.num_fields))
+        return False
+
+    def _label(self, v: bytes) -> float:
+        y = _number(v, "label")
+        if not self.binary:
+            return y
+        if y not in (-1.0, 0.0, 1.0):
+            raise _BadLine(f"label: expected -1, 0 or 1, got {v[:40].decode('utf-8', 'replace')!r}")
+        return float(y > 0)
+
+    def _parse_line(self, line: bytes) -> tuple[Sequence[Any], Sequence[float], float]:
+        tokens = line.split()
+        if not tokens:
+            raise _BadLine("empty line")
+        y = self._label(tokens[0])
+        nf = self.num_fields
+        assert nf is not None
+        feats = tokens[1:]
+        if not self.ffm:
+            if len(feats) != nf:
+                raise _BadLine(f"expected {nf} idx:val features, got {len(feats)}")
+            ids: list[int] = []
+            vals: list[float] = []
+            for k, t in enumerate(feats, 1):
+                p = t.split(b":")
+                if len(p) != 2:
+                    shown = t[:40].decode("utf-8", "replace")
+                    raise _BadLine(f"feature {k}: expected idx:val, got {shown!r}")
+                ids.append(_local_int(p[0], f"feature {k} (idx)"))
+                vals.append(_number(p[1], f"feature {k} (val)"))
+            return ids, vals, y
+        ids = [MISSING_LOCAL] * nf
+        vals = [0.0] * nf
+        seen = set()
+        for k, t in enumerate(feats, 1):
+            p = t.split(b":")
+            if len(p) != 3:
+                shown = t[:40].decode("utf-8", "replace")
+                raise _BadLine(f"feature {k}: expected field:idx:val, got {shown!r}")
+            f = _local_int(p[0], f"feature {k} (field)")
+            if f >= nf:
+                raise _BadLine(f"feature {k}: field {f} is not below num_fields = {nf}")
+            if f in seen:
+                raise _BadLine(f"feature {k}: field {f} appears twice")
+            seen.add(f)
+            ids[f] = _local_int(p[1], f"feature {k} (idx)")
+            vals[f] = _number(p[2], f"feature {k} (val)")
+        return ids, vals, y
+
+
+def libsvm_batches(
+    path: str | os.PathLike[str],
+    batch_size: int,
+    *,
+    num_fields: int | None = None,
+    binary: bool = True,
+    skip_bad: bool = False,
+    drop_last: bool = False,
+    max_samples: int | None = None,
+    chunk_lines: int = CHUNK_LINES,
+) -> LibSVMStream:
+    """Stream a libSVM / libFM (libFFM) file as batches (``LibSVMStream`` has the format).
+
+    Yields ``Batch`` with sparse int64 (B, F) (feature k / field k -> field k), dense
+    float32 (B, F) the features' values, labels float32 (B,). Errors and options as
+    ``criteo_batches``; ``num_fields`` and ``binary`` as ``LibSVMStream``.
+
+    Example::
+
+        stream = libsvm_batches("frappe/train.libfm", 1024)   # 10 fields, labels -1/1
+        for b in stream:
+            b.sparse, b.dense, b.labels   # int64 (B, 10), float32 (B, 10) all 1.0, 0/1
+    """
+    return LibSVMStream(path, batch_size, num_fields=num_fields, binary=binary,
+                        skip_bad=skip_bad, drop_last=drop_last, max_samples=max_samples,
+                        chunk_lines=chunk_lines)  # fmt: skip
