@@ -1235,6 +1235,55 @@ def check_auth_token_file(ctx: Ctx) -> None:
                 ps.push("t", [1, 2], np.ones((2, DIM), np.float32))
 
 
+def secured_trainer(ctx: Ctx) -> tuple[Cluster, tuple[str, ...]]:
+    """A mutual-TLS training shard with tokens and a table "t"; the replica flags that
+    follow it (without the token file)."""
+    certs = ctx.certs
+    tokens = ctx.tmp / "replica-tokens"
+    tokens.write_text("admin admin-0123456789abcdef-TOKEN\nread read-0123456789abcdef-TOKEN\n")
+    trainer = ctx.shard("--tls-cert", certs.server_cert, "--tls-key", certs.server_key,
+                        "--tls-client-ca", certs.ca, "--auth-token-file", str(tokens))  # fmt: skip
+    mtls = TLSConfig(ca=certs.ca, cert=certs.client_cert, key=certs.client_key)
+    with PSClient(trainer.addresses, timeout=10, tls=mtls,
+                  token="admin-0123456789abcdef-TOKEN") as ps:  # fmt: skip
+        ps.create_table(TableConfig("t", DIM))
+        ps.pull("t", np.arange(50))
+    follow = ("--replica-of", trainer.addresses[0], "--replica-tls-ca", certs.ca,
+              "--replica-tls-cert", certs.client_cert, "--replica-tls-key", certs.client_key)  # fmt: skip
+    return trainer, follow
+
+
+def replica_synced(replica: Cluster, seconds: float) -> bool:
+    """Whether the replica reports SERVING (its first sync done) within ``seconds``."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if health(replica.addresses[0]) == serving:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def check_replica_token_file(ctx: Ctx) -> None:
+    """With the read token the replica syncs from a token-protected shard; without, never."""
+    _, follow = secured_trainer(ctx)
+    token = ctx.tmp / "replica-token"
+    token.write_text("read-0123456789abcdef-TOKEN\n")
+    assert replica_synced(ctx.shard(*follow, "--replica-token-file", str(token)), 20)
+    assert not replica_synced(ctx.shard(*follow), 1.5)
+
+
+def check_replica_tls(ctx: Ctx) -> None:
+    """--replica-tls-ca/-cert/-key: the replica syncs from a mutual-TLS shard; without its
+    client certificate (CA only) the handshake fails and it never syncs."""
+    _, follow = secured_trainer(ctx)
+    token = ctx.tmp / "replica-token"
+    token.write_text("read-0123456789abcdef-TOKEN\n")
+    assert replica_synced(ctx.shard(*follow, "--replica-token-file", str(token)), 20)
+    ca_only = follow[:4]  # --replica-of A --replica-tls-ca CA
+    assert not replica_synced(ctx.shard(*ca_only, "--replica-token-file", str(token)), 1.5)
+
+
 # --------------------------------------------------------------------------
 # The rows
 # --------------------------------------------------------------------------
@@ -1323,6 +1372,14 @@ PROMISES: list[Promise] = [
     P("--replica-of", "a read-only shard serving the training shard's rows", check_replica_of),
     P("--replica-poll-seconds", "S=2: the state served ages to ~S", check_replica_poll_seconds),
     P("--max-lag", "NOT_SERVING once the lag passes S", check_max_lag),
+    P("--replica-token-file", "the read token lets a replica sync", check_replica_token_file),
+    P("--replica-tls-ca", "a replica syncs over mutual TLS", check_replica_tls),
+    P("--replica-tls-cert", "without the client certificate: no sync", check_replica_tls),
+    P(
+        "--replica-tls-key",
+        "the client certificate's key (with --replica-tls-cert)",
+        check_replica_tls,
+    ),
     P("--evict-every", "steps_to_live sweeps without an Evict call", check_evict_every),
     P("--tls-cert", "TLS only: plaintext fails, a client of the CA works", check_tls_cert),
     P("--tls-key", "the certificate's key; another one stops the shard", check_tls_key),
