@@ -83,6 +83,7 @@ STANDIN_DPKG_OPTS = (
 )
 STANDIN_REPO = "localhost/embps-base"
 CONTEXT_LABEL = "org.embps.build-inputs"
+KEEP_BUILDS = 3  # ctx-<hash> images kept for the cache (each holds its own ~340 MB venv layer)
 PULL_TIMEOUT_S = 300
 STANDIN_TIMEOUT_S = 900
 BUILD_TIMEOUT_S = 1800
@@ -432,6 +433,16 @@ class Built:
     seconds: float
 
 
+def prune_old_builds(engine: Engine, keep: int) -> None:
+    """Untag all but the newest ``keep`` ``localhost/embps:ctx-*`` images (a build per
+    source change would otherwise fill the disk); the layers go once nothing uses them."""
+    res = engine.run("images", "--format", "{{.Repository}}:{{.Tag}} {{.CreatedAt}}", check=False)
+    ours = [ln.split(" ", 1) for ln in res.stdout.splitlines() if ":ctx-" in ln.split(" ")[0]]
+    ours = [(ref, when) for ref, when in ours if ref.startswith("localhost/embps:ctx-")]
+    for ref, _ in sorted(ours, key=lambda x: x[1], reverse=True)[keep:]:
+        engine.run("rmi", ref, check=False)
+
+
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -478,6 +489,7 @@ def build(tag: str = DEFAULT_TAG, base_mode: str = "auto", engine_name: str = "a
             )
             if proc.returncode != 0:
                 raise BuildError(f"{engine.name} build failed (exit {proc.returncode}): see above")
+            prune_old_builds(engine, keep=KEEP_BUILDS)
         info = engine.image_info(tag)
     built = Built(
         image=tag,
