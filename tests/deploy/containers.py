@@ -85,6 +85,8 @@ BUILD_TIMEOUT_S = 1500.0  # a cold build: stand-in base (~1-2 min) + pip install
 READY_TIMEOUT_S = 180.0  # cap on a startup probe's budget (the manifests allow 10 minutes)
 CLIENT_TIMEOUT_S = 300.0
 GRPC_PORT, METRICS_PORT = 50051, 9091
+RUN_PREFIX = "embps-test-"  # every name a test run gives: embps-test-<pid>-<4 hex>-...
+_RUN_NAME = re.compile(r"^embps-test-(\d+)-[0-9a-f]{4}-")
 _K8S_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 _FIELD_LABEL = re.compile(r"^metadata\.labels\['([^']+)'\]$")
 
@@ -166,7 +168,7 @@ class Podman:
 
     def __init__(self, tmp: Path) -> None:
         self.env, _ = build_module().engine_env()
-        self.run_id = f"t{os.getpid()}{random.randrange(16**4):04x}"
+        self.run_id = f"{RUN_PREFIX}{os.getpid()}-{random.randrange(16**4):04x}"
         self.tmp = tmp
         self.containers: list[str] = []
         self.pods: list[str] = []
@@ -216,6 +218,22 @@ class Podman:
     def stop(self, containers: list[str], grace_s: float) -> None:
         """SIGTERM, then SIGKILL after ``grace_s`` (as the kubelet stops a pod)."""
         self("stop", "--time", str(int(grace_s)), *containers, timeout=grace_s + 60)
+
+    def remove_stale(self) -> None:
+        """Remove what runs whose process is gone left behind (a run killed by a timeout):
+        pods, containers and volumes named embps-test-<pid>-... with no process <pid>."""
+
+        def stale(name: str) -> bool:
+            m = _RUN_NAME.match(name)
+            return bool(m) and not Path(f"/proc/{m.group(1)}").exists()
+
+        for kind, fmt in (("pod", "{{.Name}}"), ("container", "{{.Names}}")):
+            listed = self(kind, "ps", "--all", "--format", fmt, check=False).stdout.split()
+            for name in filter(stale, listed):
+                self(kind, "rm", "--force", name, check=False, timeout=120)
+        listed = self("volume", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+        for name in filter(stale, listed):
+            self("volume", "rm", "--force", name, check=False)
 
     def cleanup(self) -> None:
         """Remove what this run made (by name), whatever state it is in."""

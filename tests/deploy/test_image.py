@@ -72,6 +72,7 @@ def image() -> Image:
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     p = Podman(tmp_path_factory.mktemp("podman"))
+    p.remove_stale()
     try:
         yield p
     finally:

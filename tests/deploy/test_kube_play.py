@@ -66,6 +66,7 @@ def image() -> Image:
 @pytest.fixture(scope="module")
 def podman(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     p = Podman(tmp_path_factory.mktemp("kube"))
+    p.remove_stale()
     try:
         yield p
     finally:
