@@ -3,7 +3,8 @@
 
     python3 deploy/image/build.py [--tag embps:0.1.0] [--base auto|pinned|standin] [--json]
 
-Standard library only, so it runs from a fresh clone before any virtualenv.
+Standard library only (Python >= 3.11), so it runs from a fresh clone before any
+virtualenv.
 
 DESIGN
 - Engine: podman when installed; else docker when its daemon answers (a docker
@@ -13,7 +14,8 @@ DESIGN
   default ulimits no higher than the host's hard limits (podman, as root, asks
   for 1048576 open files, which a host without CAP_SYS_RESOURCE and a lower hard
   limit refuses). The same file serves `podman run` and `podman kube play`
-  (which has no --ulimit flag), so the tests use `engine_env` too.
+  (which has no --ulimit flag), so the tests use `engine_env` too; the file is
+  /var/tmp/embps-image/containers.conf (EMBPS_IMAGE_STATE moves the folder).
 - Base image: the Dockerfile's pinned `python:3.11.x-slim-bookworm@sha256:...`
   when it is present or can be pulled. Where no container registry is
   reachable, a stand-in of the same Debian release is made from Debian packages
@@ -172,11 +174,11 @@ def engine_env(base: dict[str, str] | None = None) -> tuple[dict[str, str], tupl
     text, notes = containers_conf()
     if text and "CONTAINERS_CONF" not in env:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        conf = STATE_DIR / f"containers-{hashlib.sha256(text.encode()).hexdigest()[:12]}.conf"
-        if not conf.is_file():
+        conf = STATE_DIR / "containers.conf"
+        if not conf.is_file() or conf.read_text(encoding="utf-8") != text:
             tmp = conf.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(text, encoding="utf-8")
-            tmp.replace(conf)
+            tmp.replace(conf)  # atomic: a concurrent podman reads the old or the new file
         env["CONTAINERS_CONF"] = str(conf)
     return env, notes
 
