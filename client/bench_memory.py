@@ -1,4 +1,4 @@
-"""``embps bench memory``: held-out AUC against embedding memory, one model, six embedding kinds.
+"""``embps bench memory``: held-out AUC against embedding memory, one model, seven embedding kinds.
 
 The same DLRM (``embps.client.models``), data (``SyntheticCTR``: Zipf ids, fresh ids
 over time, a planted logistic model) and training loop (``embps.client.demo.train``,
@@ -20,9 +20,20 @@ are paired. Kinds, each with one table set per categorical field (dim 16, Adagra
             counts would be in production) in a dim-16 table, the next in a dim-8
             table, the long tail in a hashed static dim-4 table; trainable projections
             to dim 16 on the trainer
-  pruned    the dynamic run's tables after ``OptEmbedMask.prune`` with per-field
+  magnitude-pruned  the dynamic run's tables after ``OptEmbedMask.prune`` with per-field
             thresholds set to the row-norm quantile that fits the budget (magnitude
-            pruning after training, no retraining; pruned ids read zeros)
+            pruning after training, no retraining; pruned ids read zeros). Not OptEmbed:
+            nothing is learned, the thresholds are read off the row norms.
+  optembed  the whole of OptEmbed (``embps.client.optembed``): dynamic tables trained as
+            a supernet (learned per-field thresholds with their regularizer, uniform
+            dimension sampling over OPTEMBED_DIMS), an evolutionary search of a dim per
+            field (SEARCH / QUICK_SEARCH: held-out AUC on validation samples that follow
+            the test samples, so the test samples never choose; candidates over
+            OPTEMBED_AIM of the dynamic bytes, estimated from the rows the thresholds
+            keep, are not scored), then on the PS: prune under the thresholds and
+            ``Narrow`` each table to its dim. Bytes and AUC are measured after that;
+            its target: <= OPTEMBED_BUDGET (35%) of dynamic within OPTEMBED_TOLERANCE
+            (0.001) AUC. The search's seconds are reported.
 
 Memory is what the shards report (``PSClient.stats``: every array a table owns,
 index, arena, optimizer slots, metadata, sketch, free list) summed over the kind's
@@ -61,7 +72,7 @@ from .data import SyntheticCTR, auc, logloss
 from .demo import NUM_SHARDS, DemoConfig, LocalPS, Progress, predict, table_memory, train
 from .ps_client import PSClient
 
-KINDS = ("dynamic", "static", "adaptive", "qr", "mixed", "pruned")
+KINDS = ("dynamic", "static", "adaptive", "qr", "mixed", "magnitude-pruned", "optembed")
 BUDGET = 0.30  # memory of every budget kind, as a fraction of the dynamic tables' bytes
 AIM = 0.27  # what the planners aim at, below BUDGET: sketch over-counts, arena growth
 AUC_TOLERANCE = 0.002
@@ -71,6 +82,11 @@ STATIC_ROW_BYTES = 4 * DIM * 2 + 24  # value + Adagrad slot + freq, last_step, v
 MIXED_DIMS = (16, 8, 4)
 MIXED_SHARES = (0.45, 0.25, 0.30)  # of a field's budget: dim-16 rows, dim-8 rows, tail
 ADAPTIVE_OWN_SHARE = 0.6  # of a field's budget (after the sketch) for own rows at most
+OPTEMBED_BUDGET = 0.35  # OptEmbed's target: bytes <= this fraction of dynamic ...
+OPTEMBED_TOLERANCE = 0.001  # ... within this AUC of dynamic
+OPTEMBED_AIM = 0.32  # the search's bytes limit (estimated), below OPTEMBED_BUDGET
+OPTEMBED_DIMS = (1, 2, 4, 8, 16)
+OPTEMBED_WEIGHT = 2e-3  # threshold regularizer weight
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,15 @@ class Preset:
 
 FULL = Preset(steps=1000, batch_size=8192, eval_samples=300_000)
 QUICK = Preset(steps=50, batch_size=8192, eval_samples=50_000)
+
+
+def search_budget(quick: bool) -> Any:
+    """The evolutionary search's budget: population x generations candidates at most."""
+    from .optembed import SearchBudget
+
+    if quick:
+        return SearchBudget(population=10, generations=4, parents=4, eval_samples=10_000)
+    return SearchBudget(population=20, generations=10, parents=8, eval_samples=50_000)
 
 
 def make_data(seed: int) -> SyntheticCTR:
@@ -229,6 +254,7 @@ class KindRun:
     auc: float = 0.0
     logloss: float = 0.0
     train_seconds: float = 0.0
+    search_seconds: float = 0.0  # optembed: the evolutionary search
     probs: np.ndarray | None = None
 
     def row(self, dynamic_bytes: int) -> dict[str, Any]:
@@ -236,7 +262,7 @@ class KindRun:
             "kind": self.kind, "bytes": self.bytes, "auc": self.auc, "logloss": self.logloss,
             "fraction_of_dynamic": self.bytes / max(dynamic_bytes, 1),
             "trainer_bytes": self.trainer_bytes, "train_seconds": self.train_seconds,
-            "tables": self.tables, "note": self.note,
+            "search_seconds": self.search_seconds, "tables": self.tables, "note": self.note,
         }  # fmt: skip
 
 
@@ -324,7 +350,7 @@ def run_dynamic_and_pruned(s: _Session, say: Callable[[str], None]) -> list[Kind
         FieldProfile(ids[f], ps.frequencies(t, ids[f]), mem[t]["bytes"])
         for f, t in enumerate(run.tables)
     ]
-    pruned = KindRun("pruned", run.tables)
+    pruned = KindRun("magnitude-pruned", run.tables)
     mask = OptEmbedMask(len(run.tables), norm="l2")
     keep = []
     for f, t in enumerate(run.tables):
@@ -409,9 +435,91 @@ def run_mixed(s: _Session) -> KindRun:
     return run
 
 
+def optembed_bytes(kept: int, d: int) -> int:
+    """Bytes of one shard's dynamic table of ``kept`` rows narrowed to ``d`` after a prune's
+    compaction (arena 1.25x rows of values + Adagrad slot + metadata, row keys, buckets)."""
+    from embps.server import hashmap as hm
+
+    cap = max(16, kept + kept // 4)
+    return cap * (8 * d + 24 + 8) + 16 * hm.capacity_for(cap) + 8 * hm.META_LEN
+
+
+def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
+    """Supernet training, evolutionary search, then prune + narrow on the PS (module doc)."""
+    import torch
+
+    from .optembed import (
+        DimSchedule,
+        OptEmbedField,
+        OptEmbedSupernet,
+        apply_optembed,
+        auc_scorer,
+        evolutionary_search,
+    )  # fmt: skip
+    from .torch import RemoteEmbedding
+
+    cfg, ps = s.cfg, s.ps
+    nf = s.data.num_fields
+    run = KindRun("optembed", [f"optembed.f{f}" for f in range(nf)])
+    for t in run.tables:
+        ps.create_table(TableConfig(t, DIM, optimizer=Adagrad(lr=cfg.emb_lr), seed=cfg.seed))
+    net = OptEmbedSupernet(nf, DIM, OPTEMBED_DIMS, DimSchedule(warmup_steps=cfg.steps // 5),
+                           weight=OPTEMBED_WEIGHT, seed=cfg.seed)  # fmt: skip
+    embs = [
+        OptEmbedField(RemoteEmbedding(ps, t, staleness=cfg.staleness), net, f)
+        for f, t in enumerate(run.tables)
+    ]
+    model = s.train_eval(run, embs, extra_loss=net.regularization, keep=True)
+    # rows each field's learned threshold keeps (full rows, as prune judges them)
+    ids = _distinct_ids(s.data, cfg.train_samples)
+    kept = []
+    for f, t in enumerate(run.tables):
+        norms = np.linalg.norm(ps.pull(t, ids[f], train=False), axis=1)
+        kept.append(int((norms >= float(net.mask.threshold[f].detach())).sum()))
+    dyn_bytes = sum(p.bytes for p in s.profiles)
+
+    def cost(dims: np.ndarray) -> float:
+        return float(sum(NUM_SHARDS * optembed_bytes(k // NUM_SHARDS, int(d))
+                         for k, d in zip(kept, dims, strict=True)))  # fmt: skip
+
+    limit = OPTEMBED_AIM * dyn_bytes
+    smallest = cost(np.full(nf, min(OPTEMBED_DIMS)))
+    budget = search_budget(cfg.quick)
+    val = s.data.generate(cfg.train_samples + cfg.eval_samples, budget.eval_samples)
+    t0 = time.monotonic()
+    score = auc_scorer(model, net, val.sparse, val.dense, val.labels)
+    found = evolutionary_search(score, nf, OPTEMBED_DIMS, budget, seed=cfg.seed, cost=cost,
+                                max_cost=max(limit, smallest))  # fmt: skip
+    search_s = time.monotonic() - t0
+    applied = apply_optembed(ps, run.tables, net, found.dims.tolist())
+    with torch.no_grad():
+        net.mask.threshold.clamp_(min=0.0)  # as prune read them: a negative one prunes nothing
+    for e in embs:
+        e.close()
+    model.embeddings = torch.nn.ModuleList(
+        OptEmbedField(RemoteEmbedding(ps, t, staleness=cfg.staleness), net, f)
+        for f, t in enumerate(run.tables)
+    )
+    s.score(run, model)
+    model.close()
+    run.search_seconds = search_s
+    run.note = (
+        f"dims {'/'.join(str(int(d)) for d in found.dims)} (search: {found.evaluations} "
+        f"candidates, {search_s:.1f} s, validation AUC {found.score:.4f}), kept "
+        f"{sum(kept):,} of {sum(len(i) for i in ids):,} rows (thresholds "
+        + ", ".join(f"{float(t):.3f}" for t in net.mask.threshold.detach())
+        + f"), freed {sum(a.bytes_freed for a in applied):,} bytes"
+        + ("" if limit >= smallest else "; the thresholds keep too many rows for the "
+           f"{OPTEMBED_AIM:.0%} aim even at dim {min(OPTEMBED_DIMS)}")
+    )  # fmt: skip
+    say(_line(run, dyn_bytes) + f"  search {search_s:.1f} s")
+    say(f"    {run.note}")
+    return run
+
+
 def _line(run: KindRun, dynamic_bytes: int) -> str:
     return (
-        f"  {run.kind:<9} {run.bytes / 2**20:8.2f} MB ({100 * run.bytes / max(dynamic_bytes, 1):5.1f}%)"
+        f"  {run.kind:<16} {run.bytes / 2**20:8.2f} MB ({100 * run.bytes / max(dynamic_bytes, 1):5.1f}%)"
         f"  AUC {run.auc:.4f}  logloss {run.logloss:.4f}  ({run.train_seconds:.0f} s training)"
     )
 
@@ -453,8 +561,18 @@ def evaluate_targets(runs: dict[str, KindRun], labels: np.ndarray) -> dict[str, 
         "target": "AUC(adaptive) > AUC(static), adaptive bytes <= static bytes",
     }  # fmt: skip
     out["budget_kinds_within_budget"] = {
-        k: runs[k].bytes / dyn.bytes <= BUDGET for k in KINDS if k != "dynamic"
+        k: runs[k].bytes / dyn.bytes <= (OPTEMBED_BUDGET if k == "optembed" else BUDGET)
+        for k in KINDS
+        if k != "dynamic"
     }
+    oe = runs["optembed"]
+    out["optembed_target"] = {
+        "pass": bool(dyn.auc - oe.auc <= OPTEMBED_TOLERANCE and oe.bytes <= OPTEMBED_BUDGET * dyn.bytes),
+        "auc_gap": dyn.auc - oe.auc, "se": out["deltas"]["optembed"]["se"],
+        "fraction": oe.bytes / dyn.bytes, "search_seconds": oe.search_seconds,
+        "target": f"AUC(dynamic) - AUC(optembed) <= {OPTEMBED_TOLERANCE} at <= "
+        f"{OPTEMBED_BUDGET:.0%} memory",
+    }  # fmt: skip
     return out
 
 
@@ -480,6 +598,11 @@ def format_table(runs: dict[str, KindRun], targets: dict[str, Any]) -> str:
         f"target 2: {b['target']}: lead {b['auc_lead']:+.4f} (SE {b['se']:.4f}), "
         f"{b['bytes_adaptive']:,} vs {b['bytes_static']:,} bytes: {'PASS' if b['pass'] else 'FAIL'}",
     ]
+    o = targets["optembed_target"]
+    lines.append(
+        f"target 3: {o['target']}: gap {o['auc_gap']:+.4f} (SE {o['se']:.4f}) at "
+        f"{o['fraction']:.1%}, search {o['search_seconds']:.1f} s: {'PASS' if o['pass'] else 'FAIL'}"
+    )
     return "\n".join(lines)
 
 
@@ -565,6 +688,9 @@ def run(args: argparse.Namespace) -> int:
                     s.drop(r)
                     runs[r.kind] = r
                     say(_line(r, dyn_bytes))
+                r = run_optembed(s, say)
+                s.drop(r)
+                runs[r.kind] = r
             local.stop()
     except Exception:
         traceback.print_exc()

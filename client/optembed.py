@@ -39,9 +39,9 @@ numbers the supernet computed with those dims (columns >= d_f were masked to zer
 
 LIMITATIONS. The search scores each candidate with a forward pass of the dense model
 over ``SearchBudget.eval_samples`` cached rows: population x generations passes at most
-(repeats are cached). Candidates over the bytes budget are never scored; if no random
-candidate fits after many tries the search raises ValueError (lower the dims or raise
-the budget).
+(repeats are cached). A candidate over the bytes budget is repaired before it is scored
+(its widest field steps down one candidate dim until it fits); if even the smallest
+dims do not fit, the search raises ValueError.
 """
 
 from __future__ import annotations
@@ -334,14 +334,18 @@ def evolutionary_search(
         return cache[k]
 
     def draw(make: Callable[[], np.ndarray]) -> np.ndarray:
-        for _ in range(1000):
-            d = make()
-            if fits(d):
-                return d
-        raise ValueError(
-            f"no candidate within max_cost={max_cost} after 1000 draws; "
-            "allow smaller dims or raise the budget"
-        )
+        """make() repaired to fit: the widest field steps down a candidate until it fits."""
+        d = make().copy()
+        while not fits(d):
+            wide = np.flatnonzero(d == d.max())
+            if d.max() == cand[0]:
+                raise ValueError(
+                    f"no candidate within max_cost={max_cost}: even every field at dim "
+                    f"{cand[0]} costs {cost(d) if cost else 0}; allow smaller dims or raise it"
+                )
+            f = int(wide[rng.integers(wide.shape[0])])
+            d[f] = cand[np.searchsorted(cand, d[f]) - 1]
+        return d
 
     def rand() -> np.ndarray:
         return cand[rng.integers(cand.shape[0], size=num_fields)]

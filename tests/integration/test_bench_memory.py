@@ -57,11 +57,14 @@ def test_budget_kinds_stay_within_the_stated_fraction(
     budget = result["budget_fraction"]
     assert budget == bench_memory.BUDGET == 0.30
     dyn = runs["dynamic"]["bytes"]
-    for kind in ("static", "adaptive", "qr", "mixed", "pruned"):
+    for kind in ("static", "adaptive", "qr", "mixed", "magnitude-pruned"):
         assert runs[kind]["bytes"] <= budget * dyn, (kind, runs[kind]["bytes"], dyn)
         assert runs[kind]["fraction_of_dynamic"] == pytest.approx(runs[kind]["bytes"] / dyn)
     # pruning really freed rows of the dynamic tables
-    assert runs["pruned"]["bytes"] < dyn
+    assert runs["magnitude-pruned"]["bytes"] < dyn
+    # OptEmbed pruned and narrowed its tables on the PS, and timed its search
+    assert runs["optembed"]["bytes"] < 0.5 * dyn
+    assert runs["optembed"]["search_seconds"] > 0
 
 
 def test_report_plot_and_targets(quick: tuple[dict[str, Any], Path, str]) -> None:
@@ -69,7 +72,7 @@ def test_report_plot_and_targets(quick: tuple[dict[str, Any], Path, str]) -> Non
     png = out / "memory_auc.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     assert result["plot"] == str(png.resolve())
-    for name in ("adaptive_within_tolerance", "adaptive_beats_static"):
+    for name in ("adaptive_within_tolerance", "adaptive_beats_static", "optembed_target"):
         t = result["targets"][name]
         assert isinstance(t["pass"], bool) and t["se"] >= 0
         assert ("PASS" if t["pass"] else "FAIL") in stdout
