@@ -88,7 +88,8 @@ YYMMDDHH -> hour-of-day and weekday fields, ``click`` the label) and ``libsvm_ba
 Criteo loader's contract: the same ``Batch`` with field-tagged ids (field f of the
 format -> ``f << 40 | local``), dense float32 (B, D) (D = 0 where the format has none),
 float32 labels; gzip by name or magic bytes; the file read a line at a time and parsed
-8192 lines at a time (plain Python per line, 0.2-1 M lines/s by format); a malformed
+8192 lines at a time (plain Python per line: MovieLens 250 k, Avazu 85 k, libSVM with
+10 features 50 k lines/s, measured on a shared 2-core machine at load 5.5); a malformed
 line raises ``ValueError("<path> line <n>: <what>")`` or, with ``skip_bad``, is skipped
 and counted. MovieLens labels are the ratings (not 0/1). Datasets are not bundled (their
 licences forbid it): README "Public datasets" says where to get them, and
@@ -1488,6 +1489,50 @@ class LibSVMStream(LineStream):
         return float(y > 0)
 
     def _parse_line(self, line: bytes) -> tuple[Sequence[Any], Sequence[float], float]:
+        try:
+            got = self._fast(line)
+        except (ValueError, IndexError, OverflowError):
+            got = None
+        if got is not None:
+            return got
+        return self._checked(line)  # raises _BadLine saying what is wrong
+
+    def _fast(self, line: bytes) -> tuple[Sequence[Any], Sequence[float], float] | None:
+        """The common case without messages: the parse, or None (or an exception) when
+        anything is off; ``_checked`` then finds what."""
+        tokens = line.split()
+        y = float(tokens[0])
+        if not math.isfinite(y) or (self.binary and y not in (-1.0, 0.0, 1.0)):
+            return None
+        label = float(y > 0) if self.binary else y
+        nf = self.num_fields
+        assert nf is not None
+        if self.ffm:
+            triples = [t.split(b":") for t in tokens[1:]]
+            ids = [MISSING_LOCAL] * nf
+            vals = [0.0] * nf
+            for f, i, v in triples:
+                if not (f.isdigit() and i.isdigit()):
+                    return None
+                fi = int(f)
+                if fi >= nf or ids[fi] != MISSING_LOCAL:
+                    return None
+                ids[fi] = int(i)
+                vals[fi] = float(v)
+        else:
+            if len(tokens) != nf + 1:
+                return None
+            pairs = [t.split(b":") for t in tokens[1:]]
+            if not all(i.isdigit() for i, _ in pairs):
+                return None
+            ids = [int(i) for i, _ in pairs]
+            vals = [float(v) for _, v in pairs]
+        if max(ids, default=0) > LOCAL_MASK or not all(map(math.isfinite, vals)):
+            return None
+        return ids, vals, label
+
+    def _checked(self, line: bytes) -> tuple[Sequence[Any], Sequence[float], float]:
+        """The parse, one check at a time, each with its message."""
         tokens = line.split()
         if not tokens:
             raise _BadLine("empty line")
