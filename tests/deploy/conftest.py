@@ -14,8 +14,8 @@ import json
 import socket
 import subprocess
 import threading
-import types
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
