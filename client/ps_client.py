@@ -645,7 +645,8 @@ class PSClient:
         every shard, freeing the rest (OptEmbed's narrowing, ``embps.client.optembed``).
 
         dim in [1, the table's dim] (else InvalidArgumentError); a qr table with the
-        concat combiner is refused (FailedPreconditionError). Later pulls return
+        concat combiner is refused (FAILED_PRECONDITION: ``ShardMismatchError``, the
+        client's class for that code). Later pulls return
         (n, dim). Needs admin permission. Not retried (a repeat of the same dim changes
         nothing, so calling it again is safe).
         """

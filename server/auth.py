@@ -24,7 +24,7 @@ WHAT EACH PERMISSION ALLOWS (``METHOD_PERMISSION``)
     write: Push, Pull with train=True (a training pull creates rows and counts
            sightings: it changes the table, so it is not a read), Step with push
            groups or train=True (read: a Step of inference pulls only)
-    admin: CreateTable, DropTable, Prune, Checkpoint, Evict (restore is a start flag)
+    admin: CreateTable, DropTable, Prune, Checkpoint, Evict, Narrow (restore is a start flag)
     none:  grpc.health.v1.Health (Kubernetes probes carry no token)
     A method missing from the table needs admin (deny by default).
 
@@ -119,6 +119,7 @@ METHOD_PERMISSION: dict[str, Permission | None] = {
     _PS + "Prune": Permission.ADMIN,
     _PS + "Checkpoint": Permission.ADMIN,
     _PS + "Evict": Permission.ADMIN,
+    _PS + "Narrow": Permission.ADMIN,
 }
 
 
