@@ -331,3 +331,35 @@ def test_bad_arguments() -> None:
         avazu_batches("x", 1, max_samples=-1)
     with pytest.raises(ValueError, match="num_fields"):
         libsvm_batches("x", 1, num_fields=0)
+
+
+@pytest.mark.parametrize("loader", [movielens_batches, avazu_batches, libsvm_batches])
+def test_an_empty_file_yields_nothing(tmp_path: Path, loader: Loader) -> None:
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    stream = loader(path, 4)
+    assert list(stream) == [] and stream.lines == 0 and stream.samples == 0
+
+
+def test_libsvm_fast_path_and_checked_parse_agree() -> None:
+    """The fast path (no messages) takes exactly the lines the checked parse takes, with
+    the same result; lines it refuses go to the checked parse, which says why."""
+    from embps.client.data import LibSVMStream, _BadLine
+
+    rng = np.random.default_rng(9)
+    tokens = ["1:1", "2:0.5", "x:1", "3:y", "4", "5:1:1", "-6:1", "7:inf", "8:1e3", "+9:1"]
+    labels = ["1", "-1", "0", "2", "one", "nan", "1.0", "-0"]
+    stream = LibSVMStream("unused", 1, num_fields=2)
+    stream.ffm = False
+
+    def outcome(parse: Callable[[bytes], object], line: bytes) -> object:
+        try:
+            return parse(line)
+        except _BadLine:
+            return "bad"
+
+    for _ in range(400):
+        feats = rng.choice(tokens, size=int(rng.integers(1, 4)))
+        line = " ".join([str(rng.choice(labels)), *feats]).encode()
+        checked = outcome(stream._checked, line)
+        assert outcome(stream._parse_line, line) == checked, line  # fast path or checked
