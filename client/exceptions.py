@@ -98,6 +98,16 @@ class ShardMismatchError(EmbpsError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ReadOnlyReplicaError(ShardMismatchError):
+    """A write (push, training pull, table change) sent to a read-only replica shard
+    (``embps serve --replica-of``). FAILED_PRECONDITION, as the shard-count checks; send
+    writes to the training shards and only inference pulls to replicas."""
+
+
+# The shard's words for a refusal because it is a replica (server/replica.py).
+_READ_ONLY_MARK = "read-only replica"
+
+
 class ResourceExhaustedError(EmbpsError):
     """A table is full with no eviction policy, or a request is over a size limit."""
 
@@ -233,4 +243,6 @@ def from_rpc_error(err: grpc.RpcError, shard: int, address: str) -> EmbpsError:
         md = err.trailing_metadata() or ()
         rejected = any(k == OUTCOME_KEY and v == OUTCOME_REJECTED for k, v in md)
     cls = STATUS_TO_ERROR.get(code, EmbpsError)
+    if cls is ShardMismatchError and _READ_ONLY_MARK in details:
+        cls = ReadOnlyReplicaError
     return cls(details, shard=shard, address=address, code=code, rejected=rejected)
