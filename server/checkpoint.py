@@ -767,8 +767,36 @@ def shard_count_at(root: Path | str, step: int) -> int:
     return n
 
 
-def latest_step(root: Path | str) -> int | None:
-    """The newest step whose every shard directory is present, or None."""
+def is_private(root: Path | str, shard: int, num_shards: int) -> bool:
+    """Whether ``root`` holds this shard's checkpoints only: no step under it has another
+    shard's directory. A Kubernetes StatefulSet gives each pod a volume of its own
+    (ReadWriteOnce), so there a checkpoint is never complete in one directory: each shard
+    restores, and numbers its next checkpoint, from its own."""
+    own = shard_dir_name(shard, num_shards)
+    for step in list_steps(root):
+        for s in (Path(root) / str(step)).iterdir():
+            if s.name.startswith("shard-") and s.name != own:
+                return False
+    return True
+
+
+def latest_step(
+    root: Path | str, shard: int | None = None, num_shards: int | None = None
+) -> int | None:
+    """The newest step whose every shard directory is present, or None.
+
+    With ``shard`` and ``num_shards``, on a private volume (``is_private``): the newest
+    step with this shard's own complete directory. LIMITATIONS: shards on private volumes
+    agree on steps only by checkpointing together (the wall-clock period, the same
+    Checkpoint call); a shard that missed a checkpoint numbers its next one lower, and a
+    restore then loads each shard's newest, which may be of different moments.
+    """
+    if shard is not None and num_shards is not None and is_private(root, shard, num_shards):
+        own = shard_dir_name(shard, num_shards)
+        for step in reversed(list_steps(root)):
+            if (Path(root) / str(step) / own / MANIFEST).is_file():
+                return step
+        return None
     for step in reversed(list_steps(root)):
         try:
             shard_count_at(root, step)
@@ -943,7 +971,13 @@ def restore_tables(
     Returns the tables and a summary (``old_shards``, ``tables``, ``keys``, ``bytes``).
     """
     root = Path(root)
-    old_n = shard_count_at(root, step)
+    try:
+        old_n = shard_count_at(root, step)
+    except CheckpointError:
+        own = root / str(step) / shard_dir_name(shard, num_shards) / MANIFEST
+        if not (is_private(root, shard, num_shards) and own.is_file()):
+            raise
+        old_n = num_shards  # a private volume: this shard's own directory is the checkpoint
     tables: dict[str, Table] = {}
     block_sums: dict[str, dict[str, np.ndarray]] = {}
     states: dict[str, dict[str, int]] = {}
@@ -1244,8 +1278,9 @@ class Checkpointer:
             return res
 
     def next_auto_step(self) -> int:
-        """Step of an automatic checkpoint: the newest complete step under root, plus one."""
-        latest = latest_step(self.root)
+        """Step of an automatic checkpoint: the newest complete step under root (on a
+        private volume: this shard's newest), plus one."""
+        latest = latest_step(self.root, self.shard, self.num_shards)
         return 0 if latest is None else latest + 1
 
     def start_periodic(self, every_s: float) -> None:

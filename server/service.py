@@ -1114,7 +1114,7 @@ class ShardServer:
         assert cfg.restore is not None
         if cfg.restore == "latest":
             assert cfg.checkpoint_dir is not None
-            step = latest_step(cfg.checkpoint_dir)
+            step = latest_step(cfg.checkpoint_dir, cfg.shard_id, cfg.num_shards)
             if step is None:
                 log.warning(
                     "shard %d: --restore latest: no complete checkpoint under %s; starting empty",

@@ -16,7 +16,8 @@ loopback addresses).
   10001 with a read-only root filesystem, no capabilities and the memory
   limit; a client creates a table, trains, checkpoints to each pod's volume;
   `podman stop` with the pod's grace period drains them. Pods re-created on
-  the same volumes must restore the rows: they do not (xfail, below).
+  the same volumes restore the rows (each from its own volume: a checkpoint is
+  never complete in one pod's directory, server/checkpoint.py ``is_private``).
 - dev with the TLS component, its Secrets written as the kubelet would: the
   /readyz probes pass, a client with a certificate of the CA and a token
   trains over mutual TLS (the shards' certificate verified against the DNS
@@ -151,12 +152,6 @@ def test_dev_pods_recreated_on_their_volumes_start(podman: Podman, dev: list[Pod
     check_pods(podman, dev)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each pod's volume (volumeClaimTemplate, ReadWriteOnce) holds only its own shard's "
-    "directory, so `--restore latest` finds no complete checkpoint and the shard starts empty "
-    "(and its exit and periodic checkpoints all go to step 0)",
-)
 def test_dev_pods_recreated_on_their_volumes_restore_the_rows(
     podman: Podman, dev: list[PodPlan], tmp_path: Path
 ) -> None:
