@@ -158,8 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "Evict call)")  # fmt: skip
     parser.add_argument("--replica-of", metavar="ADDRESSES", help="run read-only replica "
                         "shards: shard i follows the training shard at the i-th of these "
-                        "comma-separated host:port (in shard-id order) and serves its inference "
-                        "pulls (README 'Serving replicas')")  # fmt: skip
+                        "comma-separated host:port (in shard-id order; or a pattern with {i}, "
+                        "e.g. embps-{i}.embps-headless:50051) and serves its inference pulls "
+                        "(README 'Serving replicas')")  # fmt: skip
     parser.add_argument("--replica-poll-seconds", type=float, metavar="S", help="how often a "
                         f"replica reads the change feed (default {d['replica_poll_seconds']})")  # fmt: skip
     parser.add_argument("--max-lag", type=float, metavar="S", help="a replica reports "
@@ -227,11 +228,14 @@ def replica_address(opts: dict[str, Any], shard_id: int) -> str | None:
     """The training shard replica ``shard_id`` follows (None: not a replica).
 
     ``replica_of``: one host:port per shard, comma-separated, in shard-id order (a single
-    one is fine with one shard, or with ``--shard-id`` when it is that shard's own).
+    one is fine with one shard, or with ``--shard-id`` when it is that shard's own), or a
+    pattern with ``{i}`` for the shard id (``embps-{i}.embps-headless:50051``).
     """
     spec = opts.get("replica_of")
     if not spec:
         return None
+    if "{i}" in str(spec):  # a pattern, e.g. a StatefulSet's DNS names
+        return str(spec).replace("{i}", str(shard_id))
     addresses = [a.strip() for a in str(spec).split(",") if a.strip()]
     if len(addresses) == 1 and (opts["shards"] == 1 or opts.get("shard_id") is not None):
         return addresses[0]
