@@ -122,7 +122,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -934,7 +934,59 @@ def _parse_lines(a: np.ndarray) -> tuple[Batch, np.ndarray, np.ndarray, np.ndarr
     return Batch(sparse, dense, labels, None), ok, starts, ends
 
 
-class CriteoStream:
+class _BatchStream:
+    """What every loader's stream shares: the counters, batch iteration over
+    ``self._chunks()`` (re-batched to ``batch_size``), ``close`` and the context manager.
+    A subclass sets its own fields, then calls ``_start``."""
+
+    path: str
+    skip_bad: bool
+    max_samples: int | None
+
+    def _start(
+        self,
+        path: str | os.PathLike[str],
+        batch_size: int,
+        skip_bad: bool,
+        drop_last: bool,
+        max_samples: int | None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_samples is not None and max_samples < 0:
+            raise ValueError(f"max_samples must be >= 0 or None, got {max_samples}")
+        self.path = os.fspath(path)
+        self.skip_bad = skip_bad
+        self.max_samples = max_samples
+        self.lines = 0
+        self.samples = 0
+        self.bad_lines = 0
+        self.bad_examples: list[tuple[int, str]] = []
+        self._it = _rebatch(self._chunks(), batch_size, drop_last)
+
+    def _chunks(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stop early and close the file."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CriteoStream(_BatchStream):
     """Iterator over batches of a Criteo TSV file; counts lines as it goes.
 
     Attributes (updated while iterating): ``lines`` (lines read), ``samples`` (good
@@ -953,39 +1005,10 @@ class CriteoStream:
         max_samples: int | None = None,
         chunk_bytes: int = 1 << 22,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_samples is not None and max_samples < 0:
-            raise ValueError(f"max_samples must be >= 0 or None, got {max_samples}")
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-        self.path = os.fspath(path)
-        self.skip_bad = skip_bad
-        self.max_samples = max_samples
         self.chunk_bytes = chunk_bytes
-        self.lines = 0
-        self.samples = 0
-        self.bad_lines = 0
-        self.bad_examples: list[tuple[int, str]] = []
-        self._it = _rebatch(self._chunks(), batch_size, drop_last)
-
-    def __iter__(self) -> CriteoStream:
-        return self
-
-    def __next__(self) -> Batch:
-        return next(self._it)
-
-    def close(self) -> None:
-        """Stop early and close the file."""
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
-
-    def __enter__(self) -> CriteoStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._start(path, batch_size, skip_bad, drop_last, max_samples)
 
     def _open(self) -> io.BufferedIOBase:
         return open_maybe_gzip(self.path)  # closed by the `with` in _chunks
@@ -1086,7 +1109,7 @@ class _BadLine(Exception):
     """(private) One line is malformed; the message says what is wrong, in words."""
 
 
-class LineStream:
+class LineStream(_BatchStream):
     """Iterator over batches of a line-oriented text file; the shared part of the loaders
     of the public formats (``movielens_batches``, ``avazu_batches``, ``libsvm_batches``).
 
@@ -1114,39 +1137,10 @@ class LineStream:
         max_samples: int | None = None,
         chunk_lines: int = CHUNK_LINES,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_samples is not None and max_samples < 0:
-            raise ValueError(f"max_samples must be >= 0 or None, got {max_samples}")
         if chunk_lines < 1:
             raise ValueError(f"chunk_lines must be >= 1, got {chunk_lines}")
-        self.path = os.fspath(path)
-        self.skip_bad = skip_bad
-        self.max_samples = max_samples
         self.chunk_lines = chunk_lines
-        self.lines = 0
-        self.samples = 0
-        self.bad_lines = 0
-        self.bad_examples: list[tuple[int, str]] = []
-        self._it = _rebatch(self._chunks(), batch_size, drop_last)
-
-    def __iter__(self) -> LineStream:
-        return self
-
-    def __next__(self) -> Batch:
-        return next(self._it)
-
-    def close(self) -> None:
-        """Stop early and close the file."""
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
-
-    def __enter__(self) -> LineStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._start(path, batch_size, skip_bad, drop_last, max_samples)
 
     # ------------------------------------------------------------ per format
     def _header(self, line: bytes) -> bool:
