@@ -58,6 +58,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "embps.client.bench_train",
         "end-to-end training samples/s through a 2-shard PS beside local torch embeddings",
     ),
+    "serving": (
+        "embps.client.bench_serving",
+        "replica shards beside the training shards they follow: pulls, bytes per key, lag",
+    ),
     "soak": (
         "embps.client.bench_soak",
         "several clients push exact gradients for M minutes; verify nothing lost or doubled",

@@ -1,0 +1,190 @@
+"""``embps bench serving``: replica shards beside the training shards they follow.
+
+A 2-shard training PS (``embps serve --shards 2``) under a steady training load (a
+thread pushing Adagrad gradients of ``--push-keys`` keys as fast as it can), and one
+replica per shard (``embps serve --replica-of``). Measured in one run:
+
+  pulls       inference pulls (``train=False``) of ``--batch`` Zipf keys: on the
+              replicas, beside the same pulls on the training shards, interleaved
+              rounds, best round each (rows/s);
+  memory      bytes per key of the replicas' table (float32 rows, no optimizer slots)
+              beside the training shards' (``stats()``: every array each holds);
+  lag         the replicas' ``lag_seconds`` (Stats), sampled while the load runs:
+              p50 and p99.
+
+JSON keys (flat): ``replica_pull_rows_s``, ``training_pull_rows_s``, ``pull_ratio``,
+``replica_bytes_per_key_fp32``, ``training_bytes_per_key``, ``bytes_ratio_fp32``,
+``lag_p50_s``, ``lag_p99_s``, ``push_rows_s`` (the load), ``keys``, ``dim``.
+``replica_bytes_per_key_int8`` is absent: replicas keep float32 rows only (README,
+"Serving replicas").
+
+Targets (issue "Serving replicas"): lag p99 <= 2 s at the stated load; replica pulls >=
+training-shard pulls. (int8 rows <= 0.35x the training bytes: not built.)
+
+Example::
+
+    embps bench serving --quick --json bench-results/serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embps.server.benchreport import machine_line, table, write_json
+
+from .demo import LocalPS
+from .ps_client import PSClient
+
+NUM_SHARDS = 2
+DIM = 16
+
+
+def _progress(what: str) -> None:
+    print(f"  .. {what}", flush=True)
+
+
+def measure(train: list[str], replicas: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The measurements against running training shards and their replicas."""
+    from embps.protos.config import Adagrad, TableConfig
+
+    rng = np.random.default_rng(0)
+    keys = np.arange(args.keys, dtype=np.int64)
+    with PSClient(train, timeout=60) as ps, PSClient(replicas, timeout=60) as rep:
+        ps.create_table(TableConfig("t", DIM, optimizer=Adagrad(lr=0.05),
+                                    initial_capacity=args.keys))  # fmt: skip
+        for a in range(0, keys.size, 1 << 16):
+            ps.pull("t", keys[a : a + (1 << 16)])
+        _progress("waiting for the replicas' first sync")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if sum(s.tables.get("t", {}).get("keys", 0) for s in rep.stats()) == keys.size:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.2)
+        stop = threading.Event()
+        pushed = [0]
+
+        def load() -> None:
+            r = np.random.default_rng(1)
+            with PSClient(train, timeout=60) as p:
+                step = 0
+                while not stop.is_set():
+                    k = r.integers(0, keys.size, args.push_keys)
+                    p.push("t", k, np.full((k.size, DIM), 0.01, np.float32), step=step)
+                    pushed[0] += k.size
+                    step += 1
+
+        loader = threading.Thread(target=load, daemon=True)
+        t_load = time.monotonic()
+        loader.start()
+        lags: list[float] = []
+        batches = [rng.zipf(1.2, args.batch) % keys.size for _ in range(8)]
+        best = {"replica": 0.0, "training": 0.0}
+        try:
+            for _ in range(args.rounds):
+                for name, client in (("replica", rep), ("training", ps)):
+                    t0 = time.perf_counter()
+                    for b in batches:
+                        client.pull("t", b, train=False)
+                    rate = len(batches) * args.batch / (time.perf_counter() - t0)
+                    best[name] = max(best[name], rate)
+                lags += [s_lag for s_lag in _lags(rep)]
+            end = time.monotonic() + args.lag_seconds
+            while time.monotonic() < end:
+                lags += _lags(rep)
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            loader.join(timeout=60)
+        load_s = time.monotonic() - t_load
+        tr = [s.tables["t"] for s in ps.stats("t")]
+        rp = [s.tables["t"] for s in rep.stats("t")]
+    lag = np.array(lags) if lags else np.zeros(1)
+    train_bpk = sum(t["bytes"] for t in tr) / max(1, sum(t["keys"] for t in tr))
+    rep_bpk = sum(t["bytes"] for t in rp) / max(1, sum(t["keys"] for t in rp))
+    return {
+        "keys": int(keys.size),
+        "dim": DIM,
+        "replica_pull_rows_s": best["replica"],
+        "training_pull_rows_s": best["training"],
+        "pull_ratio": best["replica"] / best["training"],
+        "replica_bytes_per_key_fp32": rep_bpk,
+        "training_bytes_per_key": train_bpk,
+        "bytes_ratio_fp32": rep_bpk / train_bpk,
+        "lag_p50_s": float(np.percentile(lag, 50)),
+        "lag_p99_s": float(np.percentile(lag, 99)),
+        "push_rows_s": pushed[0] / load_s,
+    }
+
+
+def _lags(rep: PSClient) -> list[float]:
+    from embps.v1 import embps_pb2 as pb
+
+    out = []
+    for s in range(rep.num_shards):
+        (resp,) = rep._call_all("Stats", [(s, pb.StatsRequest())])
+        out.append(float(resp.lag_seconds))
+    return out
+
+
+def report(r: dict[str, Any]) -> str:
+    rows = [
+        ["inference pull rows/s", f"{r['replica_pull_rows_s'] / 1e6:.2f}M",
+         f"{r['training_pull_rows_s'] / 1e6:.2f}M", f"{r['pull_ratio']:.2f}x", ">= 1x",
+         "yes" if r["pull_ratio"] >= 1 else "no"],
+        ["bytes per key (fp32 rows)", f"{r['replica_bytes_per_key_fp32']:.0f}",
+         f"{r['training_bytes_per_key']:.0f}", f"{r['bytes_ratio_fp32']:.2f}x", "", ""],
+        ["lag p50 / p99 (s)", f"{r['lag_p50_s']:.3f} / {r['lag_p99_s']:.3f}", "", "",
+         "p99 <= 2 s", "yes" if r["lag_p99_s"] <= 2.0 else "no"],
+    ]  # fmt: skip
+    head = ["", "replicas", "training shards", "ratio", "target", "met"]
+    lines = [
+        f"embps bench serving: {r['keys']:,} keys of dim {r['dim']} (Adagrad) on "
+        f"{NUM_SHARDS} training shards, one replica each; a training load of "
+        f"{r['push_rows_s'] / 1e6:.2f}M pushed rows/s during the pulls and lag samples",
+        machine_line(),
+        "",
+        *table(head, rows, right={1, 2, 3}),
+        "",
+        "int8 / fp16 replica rows: not built (replicas keep float32 rows, no slots).",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``embps bench serving``."""
+    parser.add_argument("--quick", action="store_true", help="fewer keys and rounds")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the training PS and its replicas, measure, report."""
+    args.keys = 50_000 if args.quick else 1_000_000
+    args.batch = 4096 if args.quick else 16384
+    args.push_keys = 4096
+    args.rounds = 3 if args.quick else 6
+    args.lag_seconds = 2.0 if args.quick else 10.0
+    with (
+        tempfile.TemporaryDirectory(prefix="embps-serving-") as tmp,
+        LocalPS(NUM_SHARDS, Path(tmp) / "train.log", ["--evict-every", "0"]) as trainer,
+    ):
+        _progress(f"start embps serve --shards {NUM_SHARDS} (training)")
+        trainer.start()
+        follow = ["--replica-of", ",".join(trainer.addresses), "--replica-poll-seconds", "0.1"]
+        with LocalPS(NUM_SHARDS, Path(tmp) / "replicas.log", follow) as replicas:
+            _progress(f"start embps serve --shards {NUM_SHARDS} --replica-of ...")
+            replicas.start()
+            r = measure(trainer.addresses, replicas.addresses, args)
+    print(report(r))
+    if args.json:
+        write_json(args.json, r)
+    return 0
