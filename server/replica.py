@@ -158,6 +158,12 @@ class ReplicaTable:
     def memory_bytes(self) -> int:
         return self.inner.memory_bytes()
 
+    @property
+    def capacity_refusals(self) -> int:
+        """Keys refused a row at the cap (the metrics read it): never, on a replica (it has
+        no row cap: the training shard enforces it)."""
+        return self.inner.capacity_refusals
+
     # ---------------------------------------------------------------- writes: refused
     def push(self, *args: object, **kwargs: object) -> None:
         raise self._read_only("Push")

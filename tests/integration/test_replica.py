@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -110,6 +111,12 @@ def test_replicas_answer_exactly_as_the_training_shards(cluster_factory) -> None
                 resp = stub.Stats(pb.StatsRequest(), timeout=10)
                 assert resp.replica_of == trainer.addresses[s.shard_id]
                 assert 0 <= resp.lag_seconds < 5
+            for shard in replicas.shards:  # /metrics serves (the liveness probe reads it)
+                url = f"http://127.0.0.1:{shard.metrics_port}/metrics"
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    text = r.read().decode()
+                assert "embps_replica_lag_seconds" in text
+                assert 'embps_table_keys{table="dyn"}' in text
 
 
 def _stubs(addresses: list[str]) -> list[pb_grpc.ParameterServerStub]:
