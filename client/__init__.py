@@ -20,7 +20,7 @@ from embps.protos.config import FTRL, SGD, Adagrad, Adam, TableConfig
 # command line (embps.client.cli) can choose gRPC's logging for a subcommand
 # before that: ``embps health`` prints only its own one-line verdict.
 if TYPE_CHECKING:
-    from .exceptions import (
+    from embps.client.exceptions import (
         STATUS_TO_ERROR,
         AlreadyExistsError,
         CancelledError,
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
         UnavailableError,
         UnimplementedError,
     )
-    from .ps_client import (
+    from embps.client.ps_client import (
         CheckpointResult,
         EvictResult,
         PruneResult,
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
         ShardStats,
         shard_addresses,
     )
-    from .security import TLSConfig
+    from embps.client.security import TLSConfig
 
 _LAZY: dict[str, str] = {
     **dict.fromkeys(
@@ -73,7 +73,7 @@ _LAZY: dict[str, str] = {
 def __getattr__(name: str) -> Any:
     """``embps.client.PSClient`` and the other names of ``__all__``, imported on first use."""
     module = _LAZY.get(name)
-    if module is None:  # AttributeError: ``from embps.client import demo`` imports the module
+    if module is None:  # AttributeError: ``from embps.client import bench`` imports the module
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value  # the next lookup finds it without __getattr__

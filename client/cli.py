@@ -22,7 +22,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
-        "embps.client.demo",
+        "embps.client.demo.job",
         "train a DLRM on synthetic clicks against a local 2-shard PS; write a report",
     ),
     "serve": ("embps.server.main", "start N local shard processes (gRPC + metrics)"),
@@ -39,31 +39,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 QUIET_GRPC = frozenset({"health"})
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": (
-        "embps.server.bench_engine",
+        "embps.client.bench.engine",
         "hash map and table throughput beside khash, typed.Dict, dict",
     ),
     "service": (
-        "embps.client.bench_service",
+        "embps.client.bench.service",
         "gRPC pull/push throughput beside a raw echo and Redis",
     ),
     "checkpoint": (
-        "embps.server.bench_checkpoint",
+        "embps.client.bench.checkpoint",
         "checkpoint write and restore throughput beside numpy.save / numpy.load",
     ),
     "memory": (
-        "embps.client.bench_memory",
+        "embps.client.bench.memory",
         "AUC vs embedding memory: dynamic, static, adaptive, qr, mixed-dim, pruned",
     ),
     "train": (
-        "embps.client.bench_train",
+        "embps.client.bench.train",
         "end-to-end training samples/s through a 2-shard PS beside local torch embeddings",
     ),
     "serving": (
-        "embps.client.bench_serving",
+        "embps.client.bench.serving",
         "replica shards beside the training shards they follow: pulls, bytes per key, lag",
     ),
     "soak": (
-        "embps.client.bench_soak",
+        "embps.client.bench.soak",
         "several clients push exact gradients for M minutes; verify nothing lost or doubled",
     ),
 }

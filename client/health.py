@@ -42,7 +42,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .security import TLSConfig, make_channel
+from embps.client.security import TLSConfig, make_channel
 
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1  # the shard answered: NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN

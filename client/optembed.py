@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ps_client import NarrowResult, PruneResult, PSClient
-from .torch import OptEmbedMask, _StraightThroughStep
+from embps.client.ps_client import NarrowResult, PruneResult, PSClient
+from embps.client.torch import OptEmbedMask, _StraightThroughStep
 
 __all__ = [
     "DimSchedule",
@@ -406,7 +406,7 @@ def auc_scorer(
     ``sparse[:, f]``, e.g. ``DLRM``). Each field's rows are read once (eval mode) and
     threshold-masked; a candidate then costs one forward of the dense part.
     """
-    from .data import auc
+    from embps.client.data import auc
 
     was_training = model.training
     model.eval()

@@ -57,12 +57,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from embps.protos import codec
-from embps.protos.config import NORM_TO_PB, Norm, TableConfig
-from embps.v1 import embps_pb2 as pb
-from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .exceptions import (
+from embps.client.exceptions import (
     CancelledError,
     CheckpointFailedError,
     DeadlineExceededError,
@@ -74,7 +69,11 @@ from .exceptions import (
     UnavailableError,
     from_rpc_error,
 )
-from .security import TLSConfig, make_channel, warn_plaintext_token
+from embps.client.security import TLSConfig, make_channel, warn_plaintext_token
+from embps.protos import codec
+from embps.protos.config import NORM_TO_PB, Norm, TableConfig
+from embps.v1 import embps_pb2 as pb
+from embps.v1 import embps_pb2_grpc as pb_grpc
 
 # Errors an idempotent call retries: the shard is unreachable, or it cancelled the call
 # while shutting down (the client itself never cancels a call).
@@ -325,7 +324,7 @@ def _pack_step(
     num_shards: int,
     pushes: list[tuple[str, _Plan, np.ndarray, int]],
     pulls: list[tuple[str, _Plan, np.ndarray | None, int]],
-    dtype: int,
+    dtype: pb.DType,
     train: bool,
     step: int | None,
     max_keys: int,
@@ -381,7 +380,13 @@ class _StepPacker:
     room left under the key and byte limits."""
 
     def __init__(
-        self, num_shards: int, dtype: int, train: bool, step: int | None, keys: int, nbytes: int
+        self,
+        num_shards: int,
+        dtype: pb.DType,
+        train: bool,
+        step: int | None,
+        keys: int,
+        nbytes: int,
     ) -> None:
         self._args = (num_shards, dtype, train, step)
         self._limits = (keys, nbytes)

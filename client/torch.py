@@ -75,7 +75,7 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
         "(or the extra: `pip install 'embps[torch]'`)"
     ) from e
 
-from .ps_client import PSClient
+from embps.client.ps_client import PSClient
 
 __all__ = [
     "FieldColumns",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -35,7 +36,12 @@ _LE_F2 = np.dtype("<f2")
 _LE_U2 = np.dtype("<u2")
 _LE_U4 = np.dtype("<u4")
 
-ITEMSIZE = {pb.DTYPE_UNSPECIFIED: 4, pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
+ITEMSIZE: dict[int, int] = {
+    pb.DTYPE_UNSPECIFIED: 4,
+    pb.DTYPE_FLOAT32: 4,
+    pb.DTYPE_FLOAT16: 2,
+    pb.DTYPE_BFLOAT16: 2,
+}
 DTYPE_NAMES = {
     "float32": pb.DTYPE_FLOAT32,
     "float16": pb.DTYPE_FLOAT16,
@@ -47,7 +53,7 @@ class CodecError(ValueError):
     """A payload that cannot be decoded as the request says."""
 
 
-def dtype_from_name(name: str) -> int:
+def dtype_from_name(name: str) -> pb.DType:
     """Wire DType for 'float32' | 'float16' | 'bfloat16'."""
     try:
         return DTYPE_NAMES[name]
@@ -108,7 +114,7 @@ def _to_half(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def wire_values(values: np.ndarray, dtype: int = pb.DTYPE_FLOAT32) -> np.ndarray:
+def wire_values(values: np.ndarray, dtype: pb.DType = pb.DTYPE_FLOAT32) -> np.ndarray:
     """float32 (n, dim) -> a C-contiguous array whose bytes are the wire encoding.
 
     float32 input that is already contiguous little-endian comes back as is (no copy).
@@ -122,7 +128,7 @@ def wire_values(values: np.ndarray, dtype: int = pb.DTYPE_FLOAT32) -> np.ndarray
     raise CodecError(f"unknown dtype {dtype}")
 
 
-def decode_values(data: bytes | memoryview, dtype: int, n: int, dim: int) -> np.ndarray:
+def decode_values(data: bytes | memoryview, dtype: pb.DType, n: int, dim: int) -> np.ndarray:
     """bytes -> float32 (n, dim); the length must be exactly n * dim * itemsize.
 
     float32: a read-only view of ``data`` (no copy); 16-bit dtypes: a new array.
@@ -194,7 +200,7 @@ def encode_push_request(
     table: str,
     keys: np.ndarray,
     grads: np.ndarray,
-    dtype: int,
+    dtype: pb.DType,
     num_shards: int,
     step: int | None,
     client_id: str = "",
@@ -246,7 +252,7 @@ class PullResponseBuffer:
 
     __slots__ = ("data", "rows")
 
-    def __init__(self, n: int, dim: int, dtype: int) -> None:
+    def __init__(self, n: int, dim: int, dtype: pb.DType) -> None:
         if dtype not in ITEMSIZE:
             raise CodecError(f"unknown dtype {dtype}; use FLOAT32, FLOAT16 or BFLOAT16")
         nbytes = n * dim * ITEMSIZE[dtype]
@@ -282,7 +288,7 @@ class StepResponseBuffer:
 
     __slots__ = ("data", "rows")
 
-    def __init__(self, shapes: list[tuple[int, int]], dtype: int, tail: bytes) -> None:
+    def __init__(self, shapes: list[tuple[int, int]], dtype: pb.DType, tail: bytes) -> None:
         if dtype not in ITEMSIZE:
             raise CodecError(f"unknown dtype {dtype}; use FLOAT32, FLOAT16 or BFLOAT16")
         item = ITEMSIZE[dtype]
@@ -375,7 +381,7 @@ def _string(value: memoryview | int, message: str, name: str) -> str:
 _EMPTY = memoryview(b"")
 
 
-def decode_pull_response(data: bytes) -> tuple[memoryview, int, int]:
+def decode_pull_response(data: bytes) -> tuple[memoryview, int, pb.DType]:
     """``PullResponse`` bytes -> (values, dim, dtype); values is a view into ``data``.
 
     Follows protobuf's parsing rules: unknown fields (and known ones of another
@@ -386,7 +392,7 @@ def decode_pull_response(data: bytes) -> tuple[memoryview, int, int]:
     values = f.get((1, _WIRE_LEN), _EMPTY)
     assert isinstance(values, memoryview)
     dim = int(f.get((2, _WIRE_VARINT), 0)) & 0xFFFFFFFF
-    return values, dim, _as_int32(int(f.get((3, _WIRE_VARINT), 0)))
+    return values, dim, cast(pb.DType, _as_int32(int(f.get((3, _WIRE_VARINT), 0))))
 
 
 @dataclass(slots=True)
@@ -398,7 +404,7 @@ class PushRequestView:
     table: str = ""
     keys: memoryview = _EMPTY
     grads: memoryview = _EMPTY
-    dtype: int = 0
+    dtype: pb.DType = pb.DTYPE_UNSPECIFIED
     step: int | None = None
     num_shards: int = 0
     client_id: str = ""
@@ -420,7 +426,7 @@ def decode_push_request(data: bytes) -> PushRequestView:
     keys, grads = f.get((2, _WIRE_LEN), _EMPTY), f.get((3, _WIRE_LEN), _EMPTY)
     assert isinstance(keys, memoryview) and isinstance(grads, memoryview)
     out.keys, out.grads = keys, grads
-    out.dtype = _as_int32(int(f.get((4, _WIRE_VARINT), 0)))
+    out.dtype = cast(pb.DType, _as_int32(int(f.get((4, _WIRE_VARINT), 0))))
     if (5, _WIRE_VARINT) in f:
         step = int(f[5, _WIRE_VARINT])
         out.step = step - (1 << 64) if step >= 1 << 63 else step

@@ -749,7 +749,7 @@ NORM_TO_PB = {Norm.L2: pb.NORM_L2, Norm.L1: pb.NORM_L1, Norm.LINF: pb.NORM_LINF}
 NORM_FROM_PB = {v: k for k, v in NORM_TO_PB.items()}
 
 
-def _from_pb(mapping: dict[int, Any], value: int, default: Any, what: str, table: str) -> Any:
+def _from_pb(mapping: Mapping[Any, Any], value: int, default: Any, what: str, table: str) -> Any:
     """A wire enum value as its config enum: 0 (unspecified) is the default; an unknown value
     (a newer or a corrupt client) is a ValueError, never silently the default."""
     if value == 0:

@@ -70,9 +70,8 @@ from typing import Any
 
 import grpc
 
+from embps.server.errors import EmbpsServerError, PermissionDenied, Unauthenticated
 from embps.v1 import embps_pb2 as pb
-
-from .errors import EmbpsServerError, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("embps.server")
 

@@ -67,10 +67,9 @@ import numpy as np
 
 from embps.protos.config import TableConfig
 from embps.protos.routing import shard_of
-
-from .metrics import ShardMetrics
-from .periodic import Periodic
-from .tables import (
+from embps.server.metrics import ShardMetrics
+from embps.server.periodic import Periodic
+from embps.server.tables import (
     BLOCK_FIELDS,
     CopyRows,
     RowIndex,

@@ -10,9 +10,8 @@ from __future__ import annotations
 import threading
 
 from embps.protos.config import TableConfig
-
-from .errors import AlreadyExists, TableNotFound
-from .tables import EvictResult, Table, make_table
+from embps.server.errors import AlreadyExists, TableNotFound
+from embps.server.tables import EvictResult, Table, make_table
 
 
 class Engine:

@@ -21,9 +21,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from .metrics import ShardMetrics
-from .periodic import Periodic
-from .tables import EvictResult, Table
+from embps.server.metrics import ShardMetrics
+from embps.server.periodic import Periodic
+from embps.server.tables import EvictResult, Table
 
 log = logging.getLogger("embps.server")
 

@@ -49,9 +49,14 @@ from typing import Any
 import numpy as np
 
 from embps.protos.config import TableConfig, TableKind
-
-from .checkpoint import CheckpointError, resolve, restore_tables, shard_count_at, write_array
-from .tables import _STATIC_SEED
+from embps.server.checkpoint import (
+    CheckpointError,
+    resolve,
+    restore_tables,
+    shard_count_at,
+    write_array,
+)
+from embps.server.tables import _STATIC_SEED
 
 log = logging.getLogger("embps.export")
 

@@ -55,11 +55,10 @@ from types import FrameType
 from typing import Any
 
 from embps.protos.config import TableConfig
-
-from .auth import load_token_file, server_credentials
-from .config_file import SERVER_OPTIONS, load_serve_file
-from .replica import follower_credentials, read_token
-from .service import (
+from embps.server.auth import load_token_file, server_credentials
+from embps.server.config_file import SERVER_OPTIONS, load_serve_file
+from embps.server.replica import follower_credentials, read_token
+from embps.server.service import (
     DEFAULT_MAX_KEYS_PER_REQUEST,
     DEFAULT_MAX_MESSAGE_BYTES,
     ShardConfig,

@@ -60,7 +60,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from .tables import Table
+from embps.server.tables import Table
 
 # The ``reason`` label of embps_evictions_total; each is a TableStats field evictions_<reason>.
 EVICTION_REASONS = ("steps_to_live", "l2", "capacity")

@@ -28,8 +28,7 @@ import numpy as np
 from numba import njit
 
 from embps.protos.config import FTRL, SGD, Adagrad, Adam, InitKind, OptimizerConfig
-
-from .hashmap import copy_row, fmix64, prefetch_item
+from embps.server.hashmap import copy_row, fmix64, prefetch_item
 
 # --------------------------------------------------------------------------
 # Duplicate handling

@@ -47,7 +47,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .errors import FailedPrecondition, InvalidArgument
+from embps.server.errors import FailedPrecondition, InvalidArgument
 
 T = TypeVar("T")
 

@@ -48,19 +48,18 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import numpy as np
 
 from embps.protos import codec
 from embps.protos.config import SGD, Eviction, TableConfig, TableKind
+from embps.server.engine import Engine
+from embps.server.errors import FailedPrecondition
+from embps.server.tables import DynamicPart, EvictResult, Table, TableStats, make_table
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .engine import Engine
-from .errors import FailedPrecondition
-from .tables import DynamicPart, EvictResult, Table, TableStats, make_table
 
 log = logging.getLogger("embps.server")
 
@@ -114,7 +113,7 @@ FEED_PAGE_ROWS = 1 << 16
 def serving_config(config: TableConfig) -> TableConfig:
     """The config of a replica's inner table: ``config`` without optimizer slots, row caps
     or a full-size sketch (inference never uses them)."""
-    extra: dict[str, object] = {}
+    extra: dict[str, Any] = {}
     if config.kind == TableKind.ADAPTIVE or (
         config.kind == TableKind.DYNAMIC and config.admission_threshold > 1
     ):

@@ -41,11 +41,8 @@ from numba import njit
 from embps.protos import codec
 from embps.protos.config import NORM_FROM_PB, Norm, TableConfig
 from embps.protos.routing import shard_of
-from embps.v1 import embps_pb2 as pb
-from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .auth import AuthInterceptor, Authorizer, load_token_file, server_credentials
-from .checkpoint import (
+from embps.server.auth import AuthInterceptor, Authorizer, load_token_file, server_credentials
+from embps.server.checkpoint import (
     CheckpointConflict,
     Checkpointer,
     CheckpointError,
@@ -55,8 +52,8 @@ from .checkpoint import (
     resolve,
     restore_tables,
 )
-from .engine import Engine
-from .errors import (
+from embps.server.engine import Engine
+from embps.server.errors import (
     AlreadyExists,
     EmbpsServerError,
     FailedPrecondition,
@@ -65,11 +62,13 @@ from .errors import (
     TableNotFound,
     Unavailable,
 )
-from .eviction import Evictor
-from .metrics import ShardMetrics
-from .replay import ReplayGuard
-from .replica import Follower, ReplicaEngine, follower_credentials, read_token
-from .tables import as_grads
+from embps.server.eviction import Evictor
+from embps.server.metrics import ShardMetrics
+from embps.server.replay import ReplayGuard
+from embps.server.replica import Follower, ReplicaEngine, follower_credentials, read_token
+from embps.server.tables import as_grads
+from embps.v1 import embps_pb2 as pb
+from embps.v1 import embps_pb2_grpc as pb_grpc
 
 log = logging.getLogger("embps.server")
 
@@ -839,10 +838,10 @@ def _checkpoint_response(res: CheckpointResult) -> pb.CheckpointResponse:
     )
 
 
-def _dtype(dtype: int) -> int:
+def _dtype(dtype: pb.DType) -> pb.DType:
     """The wire dtype to use (UNSPECIFIED reads as FLOAT32); InvalidArgument if unknown."""
     if dtype == pb.DTYPE_UNSPECIFIED:
-        return int(pb.DTYPE_FLOAT32)
+        return pb.DTYPE_FLOAT32
     if dtype not in codec.ITEMSIZE:
         raise InvalidArgument(
             f"unknown dtype {dtype}; use DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16"

@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -55,10 +56,9 @@ from embps.protos.config import (
     TableConfig,
     TableKind,
 )
-
-from . import hashmap as hm
-from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from .optimizers import (
+from embps.server import hashmap as hm
+from embps.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from embps.server.optimizers import (
     INIT_CODES,
     apply_optimizer,
     dedup_sum,
@@ -68,10 +68,10 @@ from .optimizers import (
     initial_slot_values,
     row_norms,
 )
-from .parallel import run_in_pieces
-from .replay import REPLAY_ARRAYS, ReplayGuard
-from .rwlock import RWLock
-from .sketch import FrequencySketch
+from embps.server.parallel import run_in_pieces
+from embps.server.replay import REPLAY_ARRAYS, ReplayGuard
+from embps.server.rwlock import RWLock
+from embps.server.sketch import FrequencySketch
 
 DELETED_LOG_MAX = 1 << 20  # keys kept for incremental snapshots (or the table size, if larger)
 ROW_GROWTH = 1.5
@@ -194,7 +194,7 @@ class TableStats:
         """Table bytes per key with its own row (inf for a table without keys)."""
         return self.bytes / self.keys if self.keys else float("inf")
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         """Plain mapping of every field."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

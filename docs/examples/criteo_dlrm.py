@@ -4,7 +4,7 @@ One PS table per categorical field (``criteo.C1`` .. ``criteo.C26``, dynamic, di
 Adagrad), all looked up by one ``RemoteEmbeddingCollection`` (one request per shard per
 step whatever the number of tables) fed through ``FieldColumns`` (the (B, 26) id
 matrix -> (B, 26, 16)), the 13 integer features through DLRM's bottom MLP
-(``embps.client.models.DLRM``, the demo's sizes). The file (``train.txt``, or a
+(``embps.client.demo.models.DLRM``, the demo's sizes). The file (``train.txt``, or a
 ``day_N`` file of the 1 TB logs; gzip too) is streamed with
 ``embps.client.data.criteo_batches``; every ``--eval-every``-th batch is held out
 (predicted, never trained on) and scored at the end: AUC and log loss beside the
@@ -28,7 +28,7 @@ import torch
 from ps_session import add_ps_arguments, ps_client, table_parameters
 
 from embps.client.data import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE, auc, criteo_batches, logloss
-from embps.client.models import DLRM
+from embps.client.demo.models import DLRM
 from embps.client.torch import FieldColumns, RemoteEmbeddingCollection, RemoteTableConfig
 from embps.protos.config import Adagrad
 

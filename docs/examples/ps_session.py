@@ -3,7 +3,7 @@
 ``add_ps_arguments(parser)`` adds ``--addresses host:port,host:port`` (a running
 cluster, shard-id order); ``ps_client(args)`` yields a ``PSClient`` on it, or, without
 ``--addresses``, starts ``embps serve --shards 2`` on loopback the way ``embps demo``
-does (``embps.client.demo.LocalPS``), and stops it when the block ends.
+does (``embps.client.demo.localps.LocalPS``), and stops it when the block ends.
 
 The examples import this module as ``ps_session``: run them as scripts
 (``python docs/examples/<name>.py``), which puts this folder on ``sys.path``.
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from embps.client import PSClient
-from embps.client.demo import LocalPS
+from embps.client.demo.localps import LocalPS
 
 
 def add_ps_arguments(parser: argparse.ArgumentParser) -> None:

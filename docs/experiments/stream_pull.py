@@ -41,7 +41,7 @@ ROUNDS, CALLS = 8, 100
 
 def serve() -> None:
     """The server process: a filled dynamic table behind four generic handlers."""
-    from embps.client import bench_service as bs
+    from embps.client.bench import service as bs
     from embps.protos import codec
     from embps.protos.config import TableConfig
     from embps.server.engine import Engine
@@ -108,7 +108,7 @@ def serve() -> None:
 
 
 def main() -> None:
-    from embps.client import bench_service as bs
+    from embps.client.bench import service as bs
     from embps.client.memory import tune_malloc
     from embps.protos import codec
 

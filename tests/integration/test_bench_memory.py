@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch)")
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
 
-from embps.client import bench_memory
+from embps.client.bench import memory as bench_memory
 
 RUN_TIMEOUT_S = 240.0  # --quick takes about a minute on 2 busy cores
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

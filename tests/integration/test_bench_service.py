@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from embps.client import bench_service as bs
+from embps.client.bench import service as bs
 from embps.client.cli import main
 
 REDIS = shutil.which("redis-server")

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from embps.client import bench_serving
+from embps.client.bench import serving as bench_serving
 
 
 def test_bench_serving_quick(tmp_path: Path, capsys) -> None:

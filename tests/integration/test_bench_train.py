@@ -24,8 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch)")
 
-from embps.client import demo  # noqa: E402
-from embps.client.bench_train import (  # noqa: E402
+from embps.client.bench.train import (  # noqa: E402
     MODES,
     QUICK_BATCH_SIZES,
     field_tables,
@@ -36,7 +35,9 @@ from embps.client.bench_train import (  # noqa: E402
     summarize,
 )
 from embps.client.data import SyntheticCTR  # noqa: E402
-from embps.client.models import DLRM  # noqa: E402
+from embps.client.demo import job as demo  # noqa: E402
+from embps.client.demo import localps  # noqa: E402
+from embps.client.demo.models import DLRM  # noqa: E402
 from embps.client.ps_client import PSClient  # noqa: E402
 from embps.protos.config import Initializer, TableConfig  # noqa: E402
 
@@ -193,7 +194,7 @@ def test_local_rows_are_the_ps_rows_on_first_pull(inproc_factory: Factory, kind:
 
 def test_rpc_counter_counts_in_the_client_or_at_the_shards(inproc_factory: Factory) -> None:
     shards = inproc_factory(2, metrics_port=0)
-    infos = [demo.ShardInfo(i, s.address, s.metrics_port, 0) for i, s in enumerate(shards)]
+    infos = [localps.ShardInfo(i, s.address, s.metrics_port, 0) for i, s in enumerate(shards)]
     keys = np.arange(200, dtype=np.int64)  # both shards hold some
     with PSClient([s.address for s in shards]) as ps:
         name = "c"

@@ -1,6 +1,6 @@
 """`embps demo --quick` end to end: a real 2-shard PS, training, report, clean shutdown.
 
-The demo runs once per module (``python -m embps.client.demo --quick --out TMP`` in
+The demo runs once per module (``python -m embps.client.demo.job --quick --out TMP`` in
 a subprocess, stdout not a TTY); the tests read what it printed and wrote.
 """
 
@@ -53,7 +53,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     out = tmp_path_factory.mktemp("demo") / "report"
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "embps.client.demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "embps.client.demo.job", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=DEMO_TIMEOUT_S,

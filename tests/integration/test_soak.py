@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from embps.client import PSClient
-from embps.client import bench_soak as bs
+from embps.client.bench import soak as bs
 
 SOAK_TIMEOUT_S = 240.0  # 60 s of soak + PS start, worker spawn and verification on 2 cores
 

@@ -403,7 +403,7 @@ def test_pipelined_training_learns(ps: PSClient) -> None:
 
 def test_field_columns_feed_a_dlrm(ps: PSClient) -> None:
     """(B, F) id columns -> (B, F, dim) through one collection, as the demo uses it."""
-    from embps.client.models import DLRM
+    from embps.client.demo.models import DLRM
 
     tables = [_table(ps, optimizer=Adagrad(lr=0.05)) for _ in range(3)]
     ec = RemoteEmbeddingCollection(

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from embps.client.bench import engine as be
 from embps.client.cli import main
-from embps.server import bench_engine as be
 from embps.server import hashmap as hm
 
 pytest.importorskip("pandas")

@@ -11,15 +11,15 @@ import pytest
 
 from embps.client import ShardStats
 from embps.client.data import SyntheticCTR
-from embps.client.demo import (
+from embps.client.demo.job import (
     Progress,
     add_arguments,
-    checkpoint_setup,
     config_for,
     expected_ids,
     plan_tables,
     table_memory,
 )
+from embps.client.demo.localps import checkpoint_setup
 
 
 def _args(*argv: str) -> argparse.Namespace:

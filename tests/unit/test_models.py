@@ -1,4 +1,4 @@
-"""DLRM (embps.client.models) with local torch embeddings: shapes, interactions, learning."""
+"""DLRM (embps.client.demo.models) with local torch embeddings: shapes, interactions, learning."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch)")
 
 from embps.client.data import SyntheticCTR, auc  # noqa: E402
-from embps.client.models import DLRM, mlp, pairwise_dots  # noqa: E402
+from embps.client.demo.models import DLRM, mlp, pairwise_dots  # noqa: E402
 
 
 def test_pairwise_dots_is_the_strict_upper_triangle() -> None:

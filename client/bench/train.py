@@ -10,7 +10,7 @@ vocabularies are Criteo Kaggle's (``CRITEO_VOCAB``: 3 .. 10^7 distinct values)
 capped at 10^6 for this machine's memory (``VOCAB_CAP``, like DLRM's
 ``--max-ind-range``: a field's vocabulary is ``min(Criteo's, cap)``), Zipf
 exponents ``SyntheticCTR``'s defaults (0.6 .. 1.2, cycled), 13 dense features.
-Model: the demo's DLRM sizes (``embps.client.models``, dim 16, bottom MLP
+Model: the demo's DLRM sizes (``embps.client.demo.models``, dim 16, bottom MLP
 13->32->16, top MLP ->64->32->1, the embeddings concatenated to the top MLP's
 input), torch ``Adam`` (lr 2e-3) on the MLPs, Adagrad (lr 0.05) on the rows.
 
@@ -93,8 +93,7 @@ from typing import Any
 
 import numpy as np
 
-from embps.protos.config import Adagrad, TableConfig
-from embps.server.benchreport import (
+from embps.client.bench.report import (
     Target,
     fmt_ratio,
     machine_line,
@@ -102,10 +101,12 @@ from embps.server.benchreport import (
     target_cells,
     write_json,
 )
-
-from . import demo
-from .data import SyntheticCTR
-from .ps_client import PSClient
+from embps.client.data import SyntheticCTR
+from embps.client.demo import job as demo
+from embps.client.demo import localps
+from embps.client.demo import report as demo_report
+from embps.client.ps_client import PSClient
+from embps.protos.config import Adagrad, TableConfig, TableKind
 
 NUM_SHARDS = 2
 NUM_DENSE = 13  # Criteo's I1..I13
@@ -206,7 +207,7 @@ def field_tables(cfg: demo.DemoConfig, work: Workload, prefix: str) -> list[Tabl
         TableConfig(
             f"{prefix}_field_{f}",
             cfg.dim,
-            kind="dynamic",
+            kind=TableKind.DYNAMIC,
             optimizer=Adagrad(lr=cfg.emb_lr),
             seed=cfg.seed,
             initial_capacity=int(1.25 * v / NUM_SHARDS) + 64,
@@ -237,7 +238,7 @@ def initial_rows(config: TableConfig, keys: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def rpc_counter(ps: PSClient, shards: list[demo.ShardInfo]) -> tuple[str, Callable[[], float]]:
+def rpc_counter(ps: PSClient, shards: list[localps.ShardInfo]) -> tuple[str, Callable[[], float]]:
     """(source, a function returning the RPCs sent so far).
 
     ``PSClient.rpcs_sent`` where the client counts them ("client"); else the shards'
@@ -440,7 +441,7 @@ def _dlrm(cfg: demo.DemoConfig, embeddings: list[Any], num_dense: int, num_field
     """The demo's model sizes around ``embeddings``; the MLPs seeded alike in every contender."""
     import torch
 
-    from .models import DLRM
+    from embps.client.demo.models import DLRM
 
     torch.manual_seed(cfg.seed)
     return DLRM(
@@ -487,7 +488,7 @@ def ps_embeddings(ps: PSClient, tables: list[str], staleness: int) -> tuple[list
     batch prefetched (prefetch True: the training loop hands over its ids before each
     backward).
     """
-    from .torch import FieldColumns, RemoteEmbeddingCollection, RemoteTableConfig
+    from embps.client.torch import FieldColumns, RemoteEmbeddingCollection, RemoteTableConfig
 
     ec = RemoteEmbeddingCollection(
         ps, [RemoteTableConfig(t, [t]) for t in tables], staleness=staleness
@@ -549,7 +550,7 @@ def step_parts(
     import torch
     import torch.nn.functional as F
 
-    from .torch import unique_inverse
+    from embps.client.torch import unique_inverse
 
     i = work.num_batches - 1
     batch, fields = work.sparse.shape[1], work.sparse.shape[2]
@@ -654,7 +655,7 @@ def measure(
     try:
         with contextlib.ExitStack() as stack:
             logdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="embps-bench-")))
-            local_ps = stack.enter_context(demo.LocalPS(NUM_SHARDS, logdir / "serve.log"))
+            local_ps = stack.enter_context(localps.LocalPS(NUM_SHARDS, logdir / "serve.log"))
             _progress(f"start embps serve --shards {NUM_SHARDS}")
             local_ps.start()
             ps = stack.enter_context(PSClient(local_ps.addresses, timeout=60.0))
@@ -674,7 +675,7 @@ def measure(
 
 
 def _measure_batch(
-    cfg: demo.DemoConfig, work: Workload, ps: PSClient, local_ps: demo.LocalPS,
+    cfg: demo.DemoConfig, work: Workload, ps: PSClient, local_ps: localps.LocalPS,
     rpcs: Callable[[], float], b: int, warmup: int, steps: int, rounds: int, quick: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """The three contenders at batch size ``b``: keys ``<contender>_<b>_...``, parts and
@@ -784,7 +785,7 @@ def report(r: dict[str, Any]) -> str:
         f"warm-up steps, then {r['rounds']} interleaved rounds of {r['steps']} steps per "
         f"contender, best round; RPCs counted by the {r['rpcs_counted_by']}"
     )
-    lines = [title, machine_line(f", torch {demo._torch_version()}"), ""]
+    lines = [title, machine_line(f", torch {demo_report.torch_version()}"), ""]
     lines += table(head, rows, right={2, 3, 6})
     lines += [
         f"RPCs/step: RPCs sent in the timed rounds / their steps. A round's first pull has "

@@ -2,7 +2,7 @@
 
 What runs:
 
-  PS        ``embps serve --shards 2`` on loopback, any free ports (``embps.client.demo.
+  PS        ``embps serve --shards 2`` on loopback, any free ports (``embps.client.demo.job.
             LocalPS``), or an existing cluster (``--addresses``). One fresh table
             ``soak-<hex>``: dynamic, dim DIM, SGD(lr=1.0), initializer zeros, default
             value 0. The table is dropped at the end.
@@ -71,11 +71,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from embps.protos.config import SGD, Initializer, InitKind, TableConfig
-from embps.server.benchreport import fmt_num, machine_line, table, write_json
-
-from .exceptions import EmbpsError, PushOutcomeUnknownError
-from .ps_client import PSClient
+from embps.client.bench.report import fmt_num, machine_line, table, write_json
+from embps.client.exceptions import EmbpsError, PushOutcomeUnknownError
+from embps.client.ps_client import PSClient
+from embps.protos.config import SGD, Initializer, InitKind, TableConfig, TableKind
 
 NUM_SHARDS = 2  # of the local PS
 CLIENTS = 4
@@ -458,7 +457,7 @@ def soak_table_config(name: str, dim: int) -> TableConfig:
     return TableConfig(
         name,
         dim=dim,
-        kind="dynamic",
+        kind=TableKind.DYNAMIC,
         optimizer=SGD(lr=1.0),
         initializer=Initializer(kind=InitKind.ZEROS, a=0.0, b=0.0),
         default_value=0.0,
@@ -797,7 +796,7 @@ def run(args: argparse.Namespace) -> int:
         r = soak(addresses, cfg, before_verify=hook)
         r["ps"] = f"{len(addresses)} shards at {', '.join(addresses)}"
     else:
-        from .demo import LocalPS  # the parent only: workers never start a PS
+        from embps.client.demo.localps import LocalPS  # the parent only: workers never start a PS
 
         with tempfile.TemporaryDirectory(prefix="embps-soak-") as tmp:
             log = Path(tmp) / "serve.log"

@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from embps.server.benchreport import machine_line, table, write_json
-
-from .demo import LocalPS
-from .ps_client import PSClient
+from embps.client.bench.report import machine_line, table, write_json
+from embps.client.demo.localps import LocalPS
+from embps.client.ps_client import PSClient
 
 NUM_SHARDS = 2
 DIM = 16

@@ -35,7 +35,7 @@ Targets: pull >= 0.8x the echo (ours costs little beyond the transport), pull
 and push >= 3x Redis. The 2-shard cluster is reported beside the 1-shard one
 (no target: on a 2-core machine the client and both shards share the cores).
 
-``python -m embps.client.bench_service`` runs the echo server (the benchmark
+``python -m embps.client.bench.service`` runs the echo server (the benchmark
 starts it; it prints one ready line and serves until killed).
 """
 
@@ -63,9 +63,7 @@ from typing import IO, Any
 import grpc
 import numpy as np
 
-from embps.protos import codec
-from embps.protos.routing import mix64
-from embps.server.benchreport import (
+from embps.client.bench.report import (
     Target,
     best_interleaved,
     fmt_num,
@@ -75,10 +73,12 @@ from embps.server.benchreport import (
     target_cells,
     write_json,
 )
+from embps.client.memory import tune_malloc
+from embps.client.ps_client import DEFAULT_MAX_MESSAGE_BYTES, PSClient
+from embps.protos import codec
+from embps.protos.config import TableKind
+from embps.protos.routing import mix64
 from embps.v1 import embps_pb2 as pb
-
-from .memory import tune_malloc
-from .ps_client import DEFAULT_MAX_MESSAGE_BYTES, PSClient
 
 DIM = 64
 BATCH = 16_384  # distinct keys per call
@@ -216,8 +216,8 @@ def start_cluster(shards: int, stack: contextlib.ExitStack) -> list[str]:
 
 
 def start_echo(stack: contextlib.ExitStack) -> str:
-    """The echo server (``python -m embps.client.bench_service``); its address."""
-    p = _spawn("echo server", [sys.executable, "-m", "embps.client.bench_service"])
+    """The echo server (``python -m embps.client.bench.service``); its address."""
+    p = _spawn("echo server", [sys.executable, "-m", "embps.client.bench.service"])
     stack.callback(p.stop)
     (m,) = _await_lines(p, _READY_ECHO, 1)
     return f"{m.group(1)}:{m.group(2)}"
@@ -330,7 +330,7 @@ class EchoClient:
         """Close the channel."""
         self.channel.close()
 
-    def pull(self, keys: np.ndarray, dtype: int, dim: int) -> np.ndarray:
+    def pull(self, keys: np.ndarray, dtype: pb.DType, dim: int) -> np.ndarray:
         """keys int64 (n,) -> float32 (n, dim), decoded from wire ``dtype`` as PSClient does
         (``codec.decode_values``: float32 is a read-only view of gRPC's buffer, no copy)."""
         row_bytes = dim * codec.ITEMSIZE[dtype]
@@ -342,7 +342,7 @@ class EchoClient:
         data = call(keys.tobytes(), timeout=30.0)
         return codec.decode_values(data, dtype, keys.shape[0], dim)
 
-    def push(self, keys: np.ndarray, grads: np.ndarray, dtype: int) -> None:
+    def push(self, keys: np.ndarray, grads: np.ndarray, dtype: pb.DType) -> None:
         """keys int64 (n,) and float32 grads (n, dim) in wire ``dtype``, copied once into one
         byte string (``codec.wire_values``, as PSClient encodes them)."""
         wire = codec.wire_values(grads, dtype)
@@ -550,7 +550,9 @@ def measure(
 
         _progress(f"fill: {batches} x {rows:,} keys into both clusters and Redis (not timed)")
         for c in (ps, ps2):
-            c.create_table(TABLE, dim=DIM, kind="dynamic", optimizer={"name": "sgd", "lr": 0.01})
+            c.create_table(
+                TABLE, dim=DIM, kind=TableKind.DYNAMIC, optimizer={"name": "sgd", "lr": 0.01}
+            )
             for keys in pool:
                 c.pull(TABLE, keys, train=True)
         for keys in pool:

@@ -1,9 +1,9 @@
 """``embps bench memory``: held-out AUC against embedding memory, one model, seven embedding kinds.
 
-The same DLRM (``embps.client.models``), data (``SyntheticCTR``: Zipf ids, fresh ids
-over time, a planted logistic model) and training loop (``embps.client.demo.train``,
+The same DLRM (``embps.client.demo.models``), data (``SyntheticCTR``: Zipf ids, fresh ids
+over time, a planted logistic model) and training loop (``embps.client.demo.job.train``,
 pipelined like the demo: staleness 1) run once per embedding kind against one local 2-shard PS
-(``embps serve --shards 2``, ``demo.LocalPS``); every kind is scored on the *same*
+(``embps serve --shards 2``, ``localps.LocalPS``); every kind is scored on the *same*
 held-out samples (those that follow the training ones in time), so AUC differences
 are paired. Kinds, each with one table set per categorical field (dim 16, Adagrad):
 
@@ -66,11 +66,18 @@ from typing import Any
 
 import numpy as np
 
-from embps.protos.config import Adagrad, TableConfig
-
-from .data import SyntheticCTR, auc, logloss
-from .demo import NUM_SHARDS, DemoConfig, LocalPS, Progress, predict, table_memory, train
-from .ps_client import PSClient
+from embps.client.data import SyntheticCTR, auc, logloss
+from embps.client.demo.job import (
+    NUM_SHARDS,
+    DemoConfig,
+    Progress,
+    predict,
+    table_memory,
+    train,
+)
+from embps.client.demo.localps import LocalPS
+from embps.client.ps_client import PSClient
+from embps.protos.config import Adagrad, Combiner, TableConfig, TableKind
 
 KINDS = ("dynamic", "static", "adaptive", "qr", "mixed", "magnitude-pruned", "optembed")
 BUDGET = 0.30  # memory of every budget kind, as a fraction of the dynamic tables' bytes
@@ -104,7 +111,7 @@ QUICK = Preset(steps=50, batch_size=8192, eval_samples=50_000)
 
 def search_budget(quick: bool) -> Any:
     """The evolutionary search's budget: population x generations candidates at most."""
-    from .optembed import SearchBudget
+    from embps.client.optembed import SearchBudget
 
     if quick:
         return SearchBudget(population=10, generations=4, parents=4, eval_samples=10_000)
@@ -185,7 +192,7 @@ def _pow2_at_least(x: float, lo: int, hi: int) -> int:
 def static_config(name: str, budget: float, seed: int, lr: float) -> TableConfig:
     """A static table whose 2 shards' rows take at most ``budget`` bytes."""
     rows = max(16, int(budget / NUM_SHARDS / STATIC_ROW_BYTES))
-    return TableConfig(name, DIM, kind="static", optimizer=Adagrad(lr=lr), seed=seed,
+    return TableConfig(name, DIM, kind=TableKind.STATIC, optimizer=Adagrad(lr=lr), seed=seed,
                        hash_bucket_size=rows)  # fmt: skip
 
 
@@ -212,7 +219,7 @@ def adaptive_configs(
     out = []
     for name, r, w in zip(names, rare, widths, strict=True):
         rows = max(16, int(rest * r / sum(rare) / NUM_SHARDS / STATIC_ROW_BYTES))
-        out.append(TableConfig(name, DIM, kind="adaptive", optimizer=Adagrad(lr=lr), seed=seed,
+        out.append(TableConfig(name, DIM, kind=TableKind.ADAPTIVE, optimizer=Adagrad(lr=lr), seed=seed,
                                hash_bucket_size=rows, promote_threshold=threshold,
                                sketch_width=w))  # fmt: skip
     return out
@@ -221,9 +228,9 @@ def adaptive_configs(
 def qr_config(name: str, budget: float, seed: int, lr: float) -> TableConfig:
     """QR (mult) table with quotient + remainder rows of both shards within ``budget``."""
     rows = max(4, int(budget / NUM_SHARDS / STATIC_ROW_BYTES))
-    return TableConfig(name, DIM, kind="qr", optimizer=Adagrad(lr=lr), seed=seed,
+    return TableConfig(name, DIM, kind=TableKind.QR, optimizer=Adagrad(lr=lr), seed=seed,
                        qr_quotient_buckets=rows // 2, qr_remainder_buckets=rows - rows // 2,
-                       qr_combiner="mult")  # fmt: skip
+                       qr_combiner=Combiner.MULT)  # fmt: skip
 
 
 def mixed_plan(prof: FieldProfile, budget: float) -> tuple[list[int], int]:
@@ -293,7 +300,7 @@ class _Session:
         """
         import torch
 
-        from .models import DLRM
+        from embps.client.demo.models import DLRM
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same dense initialisation for every kind
@@ -334,7 +341,7 @@ def _distinct_ids(data: SyntheticCTR, n: int) -> list[np.ndarray]:
 
 def run_dynamic_and_pruned(s: _Session, say: Callable[[str], None]) -> list[KindRun]:
     """The full tables (baseline), their per-id counts, then the same tables pruned."""
-    from .torch import OptEmbedMask, RemoteEmbedding
+    from embps.client.torch import OptEmbedMask, RemoteEmbedding
 
     cfg, ps = s.cfg, s.ps
     run = KindRun("dynamic", [f"dynamic.f{f}" for f in range(s.data.num_fields)])
@@ -372,7 +379,7 @@ def run_dynamic_and_pruned(s: _Session, say: Callable[[str], None]) -> list[Kind
 
 
 def run_static(s: _Session) -> KindRun:
-    from .torch import RemoteEmbedding
+    from embps.client.torch import RemoteEmbedding
 
     run = KindRun("static", [f"static.f{f}" for f in range(s.data.num_fields)])
     for f, t in enumerate(run.tables):
@@ -382,7 +389,7 @@ def run_static(s: _Session) -> KindRun:
 
 
 def run_adaptive(s: _Session) -> KindRun:
-    from .torch import RemoteEmbedding
+    from embps.client.torch import RemoteEmbedding
 
     run = KindRun("adaptive", [f"adaptive.f{f}" for f in range(s.data.num_fields)])
     budget = sum(s.budget(f) for f in range(len(run.tables)))
@@ -397,7 +404,7 @@ def run_adaptive(s: _Session) -> KindRun:
 
 
 def run_qr(s: _Session) -> KindRun:
-    from .torch import RemoteEmbedding
+    from embps.client.torch import RemoteEmbedding
 
     run = KindRun("qr", [f"qr.f{f}" for f in range(s.data.num_fields)])
     for f, t in enumerate(run.tables):
@@ -407,7 +414,7 @@ def run_qr(s: _Session) -> KindRun:
 
 
 def run_mixed(s: _Session) -> KindRun:
-    from .torch import MixedDimEmbedding, plan_mixed_dim_blocks
+    from embps.client.torch import MixedDimEmbedding, plan_mixed_dim_blocks
 
     cfg, ps = s.cfg, s.ps
     run = KindRun("mixed")
@@ -421,7 +428,7 @@ def run_mixed(s: _Session) -> KindRun:
             per_shard = max(16, math.ceil(1.05 * b.size / NUM_SHARDS))  # no growth slack
             ps.create_table(TableConfig(b.table, b.dim, optimizer=Adagrad(lr=cfg.emb_lr),
                                         seed=cfg.seed, initial_capacity=per_shard))  # fmt: skip
-        ps.create_table(TableConfig(names[-1], MIXED_DIMS[-1], kind="static",
+        ps.create_table(TableConfig(names[-1], MIXED_DIMS[-1], kind=TableKind.STATIC,
                                     optimizer=Adagrad(lr=cfg.emb_lr), seed=cfg.seed,
                                     hash_bucket_size=tail_rows))  # fmt: skip
         run.tables += names
@@ -448,7 +455,7 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     """Supernet training, evolutionary search, then prune + narrow on the PS (module doc)."""
     import torch
 
-    from .optembed import (
+    from embps.client.optembed import (
         DimSchedule,
         OptEmbedField,
         OptEmbedSupernet,
@@ -456,7 +463,7 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
         auc_scorer,
         evolutionary_search,
     )  # fmt: skip
-    from .torch import RemoteEmbedding
+    from embps.client.torch import RemoteEmbedding
 
     cfg, ps = s.cfg, s.ps
     nf = s.data.num_fields
@@ -735,7 +742,7 @@ def _say(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m embps.client.bench_memory``: the same flags as ``embps bench memory``."""
+    """``python -m embps.client.bench.memory``: the same flags as ``embps bench memory``."""
     parser = argparse.ArgumentParser(prog="embps bench memory", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -1,8 +1,7 @@
 """What every benchmark prints and writes: targets, the results table, the JSON file.
 
 Each benchmark runs its baseline beside itself and reports the ratio; these
-helpers keep the three benchmarks' output alike (``bench_engine``,
-``bench_checkpoint`` and ``embps.client.bench_service``).
+helpers keep every benchmark's output alike (the modules of ``embps.client.bench``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ can pipeline the next batch's pulls.
 
 Example::
 
-    from embps.client.models import DLRM
+    from embps.client.demo.models import DLRM
     from embps.client.torch import FieldColumns, RemoteEmbeddingCollection, RemoteTableConfig
 
     ec = RemoteEmbeddingCollection(
@@ -45,7 +45,7 @@ try:
     from torch import nn
 except ImportError as e:  # pragma: no cover - exercised only without torch
     raise ImportError(
-        "embps.client.models needs PyTorch; install it with `pip install torch` "
+        "embps.client.demo.models needs PyTorch; install it with `pip install torch` "
         "(or the extra: `pip install 'embps[torch]'`)"
     ) from e
 

@@ -47,8 +47,7 @@ from typing import Any
 import numpy as np
 from numba import njit, typed, types
 
-from . import hashmap as hm
-from .benchreport import (
+from embps.client.bench.report import (
     Target,
     best_interleaved,
     fmt_num,
@@ -58,6 +57,8 @@ from .benchreport import (
     target_cells,
     write_json,
 )
+from embps.protos.config import TableKind
+from embps.server import hashmap as hm
 
 FULL_KEYS = 10_000_000
 QUICK_KEYS = 2_000_000
@@ -219,11 +220,10 @@ def pydict_find(d: dict[int, int], keys: np.ndarray) -> np.ndarray:
 def make_bench_table(n: int) -> Any:
     """An empty dynamic dim-32 Adagrad table with room for n rows."""
     from embps.protos.config import Adagrad, TableConfig
-
-    from .tables import make_table
+    from embps.server.tables import make_table
 
     cfg = TableConfig(
-        "bench", dim=DIM, kind="dynamic", optimizer=Adagrad(lr=0.1), initial_capacity=n
+        "bench", dim=DIM, kind=TableKind.DYNAMIC, optimizer=Adagrad(lr=0.1), initial_capacity=n
     )
     return make_table(cfg)
 

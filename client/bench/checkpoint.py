@@ -43,11 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from embps.client.bench.report import machine_line, table, write_json
 from embps.protos.config import Adam, TableConfig
-
-from .benchreport import machine_line, table, write_json
-from .checkpoint import Checkpointer, load_chain, restore_tables
-from .tables import make_table
+from embps.server.checkpoint import Checkpointer, load_chain, restore_tables
+from embps.server.tables import make_table
 
 ROWS = 2_000_000
 QUICK_ROWS = 500_000
