@@ -126,6 +126,8 @@ from typing import Any, Self
 
 import numpy as np
 
+from embps.protos.routing import GOLDEN, mix64_inplace, mix64_int
+
 __all__ = [
     "AVAZU_TIME_FIELDS",
     "CRITEO_NUM_DENSE",
@@ -185,10 +187,7 @@ def field_of(ids: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 _M64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_C1 = np.uint64(0xBF58476D1CE4E5B9)
-_C2 = np.uint64(0x94D049BB133111EB)
-_U64_GOLDEN = np.uint64(_GOLDEN)
+_GOLDEN = int(GOLDEN)
 _LANES16 = np.uint64(0x0000FFFF0000FFFF)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _MASK40 = np.uint64(LOCAL_MASK)
@@ -201,32 +200,11 @@ _IH_INV_STD = 1.0 / math.sqrt(4.0 * (65536.0**2 - 1.0) / 12.0)
 _SQRT3 = math.sqrt(3.0)
 
 
-def _mix64_int(x: int) -> int:
-    """splitmix64 finalizer on a Python int (scalar keys)."""
-    z = x & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
 def _key(seed: int, *stream: int) -> int:
     """A 64-bit stream key from the seed and stream coordinates."""
-    z = _mix64_int(seed ^ 0x5EED5EED5EED5EED)
+    z = mix64_int(seed ^ 0x5EED5EED5EED5EED)
     for s in stream:
-        z = _mix64_int(z + _GOLDEN + s)
-    return z
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer, in place on uint64 (...): returns z."""
-    t = z >> np.uint64(30)
-    z ^= t
-    z *= _C1
-    np.right_shift(z, np.uint64(27), out=t)
-    z ^= t
-    z *= _C2
-    np.right_shift(z, np.uint64(31), out=t)
-    z ^= t
+        z = mix64_int(z + _GOLDEN + s)
     return z
 
 
@@ -245,7 +223,7 @@ def _gauss(h: np.ndarray) -> np.ndarray:
 def _hash_ids(ids: np.ndarray, key: int) -> np.ndarray:
     """mix64(ids ^ key): int64 (...) -> uint64 (...), a fresh array."""
     h = ids.view(np.uint64) ^ np.uint64(key)
-    return _mix64(h)
+    return mix64_inplace(h)
 
 
 # --------------------------------------------------------------------------
@@ -630,7 +608,7 @@ class SyntheticCTR:
     def _block(self, start: int, n: int) -> Batch:
         nf, seed = self.num_fields, self.seed
         idx = np.arange(start, start + n, dtype=np.uint64)
-        base = idx * _U64_GOLDEN
+        base = idx * GOLDEN
         sparse = np.empty((nf, n), dtype=np.int64)
         logit = np.full(n, self.bias, dtype=np.float64)
         rate = self.new_id_rate
@@ -645,7 +623,7 @@ class SyntheticCTR:
         for f in range(nf):
             smp = self._samplers[f]
             h = base + np.uint64(_key(seed, 0, f))
-            u = _uniform(_mix64(h))
+            u = _uniform(mix64_inplace(h))
             if rate > 0:
                 fresh = u < rate
                 j = oldest + (u * (1.0 / rate) * live).astype(np.int64)
@@ -673,11 +651,11 @@ class SyntheticCTR:
         dense = np.empty((self.num_dense, n), dtype=np.float64)
         for d in range(self.num_dense):
             h = base + np.uint64(_key(seed, 5, d))
-            dense[d] = _gauss(_mix64(h))
+            dense[d] = _gauss(mix64_inplace(h))
             logit += self._beta[d] * dense[d]
         probs = 1.0 / (1.0 + np.exp(-logit))
         h = base + np.uint64(_key(seed, 6))
-        labels = _uniform(_mix64(h)) < probs
+        labels = _uniform(mix64_inplace(h)) < probs
         return Batch(
             np.ascontiguousarray(sparse.T),
             np.ascontiguousarray(dense.T, dtype=np.float32),
@@ -1321,7 +1299,7 @@ def hash_values(values: Sequence[bytes]) -> np.ndarray:
             live = j < lens
             nxt = (h ^ b[:, j].astype(np.uint64)) * _FNV_PRIME
             h = np.where(live, nxt, h)
-    return (_mix64(h) & _MASK40).view(np.int64)
+    return (mix64_inplace(h) & _MASK40).view(np.int64)
 
 
 class AvazuStream(LineStream):

@@ -245,10 +245,10 @@ class _Plan:
 
 
 def _plan(keys: np.ndarray, num_shards: int, first: bool = False) -> _Plan:
-    """Dedup and route keys: int64 (n,) -> _Plan, in one pass (``dedup.dedup_route``: no
+    """Dedup and route keys: int64 (n,) -> _Plan, in one pass (``routing.dedup_route``: no
     sort). Per-shard key runs are contiguous, so requests are slices and responses land
     with one copy each (no row scatter)."""
-    from embps.client.dedup import dedup_route  # numba: imported on first use (fast CLI start)
+    from embps.protos.routing import dedup_route  # numba: imported on first use (fast CLI start)
 
     uniq, where, index, bounds = dedup_route(keys, num_shards)
     same = num_shards == 1 and uniq.shape[0] == keys.shape[0]
@@ -256,9 +256,9 @@ def _plan(keys: np.ndarray, num_shards: int, first: bool = False) -> _Plan:
 
 
 def _plans(keys: list[np.ndarray], num_shards: int, first: int = 0) -> list[_Plan]:
-    """``_plan`` of many groups of keys in one numba call (``dedup.dedup_route_groups``);
+    """``_plan`` of many groups of keys in one numba call (``routing.dedup_route_groups``);
     the first ``first`` groups keep their first occurrences (pushes)."""
-    from embps.client.dedup import dedup_route_groups
+    from embps.protos.routing import dedup_route_groups
 
     if not keys:
         return []
@@ -280,7 +280,7 @@ def _sum_duplicates(plan: _Plan, grads: np.ndarray) -> np.ndarray:
     """Gradient of each distinct key: float32 (u, dim), summed exactly as a shard sums them.
 
     A shard computes ((0 + g_first) + g_second) + ... in float32, in batch order
-    (``dedup_sum``); so does ``dedup.sum_rows``. Distinct keys need no sum: their
+    (``dedup_sum``); so does ``routing.sum_rows``. Distinct keys need no sum: their
     rows are only put in the plan's order (``grads`` itself when it already is;
     the shard's own zero start then does the same to -0.0).
     """
@@ -290,7 +290,7 @@ def _sum_duplicates(plan: _Plan, grads: np.ndarray) -> np.ndarray:
     u = plan.keys.shape[0]
     if u == grads.shape[0]:
         return np.take(grads, plan.first, 0)
-    from embps.client.dedup import sum_rows
+    from embps.protos.routing import sum_rows
 
     return sum_rows(plan.where, grads, u)
 

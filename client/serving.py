@@ -31,38 +31,12 @@ from typing import Any
 import numpy as np
 
 from embps.protos.config import Combiner, TableConfig, TableKind
-from embps.protos.routing import shard_of
+from embps.protos.routing import shard_of, static_rows
 
 FORMAT = "embps-export"
 FORMAT_VERSION = 1
-_STATIC_SEED_XOR = np.uint64(0x94D049BB133111EB)
-_F1 = np.uint64(0xFF51AFD7ED558CCD)
-_F2 = np.uint64(0xC4CEB9FE1A85EC53)
-_S33 = np.uint64(33)
-
-
 class ExportFormatError(ValueError):
     """A directory that is not a readable embps export (the message names the file)."""
-
-
-def fmix64(x: np.ndarray) -> np.ndarray:
-    """murmur3's 64-bit finalizer over uint64 (n,) (wrapping arithmetic) -> uint64 (n,)."""
-    x = x ^ (x >> _S33)
-    x = x * _F1
-    x = x ^ (x >> _S33)
-    x = x * _F2
-    return x ^ (x >> _S33)
-
-
-def static_rows(keys: np.ndarray, buckets: int, seed: int) -> np.ndarray:
-    """Shared row of each key in a static part: int64 (n,) -> int64 (n,) in [0, buckets).
-
-    ``fmix64(key ^ fmix64(seed ^ 0x94D049BB133111EB)) % buckets``, the same function
-    as ``embps.server.tables.static_rows``.
-    """
-    s = fmix64(np.array([seed], dtype=np.uint64) ^ _STATIC_SEED_XOR)
-    h = fmix64(keys.astype(np.int64, copy=False).view(np.uint64) ^ s)
-    return (h % np.uint64(buckets)).astype(np.int64)
 
 
 @dataclass(frozen=True)

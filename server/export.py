@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from embps.protos.config import TableConfig, TableKind
+from embps.protos.routing import STATIC_SEED
 from embps.server.checkpoint import (
     CheckpointError,
     resolve,
@@ -56,7 +57,6 @@ from embps.server.checkpoint import (
     shard_count_at,
     write_array,
 )
-from embps.server.tables import _STATIC_SEED
 
 log = logging.getLogger("embps.export")
 
@@ -71,8 +71,8 @@ FMIX64 = (
     "x ^= x >> 33; x *= 0xFF51AFD7ED558CCD; x ^= x >> 33; x *= 0xC4CEB9FE1A85EC53; "
     "x ^= x >> 33  (murmur3 finalizer, uint64, wrapping)"
 )
-# tables.static_rows, as the manifest states it (the seed mix is the kernel's own constant)
-STATIC_ROW = f"fmix64(key ^ fmix64(seed ^ 0x{int(_STATIC_SEED):016X})) % buckets"
+# routing.static_rows, as the manifest states it
+STATIC_ROW = f"fmix64(key ^ fmix64(seed ^ 0x{int(STATIC_SEED):016X})) % buckets"
 _LOOKUP = {
     TableKind.DYNAMIC: "keys[i] == key ? values[i] : default_value",
     TableKind.STATIC: "static[shard, static_row(key)]",

@@ -58,6 +58,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from embps.protos.routing import fmix64_one
+
 # --------------------------------------------------------------------------
 # Types and constants
 # --------------------------------------------------------------------------
@@ -150,20 +152,9 @@ def copy_row(typingctx, dst, di, src, si):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def fmix64(x: np.uint64) -> np.uint64:
-    """murmur3's 64-bit finalizer: a bijection that mixes every input bit into every output bit."""
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(0xFF51AFD7ED558CCD)
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(0xC4CEB9FE1A85EC53)
-    x ^= x >> np.uint64(33)
-    return x
-
-
-@njit(nogil=True, cache=True, inline="always")
 def slot_hash(key: np.int64) -> np.uint64:
     """Bucket hash of a key (see DESIGN: independent of the routing hash)."""
-    return fmix64(np.uint64(key) ^ _SLOT_SEED)
+    return fmix64_one(np.uint64(key) ^ _SLOT_SEED)
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -28,7 +28,9 @@ import numpy as np
 from numba import njit
 
 from embps.protos.config import FTRL, SGD, Adagrad, Adam, InitKind, OptimizerConfig
-from embps.server.hashmap import copy_row, fmix64, prefetch_item
+from embps.protos.routing import GOLDEN
+from embps.protos.routing import fmix64_one as fmix64
+from embps.server.hashmap import copy_row, prefetch_item
 
 # --------------------------------------------------------------------------
 # Duplicate handling
@@ -201,7 +203,6 @@ def initial_slot_values(opt: OptimizerConfig) -> tuple[float, ...]:
 # --------------------------------------------------------------------------
 
 INIT_CODES = {InitKind.ZEROS: 0, InitKind.CONSTANT: 1, InitKind.UNIFORM: 2, InitKind.NORMAL: 3}
-_COL = np.uint64(0x9E3779B97F4A7C15)
 _SECOND = np.uint64(0xD6E8FEB86659FD93)
 _TWO_PI = 2.0 * math.pi
 
@@ -233,10 +234,10 @@ def init_rows(values, rows, keys, kind, a, b, seed):
         base = fmix64(np.uint64(keys[i]) ^ s)
         if kind == 2:
             for d in range(dim):
-                values[r, d] = a + (b - a) * _unit(fmix64(base + np.uint64(d + 1) * _COL))
+                values[r, d] = a + (b - a) * _unit(fmix64(base + np.uint64(d + 1) * GOLDEN))
         else:
             for d in range(dim):
-                h = fmix64(base + np.uint64(d + 1) * _COL)
+                h = fmix64(base + np.uint64(d + 1) * GOLDEN)
                 u = _unit(h)
                 u2 = _unit(fmix64(h ^ _SECOND))
                 values[r, d] = a + b * math.sqrt(-2.0 * math.log(1.0 - u)) * math.cos(_TWO_PI * u2)

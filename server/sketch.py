@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from embps.protos.config import SKETCH_DEFAULT_DEPTH, SKETCH_DEFAULT_WIDTH
-from embps.server.hashmap import fmix64
+from embps.protos.routing import fmix64_one as fmix64
 
 _ROW_SEED = np.uint64(0xA0761D6478BD642F)
 _SAT = np.uint32(0xFFFFFFFF)

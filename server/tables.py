@@ -56,6 +56,7 @@ from embps.protos.config import (
     TableConfig,
     TableKind,
 )
+from embps.protos.routing import static_rows_nb
 from embps.server import hashmap as hm
 from embps.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from embps.server.optimizers import (
@@ -84,7 +85,6 @@ FOLLOWER_TTL_S = 300.0
 # pull waits at most that long; docs/benchmarks.md, "Eviction").
 EVICT_PAGE_ROWS = 1 << 14
 _NORM_CODE = {Norm.L2: 0, Norm.L1: 1, Norm.LINF: 2}
-_STATIC_SEED = np.uint64(0x94D049BB133111EB)
 
 
 # --------------------------------------------------------------------------
@@ -263,22 +263,6 @@ def touch_rows(freq, last_step, version, rows, step, ver):
             freq[r] += 1
             last_step[r] = step
             version[r] = ver
-
-
-@njit(nogil=True, cache=True)
-def static_rows(keys, buckets, seed):
-    """Shared row of each key in a static table: h(key, seed) % buckets -> int64 (n,)."""
-    out = np.empty(keys.shape[0], dtype=np.int64)
-    s = hm.fmix64(np.uint64(seed) ^ _STATIC_SEED)
-    b = np.uint64(buckets)
-    for i in range(keys.shape[0]):
-        out[i] = np.int64(hm.fmix64(np.uint64(keys[i]) ^ s) % b)
-    return out
-
-
-# --------------------------------------------------------------------------
-# Storage parts
-# --------------------------------------------------------------------------
 
 
 class Block:
@@ -1632,7 +1616,7 @@ class StaticTable(Table):
 
     def rows_of(self, keys: np.ndarray) -> np.ndarray:
         """Shared row of each key: int64 (n,)."""
-        return static_rows(keys, self.config.hash_bucket_size, self.config.seed)
+        return static_rows_nb(keys, self.config.hash_bucket_size, self.config.seed)
 
     def _pull(
         self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
@@ -1679,7 +1663,7 @@ class AdaptiveTable(_DynamicBase):
 
     def static_rows_of(self, keys: np.ndarray) -> np.ndarray:
         """Static-part row of each key: int64 (n,)."""
-        return static_rows(keys, self.config.hash_bucket_size, self.config.seed)
+        return static_rows_nb(keys, self.config.hash_bucket_size, self.config.seed)
 
     def _pull(
         self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray

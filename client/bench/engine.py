@@ -58,6 +58,7 @@ from embps.client.bench.report import (
     write_json,
 )
 from embps.protos.config import TableKind
+from embps.protos.routing import GOLDEN, mix64_inplace
 from embps.server import hashmap as hm
 
 FULL_KEYS = 10_000_000
@@ -69,9 +70,6 @@ RAW_BYTES_PER_KEY = 8 + DIM * 4 + DIM * 4  # key + fp32 values + one fp32 Adagra
 REPS = 5
 SEED = 20240611
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 TARGETS: tuple[Target, ...] = (
@@ -95,12 +93,7 @@ def make_keys(n: int, seed: int) -> np.ndarray:
     an invertible mix), so the keys are distinct without a sort or a set.
     """
     base = np.uint64(np.random.default_rng(seed).integers(0, 2**63, dtype=np.uint64))
-    x = np.arange(n + 1, dtype=np.uint64) * _GOLDEN + base
-    x ^= x >> np.uint64(30)
-    x *= _MIX1
-    x ^= x >> np.uint64(27)
-    x *= _MIX2
-    x ^= x >> np.uint64(31)
+    x = mix64_inplace(np.arange(n + 1, dtype=np.uint64) * GOLDEN + base)
     keys = x.view(np.int64)
     return np.ascontiguousarray(keys[keys != hm.EMPTY][:n])
 

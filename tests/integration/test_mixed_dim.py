@@ -18,7 +18,7 @@ from embps.client.torch import (  # noqa: E402
 )
 from embps.protos.routing import shard_of  # noqa: E402
 from embps.server.service import ShardServer  # noqa: E402
-from embps.server.tables import static_rows  # noqa: E402
+from embps.protos.routing import static_rows  # noqa: E402
 
 Factory = Callable[..., list[ShardServer]]
 LR = 0.5

@@ -6,7 +6,7 @@ pieces only where those define what a value *is*:
 
   * initial rows: ``optimizers.init_rows`` run on a scratch array (the
     initializer's distribution is its definition);
-  * static rows: ``tables.static_rows`` (the hashing trick's hash is its definition).
+  * static rows: ``routing.static_rows`` (the hashing trick's hash is its definition).
 
 Everything else is written out here: the optimizer formulas (float64, state
 stored as float32 between steps), the duplicate summing, the count-min sketch
@@ -46,7 +46,7 @@ from embps.protos.config import (
 from embps.server import hashmap as hm
 from embps.server.errors import ResourceExhausted
 from embps.server.optimizers import INIT_CODES, init_rows
-from embps.server.tables import static_rows
+from embps.protos.routing import static_rows
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embps.client.serving import ExportedModel, ExportFormatError, static_rows
+from embps.client.serving import ExportedModel, ExportFormatError
 from embps.protos.config import TableConfig
 from embps.server import tables as tables_mod
 from embps.server.checkpoint import (
@@ -340,15 +340,6 @@ def test_reshard_moves_every_own_row_to_its_owner(tmp_path: Path, rng, n: int, m
 # --------------------------------------------------------------------------
 # Export format (the process-level test compares with live pulls)
 # --------------------------------------------------------------------------
-
-
-def test_static_row_hash_of_the_reader_equals_the_shards_kernel() -> None:
-    keys = np.random.default_rng(3).integers(-(2**63), 2**63 - 1, 20_000)
-    keys = np.concatenate([keys, [0, -1, -(2**63), 2**63 - 1]])
-    for buckets, seed in ((1, 0), (1000, 7), (2**40 + 3, 2**62)):
-        np.testing.assert_array_equal(
-            static_rows(keys, buckets, seed), tables_mod.static_rows(keys, buckets, seed)
-        )
 
 
 def test_export_round_trip_and_refusals(tmp_path: Path, rng: np.random.Generator) -> None:

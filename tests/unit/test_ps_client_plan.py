@@ -137,7 +137,7 @@ def test_shard_addresses_from_a_dns_pattern() -> None:
 
 @pytest.mark.parametrize("num_shards", [1, 2, 5])
 def test_dedup_route_groups_equals_dedup_route_per_group(num_shards: int) -> None:
-    from embps.client.dedup import dedup_route, dedup_route_groups
+    from embps.protos.routing import dedup_route, dedup_route_groups
 
     rng = np.random.default_rng(num_shards)
     groups = [rng.integers(-40, 40, size=n).astype(np.int64) for n in (0, 1, 17, 200, 5, 0)]
