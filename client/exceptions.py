@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import grpc
 
+from embps.protos.limits import OUTCOME_KEY, OUTCOME_REJECTED
+
 # Trailing metadata a shard attaches to every error it raises on purpose: the
 # request was rejected before anything changed (a push on that shard was NOT
 # applied). An error without it (transport failure, INTERNAL) has an unknown outcome.
-OUTCOME_KEY = "embps-outcome"
-OUTCOME_REJECTED = "rejected"
 
 
 # --------------------------------------------------------------------------

@@ -72,6 +72,11 @@ from embps.client.exceptions import (
 from embps.client.security import TLSConfig, make_channel, warn_plaintext_token
 from embps.protos import codec
 from embps.protos.config import NORM_TO_PB, Norm, TableConfig
+from embps.protos.limits import (
+    DEFAULT_MAX_KEYS_PER_REQUEST,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    SERVICE_NAME,
+)
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
 
@@ -81,10 +86,8 @@ _RETRIABLE = (UnavailableError, CancelledError)
 # Errors after which a push's outcome is unknown; retried only with a client id (idempotent).
 _PUSH_RETRIABLE = (UnavailableError, CancelledError, DeadlineExceededError)
 # Same defaults as the server (embps.server.service); the client never imports the server.
-DEFAULT_MAX_KEYS_PER_REQUEST = 1 << 20
-DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 _MESSAGE_OVERHEAD = 4096  # bytes kept free in a message for fields other than the arrays
-_SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+_SERVICE = SERVICE_NAME
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.05, 2.0
 _FINITE_MAX = {
     pb.DTYPE_FLOAT32: float(np.finfo(np.float32).max),

@@ -35,6 +35,8 @@ from embps.protos.routing import shard_of, static_rows
 
 FORMAT = "embps-export"
 FORMAT_VERSION = 1
+
+
 class ExportFormatError(ValueError):
     """A directory that is not a readable embps export (the message names the file)."""
 

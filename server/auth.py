@@ -70,12 +70,12 @@ from typing import Any
 
 import grpc
 
+from embps.protos.limits import METHOD_PREFIX
 from embps.server.errors import EmbpsServerError, PermissionDenied, Unauthenticated
-from embps.v1 import embps_pb2 as pb
 
 log = logging.getLogger("embps.server")
 
-_PS = "/" + pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name + "/"
+_PS = METHOD_PREFIX
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _REFLECTION_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",

@@ -39,6 +39,15 @@ from grpc_reflection.v1alpha import reflection
 
 from embps.protos import codec
 from embps.protos.config import NORM_FROM_PB, Norm, TableConfig
+from embps.protos.limits import (
+    DEFAULT_MAX_KEYS_PER_REQUEST,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_GRPC_MESSAGE_BYTES,
+    METHOD_PREFIX,
+    OUTCOME_KEY,
+    OUTCOME_REJECTED,
+    SERVICE_NAME,
+)
 from embps.protos.routing import first_misrouted, shard_of
 from embps.server.auth import AuthInterceptor, Authorizer, load_token_file, server_credentials
 from embps.server.checkpoint import (
@@ -70,19 +79,6 @@ from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
 
 log = logging.getLogger("embps.server")
-
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
-_METHOD_PREFIX = f"/{SERVICE_NAME}/"
-
-# Defaults shared with the client (embps.client.ps_client keeps the same values).
-DEFAULT_MAX_KEYS_PER_REQUEST = 1 << 20
-DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
-MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
-
-# Trailing metadata on every error raised on purpose: nothing was changed.
-# (embps.client.exceptions reads the same key; the server never imports the client.)
-OUTCOME_KEY = "embps-outcome"
-OUTCOME_REJECTED = "rejected"
 
 
 # --------------------------------------------------------------------------
@@ -338,11 +334,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if (
             handler is None
             or handler.unary_unary is None
-            or not method_path.startswith(_METHOD_PREFIX)
+            or not method_path.startswith(METHOD_PREFIX)
         ):
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(method_path[len(_METHOD_PREFIX) :], handler.unary_unary),
+            self._wrap(method_path[len(METHOD_PREFIX) :], handler.unary_unary),
             request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

@@ -71,7 +71,6 @@ REPS = 5
 SEED = 20240611
 
 
-
 TARGETS: tuple[Target, ...] = (
     Target("lookup_vs_khash", 2.5),
     Target("lookup_vs_typed_dict", 6.0),

@@ -22,9 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embps.protos import codec
 from embps.protos.config import FTRL, Adagrad, Adam, TableConfig
+from embps.protos.limits import SERVICE_NAME
 from embps.protos.routing import shard_of
 from embps.server.engine import Engine
-from embps.server.service import SERVICE_NAME, ShardConfig, ShardServer, build_server
+from embps.server.service import ShardConfig, ShardServer, build_server
 from embps.v1 import embps_pb2 as pb
 
 N_SHARDS = 2

@@ -30,10 +30,8 @@ from embps.client import (
     TableNotFoundError,
     UnavailableError,
 )
-from embps.client import exceptions as client_exceptions
-from embps.protos import codec
+from embps.protos import codec, limits
 from embps.protos.routing import shard_of
-from embps.server import service
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
 
@@ -112,7 +110,7 @@ def rejected(call: Callable[[], Any], code: grpc.StatusCode, match: str = "") ->
     assert isinstance(err, grpc.Call)
     assert err.code() == code, err.details()
     md = dict(err.trailing_metadata() or ())
-    assert md.get(service.OUTCOME_KEY) == service.OUTCOME_REJECTED
+    assert md.get(limits.OUTCOME_KEY) == limits.OUTCOME_REJECTED
     details = err.details() or ""
     assert match.lower() in details.lower(), details
     return details
@@ -344,5 +342,3 @@ def test_every_status_code_maps_to_an_exception() -> None:
     for code in Code:
         if code is not Code.OK:
             assert issubclass(STATUS_TO_ERROR[code], EmbpsError), code
-    assert client_exceptions.OUTCOME_KEY == service.OUTCOME_KEY
-    assert client_exceptions.OUTCOME_REJECTED == service.OUTCOME_REJECTED

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from embps.server.service import SERVICE_NAME, ShardConfig, ShardServer, build_server
+from embps.protos.limits import SERVICE_NAME
+from embps.server.service import ShardConfig, ShardServer, build_server
 
 from .certs import Certs, make_certs
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from embps.client import PSClient, PushOutcomeUnknownError
-from embps.protos import codec
+from embps.protos import codec, limits
 from embps.protos.config import TableConfig
 from embps.server import service
 from embps.server.replay import DEFAULT_WINDOW, ReplayGuard
@@ -102,7 +102,7 @@ def test_a_sequence_older_than_the_window_is_refused(stub) -> None:
         stub.Push(push_req(k, client_id="c", sequence=top - DEFAULT_WINDOW), timeout=10)
     assert info.value.code() == Code.FAILED_PRECONDITION
     assert "older than this shard's replay window" in info.value.details()
-    assert dict(info.value.trailing_metadata())[service.OUTCOME_KEY] == service.OUTCOME_REJECTED
+    assert dict(info.value.trailing_metadata())[limits.OUTCOME_KEY] == limits.OUTCOME_REJECTED
     np.testing.assert_array_equal(rows(stub, k), before)
     # the oldest sequence still in the window applies
     assert not stub.Push(push_req(k, client_id="c", sequence=top - DEFAULT_WINDOW + 1)).replayed
@@ -310,11 +310,11 @@ def test_a_malformed_push_request_is_invalid_argument(shard) -> None:
     """Push reads its request by hand (codec.decode_push_request): bytes protobuf cannot
     parse are refused as INVALID_ARGUMENT with the rejected trailer, not INTERNAL."""
     with grpc.insecure_channel(shard.address) as ch:
-        raw = ch.unary_unary(f"/{service.SERVICE_NAME}/Push")
+        raw = ch.unary_unary(f"/{limits.SERVICE_NAME}/Push")
         for data in (b"\x0a\x02\xff\xfe", b"\x12\x09abc"):  # table not UTF-8; keys cut off
             with pytest.raises(grpc.RpcError) as info:
                 raw(data, timeout=10)
             assert info.value.code() == Code.INVALID_ARGUMENT, info.value.details()
             assert "malformed" in info.value.details()
             md = dict(info.value.trailing_metadata())
-            assert md[service.OUTCOME_KEY] == service.OUTCOME_REJECTED
+            assert md[limits.OUTCOME_KEY] == limits.OUTCOME_REJECTED

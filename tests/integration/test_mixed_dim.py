@@ -16,9 +16,8 @@ from embps.client.torch import (  # noqa: E402
     plan_mixed_dim_blocks,
     plan_mixed_dim_blocks_from_ps,
 )
-from embps.protos.routing import shard_of  # noqa: E402
+from embps.protos.routing import shard_of, static_rows  # noqa: E402
 from embps.server.service import ShardServer  # noqa: E402
-from embps.protos.routing import static_rows  # noqa: E402
 
 Factory = Callable[..., list[ShardServer]]
 LR = 0.5

@@ -26,9 +26,8 @@ from embps.client import (
     TableConfig,
     TableNotFoundError,
 )
-from embps.protos import codec
+from embps.protos import codec, limits
 from embps.protos.routing import shard_of
-from embps.server import service
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
 
@@ -280,7 +279,7 @@ def test_raw_bad_step_is_rejected_whole(cluster: Cluster, ps: PSClient, case: st
     err = info.value
     assert err.code() == code, err.details()
     assert match.lower() in (err.details() or "").lower(), err.details()
-    assert dict(err.trailing_metadata() or ()).get(service.OUTCOME_KEY) == service.OUTCOME_REJECTED
+    assert dict(err.trailing_metadata() or ()).get(limits.OUTCOME_KEY) == limits.OUTCOME_REJECTED
     after = shard_state(ps)
     for x, y in zip(before, after, strict=True):
         if isinstance(x, np.ndarray):
@@ -304,7 +303,7 @@ def test_a_pull_refused_after_the_pushes_says_they_were_applied(cluster: Cluster
             pb_grpc.ParameterServerStub(ch).Step(req, timeout=10)
     assert info.value.code() == Code.RESOURCE_EXHAUSTED
     assert "pushes were applied" in (info.value.details() or "")
-    assert service.OUTCOME_KEY not in dict(info.value.trailing_metadata() or ())
+    assert limits.OUTCOME_KEY not in dict(info.value.trailing_metadata() or ())
     assert not np.array_equal(ps.pull("sgd", [1], train=False), before)  # applied
     with pytest.raises(PushOutcomeUnknownError):  # the client cannot say "nothing changed"
         ps.push_pull({"sgd": ([1], np.ones((1, DIM), np.float32))}, {"full": own_keys(s, 12)[8:]})
@@ -313,7 +312,7 @@ def test_a_pull_refused_after_the_pushes_says_they_were_applied(cluster: Cluster
 def test_step_permissions_follow_what_it_changes() -> None:
     from embps.server.auth import Permission, required_permission
 
-    method = f"/{service.SERVICE_NAME}/Step"
+    method = f"/{limits.SERVICE_NAME}/Step"
     g = pb.TableGroup(table="t", keys=codec.encode_keys(np.array([1])))
     assert required_permission(method, pb.StepRequest(pull=[g], train=False)) is Permission.READ
     assert required_permission(method, pb.StepRequest(pull=[g], train=True)) is Permission.WRITE

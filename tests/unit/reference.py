@@ -43,10 +43,10 @@ from embps.protos.config import (
     TableConfig,
     TableKind,
 )
+from embps.protos.routing import static_rows
 from embps.server import hashmap as hm
 from embps.server.errors import ResourceExhausted
 from embps.server.optimizers import INIT_CODES, init_rows
-from embps.protos.routing import static_rows
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from embps.protos import codec
-from embps.protos.routing import mix64, shard_of
-from embps.protos.routing import first_misrouted
+from embps.protos.routing import first_misrouted, mix64, shard_of
 from embps.v1 import embps_pb2 as pb
 
 F32, F16, BF16 = pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16
