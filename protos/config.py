@@ -30,7 +30,7 @@ from embps.v1 import embps_pb2 as pb
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")  # fullmatch
 MAX_DIM = 65536
 
-# Memory layout of a table's arrays, for ``max_bytes`` (server/tables.py owns the
+# Memory layout of a table's arrays, for ``max_bytes`` (server/tables/block.py owns the
 # arrays; tests/unit/test_memory_cap.py holds these numbers equal to their nbytes).
 ROW_META_BYTES = 24  # freq, last_step, version: int64 each, per row
 INDEX_MIN_BYTES = 16 * 16 + 6 * 8  # the smallest hash index: 16 [key, row] buckets + map state

@@ -1,311 +1,101 @@
-"""Server-side optimizers and row kernels (numba): dedup-sum, initializers, gathers.
+"""The server's optimizer registry: one entry per optimizer, naming everything the
+server does differently for it. Adding an optimizer (say row-wise Adagrad) is an entry
+here, its kernel in ``embps.server.kernels.optim``, and its config class and wire message
+in ``embps.protos.config`` (which owns the slot count, ``SLOTS_PER_OPTIMIZER``, and the
+name); a unit test fails while any config class lacks an entry.
 
-Every optimizer kernel updates the rows named in ``rows`` (unique; the caller
-dedups with ``dedup_sum`` first, so duplicate keys in a push are summed) and
-the slots stored beside them:
-
-    values: float32 (cap, dim)           the embedding rows
-    slots:  float32 (cap, n_slots * dim) slot s of row r is slots[r, s*dim:(s+1)*dim]
-    rows:   int64 (m,)                   unique row indices
-    grads:  float32 (m, dim)             summed gradient of each row
-
-Formulas (arithmetic in float64, stored as float32):
-  SGD      w -= lr * g
-  Adagrad  a += g^2; w -= lr * g / (sqrt(a) + eps)                    (torch.optim.Adagrad)
-  Adam     m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
-           w -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)     (lazy: only pushed rows;
-           torch.optim.SparseAdam / TF LazyAdam)
-  FTRL     n' = n + g^2; z += g - (sqrt(n') - sqrt(n))/alpha * w; n = n';
-           w = 0 if |z| <= l1 else (sign(z) l1 - z) / ((beta + sqrt(n))/alpha + 2 l2)
-           (TensorFlow Ftrl, learning_rate_power = -0.5)
+Each optimizer owns its state layout (as FBGEMM's ``EmbOptimType`` does): ``n_slots``
+vectors of ``dim`` floats beside each row, slot s of row r at ``slots[r, s*dim:(s+1)*dim]``,
+each initialized to ``initial_slots(opt)[s]``. The formulas are in the kernels' module.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
-from embps.protos.config import FTRL, SGD, Adagrad, Adam, InitKind, OptimizerConfig
-from embps.protos.routing import GOLDEN
-from embps.protos.routing import fmix64_one as fmix64
-from embps.server.hashmap import copy_row, prefetch_item
+from embps.protos.config import (
+    FTRL,
+    SGD,
+    SLOTS_PER_OPTIMIZER,
+    Adagrad,
+    Adam,
+    InitKind,
+    OptimizerConfig,
+)
+from embps.server.kernels.optim import adagrad_update, adam_update, ftrl_update, sgd_update
 
-# --------------------------------------------------------------------------
-# Duplicate handling
-# --------------------------------------------------------------------------
+# the initializer kernel's codes (``kernels.optim.init_rows``'s ``kind``)
+INIT_CODES = {InitKind.ZEROS: 0, InitKind.CONSTANT: 1, InitKind.UNIFORM: 2, InitKind.NORMAL: 3}
 
 
-@njit(nogil=True, cache=True)
-def dedup_sum(rows, grads):
-    """Sum the gradients of equal rows; drop rows < 0.
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What the server does for one optimizer.
 
-    rows: int64 (n,), grads: float32 (n, dim) ->
-    (urows: int64 (m,) in first-seen order, ugrads: float32 (m, dim)), views of
-    arrays sized for n. Row p is ((0 + g_first) + g_second) + ... in float32.
+    update(opt, values float32 (cap, dim), slots float32 (cap, n_slots * dim),
+           rows int64 (m,) unique, grads float32 (m, dim), t: the table's step)
+    initial_slots(opt) -> one float per slot vector, the value of a new row's slot.
     """
-    n = rows.shape[0]
-    dim = grads.shape[1]
-    cap = 16
-    while cap < 2 * n:
-        cap *= 2
-    mask = cap - 1
-    tkeys = np.full(cap, -1, dtype=np.int64)
-    tpos = np.empty(cap, dtype=np.int64)
-    urows = np.empty(n, dtype=np.int64)
-    ugrads = np.empty((n, dim), dtype=np.float32)
-    zero = np.float32(0.0)
-    m = 0
-    for i in range(n):
-        r = rows[i]
-        if r < 0:
-            continue
-        j = np.int64(fmix64(np.uint64(r)) & np.uint64(mask))
-        while True:
-            if tkeys[j] == r:
-                p = tpos[j]
-                for d in range(dim):
-                    ugrads[p, d] += grads[i, d]
-                break
-            if tkeys[j] == -1:
-                tkeys[j] = r
-                tpos[j] = m
-                urows[m] = r
-                for d in range(dim):  # 0 + g, as a zero start would (-0.0 becomes 0.0)
-                    ugrads[m, d] = zero + grads[i, d]
-                m += 1
-                break
-            j = (j + 1) & mask
-    return urows[:m], ugrads[:m]
+
+    n_slots: int
+    update: Callable[[OptimizerConfig, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], None]
+    initial_slots: Callable[[OptimizerConfig], tuple[float, ...]]
 
 
-# --------------------------------------------------------------------------
-# Optimizer kernels
-# --------------------------------------------------------------------------
+def _sgd(opt, values, slots, rows, grads, t):
+    sgd_update(values, rows, grads, opt.lr)
 
 
-@njit(nogil=True, cache=True)
-def sgd_update(values, rows, grads, lr):
-    """w -= lr * g for each (row, grad)."""
-    dim = values.shape[1]
-    nrows = rows.shape[0]
-    for i in range(nrows):
-        if i + AHEAD < nrows:
-            _prefetch_row(values, rows[i + AHEAD])
-        r = rows[i]
-        for d in range(dim):
-            values[r, d] = values[r, d] - lr * grads[i, d]
+def _adagrad(opt, values, slots, rows, grads, t):
+    adagrad_update(values, slots, rows, grads, opt.lr, opt.eps)
 
 
-@njit(nogil=True, cache=True)
-def adagrad_update(values, slots, rows, grads, lr, eps):
-    """Adagrad; slot 0 is the squared-gradient accumulator."""
-    dim = values.shape[1]
-    nrows = rows.shape[0]
-    for i in range(nrows):
-        if i + AHEAD < nrows:
-            _prefetch_row(values, rows[i + AHEAD])
-            _prefetch_row(slots, rows[i + AHEAD])
-        r = rows[i]
-        for d in range(dim):
-            g = np.float64(grads[i, d])
-            a = np.float32(slots[r, d] + g * g)
-            slots[r, d] = a
-            values[r, d] = values[r, d] - lr * g / (math.sqrt(a) + eps)
+def _adam(opt, values, slots, rows, grads, t):
+    adam_update(values, slots, rows, grads, opt.lr, opt.beta1, opt.beta2, opt.eps, float(max(t, 1)))
 
 
-@njit(nogil=True, cache=True)
-def adam_update(values, slots, rows, grads, lr, beta1, beta2, eps, t):
-    """Lazy Adam at step t >= 1; slot 0 = m, slot 1 = v."""
-    dim = values.shape[1]
-    step = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-    nrows = rows.shape[0]
-    for i in range(nrows):
-        if i + AHEAD < nrows:
-            _prefetch_row(values, rows[i + AHEAD])
-            _prefetch_row(slots, rows[i + AHEAD])
-        r = rows[i]
-        for d in range(dim):
-            g = np.float64(grads[i, d])
-            m = np.float32(beta1 * slots[r, d] + (1.0 - beta1) * g)
-            v = np.float32(beta2 * slots[r, dim + d] + (1.0 - beta2) * g * g)
-            slots[r, d] = m
-            slots[r, dim + d] = v
-            values[r, d] = values[r, d] - step * m / (math.sqrt(v) + eps)
+def _ftrl(opt, values, slots, rows, grads, t):
+    ftrl_update(values, slots, rows, grads, opt.alpha, opt.beta, opt.l1, opt.l2)
 
 
-@njit(nogil=True, cache=True)
-def ftrl_update(values, slots, rows, grads, alpha, beta, l1, l2):
-    """FTRL-Proximal; slot 0 = n (accumulator), slot 1 = z (linear)."""
-    dim = values.shape[1]
-    nrows = rows.shape[0]
-    for i in range(nrows):
-        if i + AHEAD < nrows:
-            _prefetch_row(values, rows[i + AHEAD])
-            _prefetch_row(slots, rows[i + AHEAD])
-        r = rows[i]
-        for d in range(dim):
-            g = np.float64(grads[i, d])
-            n = np.float64(slots[r, d])
-            n_new = n + g * g
-            z = (
-                np.float64(slots[r, dim + d])
-                + g
-                - (math.sqrt(n_new) - math.sqrt(n)) / alpha * values[r, d]
-            )
-            slots[r, d] = n_new
-            slots[r, dim + d] = z
-            if abs(z) <= l1:
-                values[r, d] = 0.0
-            else:
-                sign = 1.0 if z > 0 else -1.0
-                quad = (beta + math.sqrt(n_new)) / alpha + 2.0 * l2
-                values[r, d] = (sign * l1 - z) / quad
+REGISTRY: dict[type, OptimizerSpec] = {
+    SGD: OptimizerSpec(0, _sgd, lambda opt: ()),
+    Adagrad: OptimizerSpec(1, _adagrad, lambda opt: (opt.initial_accumulator_value,)),  # type: ignore[union-attr]
+    Adam: OptimizerSpec(2, _adam, lambda opt: (0.0, 0.0)),
+    FTRL: OptimizerSpec(2, _ftrl, lambda opt: (opt.initial_accumulator_value, 0.0)),  # type: ignore[union-attr]
+}
+for _cls, _spec in REGISTRY.items():  # the config's slot count is the layout's
+    assert SLOTS_PER_OPTIMIZER[_cls] == _spec.n_slots, _cls
+
+
+def spec_of(opt: OptimizerConfig) -> OptimizerSpec:
+    """The registry entry of ``opt``'s class; ValueError naming the accepted ones."""
+    try:
+        return REGISTRY[type(opt)]
+    except KeyError:
+        accepted = ", ".join(c.__name__ for c in REGISTRY)
+        raise ValueError(
+            f"optimizer {type(opt).__name__} has no server kernel; accepted: {accepted}"
+        ) from None
 
 
 def apply_optimizer(
     opt: OptimizerConfig,
-    values: np.ndarray,
-    slots: np.ndarray,
-    rows: np.ndarray,
-    grads: np.ndarray,
+    values: np.ndarray,  # float32 (cap, dim)
+    slots: np.ndarray,  # float32 (cap, n_slots * dim)
+    rows: np.ndarray,  # int64 (m,), unique
+    grads: np.ndarray,  # float32 (m, dim)
     t: int,
 ) -> None:
-    """Run ``opt``'s kernel on unique ``rows`` (int64 (m,)) with ``grads`` float32 (m, dim)."""
+    """Run ``opt``'s kernel on unique ``rows`` with their summed ``grads``."""
     if rows.shape[0] == 0:
         return
-    if isinstance(opt, SGD):
-        sgd_update(values, rows, grads, opt.lr)
-    elif isinstance(opt, Adagrad):
-        adagrad_update(values, slots, rows, grads, opt.lr, opt.eps)
-    elif isinstance(opt, Adam):
-        adam_update(
-            values, slots, rows, grads, opt.lr, opt.beta1, opt.beta2, opt.eps, float(max(t, 1))
-        )
-    else:
-        ftrl_update(values, slots, rows, grads, opt.alpha, opt.beta, opt.l1, opt.l2)
+    spec_of(opt).update(opt, values, slots, rows, grads, t)
 
 
 def initial_slot_values(opt: OptimizerConfig) -> tuple[float, ...]:
     """Initial value of each slot vector of a new row."""
-    if isinstance(opt, Adagrad):
-        return (opt.initial_accumulator_value,)
-    if isinstance(opt, Adam):
-        return (0.0, 0.0)
-    if isinstance(opt, FTRL):
-        return (opt.initial_accumulator_value, 0.0)
-    return ()
-
-
-# --------------------------------------------------------------------------
-# Initializers: deterministic per (seed, key, column)
-# --------------------------------------------------------------------------
-
-INIT_CODES = {InitKind.ZEROS: 0, InitKind.CONSTANT: 1, InitKind.UNIFORM: 2, InitKind.NORMAL: 3}
-_SECOND = np.uint64(0xD6E8FEB86659FD93)
-_TWO_PI = 2.0 * math.pi
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _unit(h):
-    """uint64 -> float64 in [0, 1)."""
-    return np.float64(h >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
-
-@njit(nogil=True, cache=True)
-def init_rows(values, rows, keys, kind, a, b, seed):
-    """values[rows[i]] <- the initial row of keys[i] (same key + seed: same row, always).
-
-    values: float32 (cap, dim), rows: int64 (n,), keys: int64 (n,), kind: INIT_CODES value.
-    Element d of a row is a function of (seed, key, d) alone: a counter-based hash.
-    """
-    dim = values.shape[1]
-    s = fmix64(np.uint64(seed) ^ np.uint64(0x5851F42D4C957F2D))
-    if kind <= 1:
-        v = 0.0 if kind == 0 else a
-        for i in range(rows.shape[0]):
-            r = rows[i]
-            for d in range(dim):
-                values[r, d] = v
-        return
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        base = fmix64(np.uint64(keys[i]) ^ s)
-        if kind == 2:
-            for d in range(dim):
-                values[r, d] = a + (b - a) * _unit(fmix64(base + np.uint64(d + 1) * GOLDEN))
-        else:
-            for d in range(dim):
-                h = fmix64(base + np.uint64(d + 1) * GOLDEN)
-                u = _unit(h)
-                u2 = _unit(fmix64(h ^ _SECOND))
-                values[r, d] = a + b * math.sqrt(-2.0 * math.log(1.0 - u)) * math.cos(_TWO_PI * u2)
-
-
-@njit(nogil=True, cache=True)
-def fill_slots(slots, rows, dim, init):
-    """slots[rows[i], s*dim:(s+1)*dim] <- init[s] for every slot s. init: float64 (n_slots,)."""
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        for s in range(init.shape[0]):
-            v = init[s]
-            for d in range(dim):
-                slots[r, s * dim + d] = v
-
-
-# --------------------------------------------------------------------------
-# Gathers and norms
-# --------------------------------------------------------------------------
-
-
-AHEAD = 4  # rows prefetched ahead by the row kernels (measured on gather: 4 beat 2, 8 and 16)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _prefetch_row(arr, r):  # pragma: no cover - compiled
-    """Prefetch every 64-byte line of row ``r`` of a 2-D float32 array."""
-    for d in range(0, arr.shape[1], 16):  # 16 float32 = one 64-byte line
-        prefetch_item(arr, r, d)  # type: ignore[call-arg]
-
-
-@njit(nogil=True, cache=True)
-def gather(values, rows, default, out):
-    """out[i] <- values[rows[i]], or ``default`` where rows[i] < 0.
-
-    values: float32 (cap, dim), rows: int64 (n,), out: float32 (n, dim). The row
-    ``AHEAD`` rows on is prefetched: rows are scattered over the arena, so each
-    one is a few independent cache misses.
-    """
-    n = rows.shape[0]
-    dim = values.shape[1]
-    for i in range(n):
-        if i + AHEAD < n and rows[i + AHEAD] >= 0:
-            _prefetch_row(values, rows[i + AHEAD])
-        r = rows[i]
-        if r < 0:
-            for d in range(dim):
-                out[i, d] = default
-        else:
-            copy_row(out, i, values, r)  # type: ignore[call-arg]
-
-
-@njit(nogil=True, cache=True)
-def row_norms(values, rows, kind):
-    """Norm of values[rows[i]]: kind 0 = L2, 1 = L1, 2 = Linf. -> float64 (n,)."""
-    n = rows.shape[0]
-    dim = values.shape[1]
-    out = np.empty(n, dtype=np.float64)
-    for i in range(n):
-        r = rows[i]
-        acc = 0.0
-        for d in range(dim):
-            x = abs(np.float64(values[r, d]))
-            if kind == 0:
-                acc += x * x
-            elif kind == 1:
-                acc += x
-            elif x > acc:
-                acc = x
-        out[i] = math.sqrt(acc) if kind == 0 else acc
-    return out
+    return spec_of(opt).initial_slots(opt)

@@ -59,7 +59,7 @@ from embps.client.bench.report import (
 )
 from embps.protos.config import TableKind
 from embps.protos.routing import GOLDEN, mix64_inplace
-from embps.server import hashmap as hm
+from embps.server.kernels import hashmap as hm
 
 FULL_KEYS = 10_000_000
 QUICK_KEYS = 2_000_000

@@ -445,7 +445,7 @@ def run_mixed(s: _Session) -> KindRun:
 def optembed_bytes(kept: int, d: int) -> int:
     """Bytes of one shard's dynamic table of ``kept`` rows narrowed to ``d`` after a prune's
     compaction (arena 1.25x rows of values + Adagrad slot + metadata, row keys, buckets)."""
-    from embps.server import hashmap as hm
+    from embps.server.kernels import hashmap as hm
 
     cap = max(16, kept + kept // 4)
     return cap * (8 * d + 24 + 8) + 16 * hm.capacity_for(cap) + 8 * hm.META_LEN

@@ -223,7 +223,8 @@ def initial_rows(config: TableConfig, keys: np.ndarray) -> np.ndarray:
     by (table seed, key): a local model built from these starts exactly where the PS
     starts (``test_bench_train`` checks it against real pulls).
     """
-    from embps.server.optimizers import INIT_CODES, init_rows
+    from embps.server.kernels.optim import init_rows
+    from embps.server.optimizers import INIT_CODES
 
     keys = np.ascontiguousarray(keys, dtype=np.int64)
     out = np.empty((keys.shape[0], config.dim), dtype=np.float32)

@@ -16,7 +16,7 @@ from embps.client import (
     TableConfig,
 )
 from embps.protos import codec
-from embps.server import hashmap as hm
+from embps.server.kernels import hashmap as hm
 from embps.server.tables import row_limit
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc

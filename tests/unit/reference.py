@@ -4,14 +4,14 @@ The models say *what* the engine must compute, with dicts and per-row numpy
 arrays instead of hash maps and arenas. They reuse the engine's deterministic
 pieces only where those define what a value *is*:
 
-  * initial rows: ``optimizers.init_rows`` run on a scratch array (the
+  * initial rows: ``kernels.optim.init_rows`` run on a scratch array (the
     initializer's distribution is its definition);
   * static rows: ``routing.static_rows`` (the hashing trick's hash is its definition).
 
 Everything else is written out here: the optimizer formulas (float64, state
 stored as float32 between steps), the duplicate summing, the count-min sketch
 (a pure-Python count-min with conservative update using the same hash as
-``server/sketch.py``; ``test_hashmap`` checks the hash against the kernel), the
+``server/kernels/sketch.py``; ``test_hashmap`` checks the hash against the kernel), the
 row allocator of a dynamic part (hashmap DESIGN "Rows": a LIFO free list of
 erased rows, else a bump pointer; compaction renumbers live rows 0..k-1 in row
 order), eviction (LFU/LRU: smallest score, ties by the smaller key), admission,
@@ -44,14 +44,15 @@ from embps.protos.config import (
     TableKind,
 )
 from embps.protos.routing import static_rows
-from embps.server import hashmap as hm
 from embps.server.errors import ResourceExhausted
-from embps.server.optimizers import INIT_CODES, init_rows
+from embps.server.kernels import hashmap as hm
+from embps.server.kernels.optim import init_rows
+from embps.server.optimizers import INIT_CODES
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 M64 = (1 << 64) - 1
-# Copies of the engine's hash seeds (server/hashmap.py, server/sketch.py);
+# Copies of the engine's hash seeds (server/kernels/hashmap.py, server/kernels/sketch.py);
 # test_hashmap checks that the pure-Python hashes below equal the kernels'.
 SLOT_SEED = 0x2545F4914F6CDD1D
 SKETCH_ROW_SEED = 0xA0761D6478BD642F
@@ -146,7 +147,7 @@ def check_map(slots: np.ndarray, meta: np.ndarray, free: np.ndarray) -> dict[int
 
 
 class CountMin:
-    """The count-min sketch of ``server/sketch.py``, with sparse dict counters."""
+    """The count-min sketch of ``server/kernels/sketch.py``, with sparse dict counters."""
 
     def __init__(self, width: int, depth: int) -> None:
         self.width = width
@@ -186,7 +187,7 @@ class CountMin:
 
 
 # --------------------------------------------------------------------------
-# Optimizers: the formulas of server/optimizers.py, float64, state stored as float32
+# Optimizers: the formulas of server/kernels/optim.py, float64, state stored as float32
 # --------------------------------------------------------------------------
 
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from embps.protos.config import SGD, Adagrad, Initializer, TableConfig
-from embps.server.sketch import FrequencySketch
-from embps.server.tables import AdaptiveTable, make_table
+from embps.server.tables import AdaptiveTable, FrequencySketch, make_table
 
 from .reference import CountMin, initial_values, optimizer_step
 

@@ -10,7 +10,7 @@ import pytest
 
 from embps.client.bench import engine as be
 from embps.client.cli import main
-from embps.server import hashmap as hm
+from embps.server.kernels import hashmap as hm
 
 pytest.importorskip("pandas")
 

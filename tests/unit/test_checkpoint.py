@@ -20,7 +20,6 @@ import pytest
 
 from embps.client.serving import ExportedModel, ExportFormatError
 from embps.protos.config import TableConfig
-from embps.server import tables as tables_mod
 from embps.server.checkpoint import (
     CheckpointConflict,
     Checkpointer,
@@ -36,6 +35,7 @@ from embps.server.checkpoint import (
 )
 from embps.server.export import ExportError, export
 from embps.server.tables import BLOCK_FIELDS, Table, make_table
+from embps.server.tables import dynamic as tables_dynamic
 
 SEED = 1234
 DIM = 4
@@ -227,7 +227,7 @@ def test_recreated_table_and_overflowing_deletion_log_are_written_whole(
     train(list(tables.values()), rng, 0)
     ck.checkpoint(1)
     tables["static_adagrad"] = make_table(CONFIGS["static_adagrad"])  # dropped, created again
-    monkeypatch.setattr(tables_mod, "DELETED_LOG_MAX", 4)
+    monkeypatch.setattr(tables_dynamic, "DELETED_LOG_MAX", 4)
     tables["dyn_sgd"].erase(np.arange(300))  # more deletions than the log keeps
     res = ck.checkpoint(2)
     assert res.kind == "full"

@@ -1,4 +1,4 @@
-"""``Table.frequencies`` (server/tables.py): own-row counts, sketch estimates, zeros; read only."""
+"""``Table.frequencies`` (server/tables/): own-row counts, sketch estimates, zeros; read only."""
 
 from __future__ import annotations
 

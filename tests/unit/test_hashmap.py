@@ -1,4 +1,4 @@
-"""Hash-map kernels (server/hashmap.py) against a dict, with the DESIGN invariants checked."""
+"""Hash-map kernels (server/kernels/hashmap.py) against a dict, with the DESIGN invariants checked."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embps.protos.routing import fmix64_one
-from embps.server import hashmap as hm
+from embps.server.kernels import hashmap as hm
 
 from .reference import INT64_MAX, INT64_MIN, check_map, fmix64, home_bucket, slot_hash
 

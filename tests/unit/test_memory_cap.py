@@ -25,9 +25,15 @@ from embps.protos.config import (
     TableConfig,
 )
 from embps.server import errors
-from embps.server import hashmap as hm
-from embps.server.sketch import FrequencySketch
-from embps.server.tables import AdaptiveTable, DynamicTable, Table, make_table, row_limit
+from embps.server.kernels import hashmap as hm
+from embps.server.tables import (
+    AdaptiveTable,
+    DynamicTable,
+    FrequencySketch,
+    Table,
+    make_table,
+    row_limit,
+)
 
 DIM = 8
 SEED = 20240611

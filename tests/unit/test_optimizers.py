@@ -1,4 +1,4 @@
-"""Optimizer and row kernels (server/optimizers.py) against numpy float64 references."""
+"""Optimizer and row kernels (server/kernels/optim.py, server/kernels/rows.py) against numpy float64 references."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 
 from embps.protos.config import FTRL, SGD, Adagrad, Adam, Initializer, TableConfig
 from embps.server import optimizers as opt_mod
+from embps.server.kernels import optim as kernels_optim
+from embps.server.kernels import rows as kernels_rows
 from embps.server.tables import make_table
 
 from .reference import initial_slots, initial_values, n_slots, optimizer_step, sum_by
@@ -37,14 +39,14 @@ def rng() -> np.random.Generator:
 
 
 def test_dedup_sum_of_nothing():
-    rows, grads = opt_mod.dedup_sum(np.empty(0, dtype=np.int64), np.empty((0, 3), np.float32))
+    rows, grads = kernels_optim.dedup_sum(np.empty(0, dtype=np.int64), np.empty((0, 3), np.float32))
     assert rows.shape == (0,) and grads.shape == (0, 3)
 
 
 def test_dedup_sum_sums_equal_rows_in_first_seen_order_and_drops_negative_rows(rng):
     rows = np.array([5, -1, 3, 5, 5, 0, 3, -1, 1000000], dtype=np.int64)
     grads = rng.normal(size=(rows.shape[0], 3)).astype(np.float32)
-    urows, ugrads = opt_mod.dedup_sum(rows, grads)
+    urows, ugrads = kernels_optim.dedup_sum(rows, grads)
     keep = rows >= 0
     exp = sum_by(rows[keep].tolist(), grads[keep])
     assert urows.tolist() == list(exp) == [5, 3, 0, 1000000]
@@ -55,7 +57,7 @@ def test_dedup_sum_sums_equal_rows_in_first_seen_order_and_drops_negative_rows(r
 def test_dedup_sum_on_a_large_batch_with_many_collisions(rng):
     rows = rng.integers(0, 50, 5000).astype(np.int64)
     grads = rng.normal(size=(5000, 2)).astype(np.float32)
-    urows, ugrads = opt_mod.dedup_sum(rows, grads)
+    urows, ugrads = kernels_optim.dedup_sum(rows, grads)
     assert sorted(urows.tolist()) == sorted(set(rows.tolist()))
     for r, g in zip(urows, ugrads, strict=True):
         np.testing.assert_allclose(
@@ -230,7 +232,7 @@ def test_gather_reads_rows_and_the_default_for_missing_rows(rng):
     values = rng.normal(size=(40, 3)).astype(np.float32)
     rows = np.array([3, -1, 39, 3, -1, 0, *range(20)], dtype=np.int64)
     out = np.empty((rows.shape[0], 3), dtype=np.float32)
-    opt_mod.gather(values, rows, np.float32(-2.5), out)
+    kernels_rows.gather(values, rows, np.float32(-2.5), out)
     exp = np.where((rows >= 0)[:, None], values[np.maximum(rows, 0)], np.float32(-2.5))
     np.testing.assert_array_equal(out, exp)
 
@@ -246,7 +248,7 @@ def test_gather_reads_rows_and_the_default_for_missing_rows(rng):
 def test_row_norms(kind, fn, rng):
     values = rng.normal(size=(10, 7)).astype(np.float32)
     rows = np.array([9, 0, 4, 4], dtype=np.int64)
-    got = opt_mod.row_norms(values, rows, kind)
+    got = kernels_rows.row_norms(values, rows, kind)
     np.testing.assert_allclose(got, fn(values[rows].astype(np.float64)), rtol=1e-12)
 
 
@@ -254,8 +256,29 @@ def test_init_rows_is_a_pure_function_of_key_and_seed():
     a = np.zeros((3, 8), dtype=np.float32)
     b = np.zeros((3, 8), dtype=np.float32)
     keys = np.array([5, -5, 2**62], dtype=np.int64)
-    opt_mod.init_rows(a, np.arange(3, dtype=np.int64), keys, 2, -1.0, 1.0, 3)
-    opt_mod.init_rows(b, np.array([2, 0, 1], dtype=np.int64), keys[[1, 2, 0]], 2, -1.0, 1.0, 3)
+    kernels_optim.init_rows(a, np.arange(3, dtype=np.int64), keys, 2, -1.0, 1.0, 3)
+    kernels_optim.init_rows(
+        b, np.array([2, 0, 1], dtype=np.int64), keys[[1, 2, 0]], 2, -1.0, 1.0, 3
+    )
     np.testing.assert_array_equal(a, b[[1, 2, 0]])
     assert len({a[i].tobytes() for i in range(3)}) == 3, "different keys, different rows"
     assert len(set(a[0].tolist())) == 8, "different columns, different values"
+
+
+def test_every_optimizer_config_has_a_server_entry() -> None:
+    """The registry covers every optimizer the config accepts, with the config's slot
+    count: a new optimizer without a kernel fails here, not inside a push."""
+    from embps.protos.config import SLOTS_PER_OPTIMIZER
+
+    assert set(opt_mod.REGISTRY) == set(SLOTS_PER_OPTIMIZER)
+    for cls, spec in opt_mod.REGISTRY.items():
+        assert spec.n_slots == SLOTS_PER_OPTIMIZER[cls]
+        assert len(spec.initial_slots(cls())) == spec.n_slots
+
+
+def test_an_optimizer_without_an_entry_is_a_precise_error() -> None:
+    class RowWiseAdagrad:
+        lr = 0.1
+
+    with pytest.raises(ValueError, match="RowWiseAdagrad has no server kernel; accepted: SGD"):
+        opt_mod.spec_of(RowWiseAdagrad())  # type: ignore[arg-type]

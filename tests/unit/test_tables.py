@@ -1,4 +1,4 @@
-"""Tables (server/tables.py) against the reference models; errors, bytes, qr, the engine."""
+"""Tables (server/tables/) against the reference models; errors, bytes, qr, the engine."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from embps.protos.config import (
     TableKind,
 )
 from embps.server import errors
-from embps.server import hashmap as hm
 from embps.server.engine import Engine
+from embps.server.kernels import hashmap as hm
 from embps.server.tables import Snapshot, Table, make_table
 
 from .reference import (

@@ -1,37 +1,4 @@
-"""Embedding tables: each owns its arrays, a lock, growth and memory accounting.
-
-Kinds (``embps.protos.config.TableKind``):
-  dynamic   one collision-free row per admitted key (``DynamicPart``)
-  static    ``hash_bucket_size`` rows; row = h(key) % B, colliding keys share
-  adaptive  static part for rare keys + dynamic rows for frequent keys + a
-            count-min sketch; promotion copies the static row *and its
-            optimizer slots* into the new dynamic row, so learning carries over;
-            eviction demotes a key back to the static part
-  qr        quotient-remainder: rows Q[h // m] and R[h % m] (h = key mod Q*m)
-            combined by mult, add or concat; both parts get their gradient
-
-Lock discipline. Every public method validates and converts its input *before*
-taking the table's lock (nothing is changed by a bad request), then holds the
-lock for the whole operation, so a pull or push is atomic with respect to
-every other. The lock is a readers-writer lock (``server/rwlock.py``): calls that
-only read (inference pulls, ``frequencies``, ``stats``, ``snapshot``'s copy) share
-it, every change (training pulls, pushes, prune, evict, erase, load) holds it
-alone, and a waiting change goes before new readers. Kernels release the GIL:
-other tables, readers of the same table, and the gRPC threads (de)serialising
-other requests, run in parallel.
-
-Steps. ``push(step=s)`` records the trainer's 0-based global step; without it
-the table counts its own pushes. The table's step is the largest seen; pulls
-stamp rows with it (LRU, steps-to-live). Adam's bias correction uses t = s + 1.
-
-Memory. ``stats().bytes`` is the sum of ``nbytes`` of every array the table
-owns (index, arena, slots, metadata, free list, sketch): exact, not estimated.
-``max_bytes`` bounds it: ``row_limit`` turns the cap into a row count whose
-worst-case arrays fit, growth stops at that count (the last arena step is
-clipped), and at the limit a new key evicts (lfu/lru) or its batch is refused
-(RESOURCE_EXHAUSTED, nothing changed); an adaptive table under max_bytes
-skips the promotion instead, and the key keeps training its static row.
-"""
+"""What every table kind shares: the ``Table`` base class (locking, steps, versions, pulls, pushes, snapshots, the change feed), its results, the validation at its boundary, and ``row_limit``."""
 
 from __future__ import annotations
 
@@ -40,42 +7,37 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from embps.protos.config import (
-    SKETCH_DEFAULT_DEPTH,
-    SKETCH_DEFAULT_WIDTH,
     Combiner,
-    Eviction,
     Norm,
     TableConfig,
     TableKind,
 )
-from embps.protos.routing import static_rows_nb
-from embps.server import hashmap as hm
-from embps.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from embps.server.optimizers import (
-    INIT_CODES,
-    apply_optimizer,
-    dedup_sum,
-    fill_slots,
-    gather,
-    init_rows,
-    initial_slot_values,
-    row_norms,
-)
+from embps.server.errors import FailedPrecondition, InvalidArgument
+from embps.server.kernels import hashmap as hm
+from embps.server.kernels.optim import dedup_sum
+from embps.server.kernels.rows import all_finite, gather, touch_rows
+from embps.server.optimizers import apply_optimizer
 from embps.server.parallel import run_in_pieces
 from embps.server.replay import REPLAY_ARRAYS, ReplayGuard
 from embps.server.rwlock import RWLock
-from embps.server.sketch import FrequencySketch
+from embps.server.tables.block import (
+    BLOCK_FIELDS,
+    Block,
+    CopyRows,
+    RowIndex,
+    _adoptable,
+    unique_keys,
+)
+from embps.server.tables.part import DynamicPart
+from embps.server.tables.sketch import FrequencySketch
 
 DELETED_LOG_MAX = 1 << 20  # keys kept for incremental snapshots (or the table size, if larger)
-ROW_GROWTH = 1.5
 # Change feed: rows scanned per call (under the shared lock), and how long the deletions a
 # follower still needs are kept past a checkpoint's trim.
 FEED_SCAN_ROWS = 1 << 18
@@ -199,12 +161,6 @@ class TableStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-BLOCK_FIELDS = ("values", "slots", "freq", "last_step", "version")
-
-# copy(name, src, rows) -> a private copy of src[rows] (all of src when rows is None)
-CopyRows = Callable[[str, np.ndarray, "np.ndarray | None"], np.ndarray]
-
-
 @dataclass
 class Snapshot:
     """A consistent copy of one table: its config, named arrays and scalar state.
@@ -226,122 +182,6 @@ class Snapshot:
     def version(self) -> int:
         """The table version this snapshot shows."""
         return int(self.state["version"])
-
-
-@dataclass
-class RowIndex:
-    """The hash map of a full snapshot's own keys, built before the rest of it is loaded
-    (``Table.prepare_adopt``; used by ``Table.load(..., index=...)``).
-
-    keys: int64 (k,), the snapshot's ``dynamic.keys`` (row i holds keys[i]); slots, meta:
-    the map (``hashmap``); distinct: False when a key repeats (the load is refused);
-    taken: the buckets are the empty ones the part had (the part keeps the smallest).
-    """
-
-    keys: np.ndarray
-    slots: np.ndarray
-    meta: np.ndarray
-    distinct: bool
-    taken: bool
-
-
-# --------------------------------------------------------------------------
-# Row kernels
-# --------------------------------------------------------------------------
-
-
-@njit(nogil=True, cache=True)
-def touch_rows(freq, last_step, version, rows, step, ver):
-    """A training sighting: freq[r] += 1, last_step[r] = step, version[r] = ver, for rows r >= 0.
-
-    rows: int64 (n,). The version stamp puts the changed metadata into the next
-    incremental checkpoint.
-    """
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        if r >= 0:
-            freq[r] += 1
-            last_step[r] = step
-            version[r] = ver
-
-
-class Block:
-    """Dense rows with optimizer slots and per-row metadata.
-
-    values: float32 (rows, dim); slots: float32 (rows, n_slots * dim);
-    freq, last_step, version: int64 (rows,).
-    """
-
-    def __init__(self, rows: int, dim: int, n_slots: int) -> None:
-        self.dim = dim
-        self.n_slots = n_slots
-        self.values = np.zeros((rows, dim), dtype=np.float32)
-        self.slots = np.zeros((rows, n_slots * dim), dtype=np.float32)
-        self.freq = np.zeros(rows, dtype=np.int64)
-        self.last_step = np.zeros(rows, dtype=np.int64)
-        self.version = np.zeros(rows, dtype=np.int64)
-
-    @property
-    def rows(self) -> int:
-        """Row capacity."""
-        return int(self.values.shape[0])
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes one row costs in this block."""
-        return 4 * self.dim * (1 + self.n_slots) + 24
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every array of the block."""
-        return sum(
-            int(a.nbytes)
-            for a in (self.values, self.slots, self.freq, self.last_step, self.version)
-        )
-
-    def resize(self, rows: int) -> None:
-        """Grow or shrink to ``rows`` rows, keeping the prefix."""
-        keep = min(rows, self.rows)
-        for name in ("values", "slots", "freq", "last_step", "version"):
-            old = getattr(self, name)
-            new = np.zeros((rows, *old.shape[1:]), dtype=old.dtype)
-            new[:keep] = old[:keep]
-            setattr(self, name, new)
-
-    def take(self, rows: np.ndarray) -> Block:
-        """A new block holding copies of ``rows`` (int64 (k,)) in that order."""
-        out = Block(0, self.dim, self.n_slots)
-        out.values = self.values[rows]
-        out.slots = self.slots[rows]
-        out.freq = self.freq[rows]
-        out.last_step = self.last_step[rows]
-        out.version = self.version[rows]
-        return out
-
-    def narrow(self, dim: int) -> None:
-        """Keep the first ``dim`` columns of every row and of each of its optimizer slots
-        (slot s of a row is columns [s * self.dim, (s + 1) * self.dim) of ``slots``); the
-        old arrays are released (new, smaller ones replace them)."""
-        rows = self.rows
-        self.values = np.ascontiguousarray(self.values[:, :dim])
-        slots = self.slots.reshape(rows, self.n_slots, self.dim)[:, :, :dim]
-        self.slots = np.ascontiguousarray(slots).reshape(rows, self.n_slots * dim)
-        self.dim = dim
-
-    def init(self, rows: np.ndarray, keys: np.ndarray, cfg: TableConfig, seed: int) -> None:
-        """Fresh rows: values from the initializer (seeded by key), slots at their initial values."""
-        ini = cfg.initializer
-        init_rows(self.values, rows, keys, INIT_CODES[ini.kind], ini.a, ini.b, seed)
-        if self.n_slots:
-            fill_slots(
-                self.slots,
-                rows,
-                self.dim,
-                np.asarray(initial_slot_values(cfg.optimizer), dtype=np.float64),
-            )
-        self.freq[rows] = 0
-        self.last_step[rows] = 0
-        self.version[rows] = 0
 
 
 def row_limit(config: TableConfig) -> int | None:
@@ -375,262 +215,6 @@ def row_limit(config: TableConfig) -> int | None:
     return lo if limit is None else min(limit, lo)
 
 
-class DynamicPart:
-    """Hash map int64 key -> row of a growable Block, with a free list.
-
-    The arena grows by ROW_GROWTH, the last step clipped to ``max_rows`` (the
-    table's ``row_limit``; None: unbounded); buckets double before the load
-    factor passes hashmap.MAX_LOAD; the free list never outgrows the arena.
-    """
-
-    def __init__(
-        self, dim: int, n_slots: int, initial_capacity: int, max_rows: int | None = None
-    ) -> None:
-        row_cap = max(int(initial_capacity), 16)
-        if max_rows is not None:
-            row_cap = min(row_cap, max_rows)
-        self.max_rows = max_rows
-        self.block = Block(row_cap, dim, n_slots)
-        self.row_keys = np.full(row_cap, hm.EMPTY, dtype=np.int64)
-        cap = hm.capacity_for(row_cap)
-        self.slots = hm.new_slots(cap)
-        self.meta = hm.new_meta(cap, row_cap)
-        self.free = np.empty(0, dtype=np.int64)
-
-    # ---------------------------------------------------------------- sizes
-    @property
-    def size(self) -> int:
-        """Keys stored (the sentinel key included)."""
-        return int(self.meta[hm.M_SIZE]) + int(self.meta[hm.M_SENTINEL_ROW] >= 0)
-
-    @property
-    def buckets(self) -> int:
-        """Bucket count (a power of two)."""
-        return int(self.slots.shape[0] // 2)
-
-    @property
-    def load_factor(self) -> float:
-        """Stored keys per bucket."""
-        return float(self.meta[hm.M_SIZE]) / self.buckets
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the index, the arena and the free list."""
-        return int(
-            self.block.nbytes
-            + self.row_keys.nbytes
-            + self.slots.nbytes
-            + self.meta.nbytes
-            + self.free.nbytes
-        )
-
-    # ---------------------------------------------------------------- map
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """Row of each key, -1 where absent: int64 (n,)."""
-        rows = np.empty(keys.shape[0], dtype=np.int64)
-        slots, meta = self.slots, self.meta
-        run_in_pieces(keys.shape[0], lambda a, b: hm.find(slots, meta, keys[a:b], rows[a:b]))
-        return rows
-
-    def insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """find_or_insert with growth in the middle of the batch.
-
-        Returns (rows int64 (n,), inserted bool (n,)). New rows are *not* initialised.
-        """
-        n = keys.shape[0]
-        rows = np.empty(n, dtype=np.int64)
-        inserted = np.zeros(n, dtype=np.bool_)
-        start = 0
-        while True:
-            start = hm.find_or_insert(self.slots, self.meta, self.free, keys, start, rows, inserted)
-            if start == n:
-                break
-            if keys[start] != hm.EMPTY and self.meta[hm.M_SIZE] >= self.meta[hm.M_GROW_AT]:
-                self._rehash(self.buckets * 2)
-            else:
-                self._grow_rows(n - start)
-        new = rows[inserted]
-        self.row_keys[new] = keys[inserted]
-        return rows, inserted
-
-    def free_list_growth(self, more: int) -> int:
-        """Length the free list must grow to before ``more`` rows are freed (0: none)."""
-        # Every row may be on the free list at once, never more: the arena bounds it.
-        need = min(int(self.meta[hm.M_FREE_TOP]) + more, self.block.rows)
-        if self.free.shape[0] >= need:
-            return 0
-        return min(max(need, 2 * self.free.shape[0]), self.block.rows)
-
-    def erase_keys(self, keys: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
-        """Delete keys; their rows go to the free list. Returns the freed rows (-1: absent).
-
-        spare: int64 (m,), an array allocated (and its pages touched) outside the
-        table's lock by a caller that expects the free list to grow
-        (``free_list_growth``); used if m is at least the length needed.
-        """
-        grow = self.free_list_growth(keys.shape[0])
-        if grow:
-            grown = (
-                spare if spare is not None and spare.shape[0] >= grow else np.empty(grow, np.int64)
-            )
-            grown[: self.free.shape[0]] = self.free
-            self.free = grown
-        rows = np.empty(keys.shape[0], dtype=np.int64)
-        hm.erase(self.slots, self.meta, self.free, keys, rows)
-        freed = rows[rows >= 0]
-        self.row_keys[freed] = hm.EMPTY
-        return rows
-
-    def keys_of(self, rows: np.ndarray) -> np.ndarray:
-        """Keys stored in live ``rows`` (int64 (k,))."""
-        keys = self.row_keys[rows].copy()
-        sent = self.meta[hm.M_SENTINEL_ROW]
-        if sent >= 0:
-            keys[rows == sent] = hm.EMPTY
-        return keys
-
-    def live_rows_in(self, start: int, stop: int) -> tuple[np.ndarray, int]:
-        """(rows in [start, stop) holding a key, ascending: int64 (k,); the arena's
-        used top). A page of ``live_rows``: bounded work for sweeps."""
-        top = int(self.meta[hm.M_NEXT_ROW])
-        lo, hi = min(start, top), min(stop, top)
-        live = self.row_keys[lo:hi] != hm.EMPTY
-        sent = int(self.meta[hm.M_SENTINEL_ROW])
-        if lo <= sent < hi:
-            live[sent - lo] = True
-        return np.flatnonzero(live).astype(np.int64) + lo, top
-
-    def live_rows(self) -> np.ndarray:
-        """Rows holding a key, ascending: int64 (size,)."""
-        top = int(self.meta[hm.M_NEXT_ROW])
-        live = self.row_keys[:top] != hm.EMPTY
-        sent = int(self.meta[hm.M_SENTINEL_ROW])
-        if sent >= 0:
-            live[sent] = True
-        return np.flatnonzero(live).astype(np.int64)
-
-    # ---------------------------------------------------------------- growth
-    def _rehash(self, cap: int) -> None:
-        new = hm.new_slots(cap)
-        hm.rehash(self.slots, new)
-        self.slots = new
-        self.meta[hm.M_GROW_AT] = hm.grow_limit(cap)
-
-    def _grow_rows(self, at_least: int) -> None:
-        old = self.block.rows
-        new = max(old + at_least, int(old * ROW_GROWTH))
-        if self.max_rows is not None:
-            new = min(new, self.max_rows)  # a partial last step, up to the row limit
-        if new <= old:
-            raise AssertionError("arena at its row limit: the table must evict before inserting")
-        self.block.resize(new)
-        keys = np.full(new, hm.EMPTY, dtype=np.int64)
-        keys[:old] = self.row_keys
-        self.row_keys = keys
-        self.meta[hm.M_ROW_CAP] = new
-
-    def compact(self) -> None:
-        """Move live rows into a dense prefix and shrink the arena and buckets to fit.
-
-        Row numbers change; keys, values, slots and metadata move together.
-        """
-        live = self.live_rows()
-        keys = self.keys_of(live)
-        block = self.block.take(live)
-        row_cap = min(max(16, len(live) + len(live) // 4), self.block.rows)  # never grows
-        block.resize(row_cap)
-        cap = min(hm.capacity_for(row_cap), self.buckets)
-        self.slots = hm.new_slots(cap)
-        self.meta = hm.new_meta(cap, row_cap)
-        self.free = np.empty(0, dtype=np.int64)
-        self.block = block
-        self.row_keys = np.full(row_cap, hm.EMPTY, dtype=np.int64)
-        rows, _ = self.insert(keys)  # the bump allocator hands out 0..k-1 in order
-        assert np.array_equal(rows, np.arange(len(keys))), "compaction must keep row order"
-
-    def build_index(self, keys: np.ndarray) -> RowIndex:
-        """The hash map of ``keys`` (int64 (k,), k >= 16; key keys[i] -> row i), built aside
-        for ``adopt_rows`` (this part must be empty). A repeated key is found by the insert
-        (it takes no row): then ``distinct`` is False, so no sort is needed to check the
-        keys distinct.
-
-        An empty part's buckets are all EMPTY: the map takes them when they have the size
-        needed (a table created with initial_capacity for its rows), sparing 16 bytes per
-        bucket of fresh memory; the part keeps the smallest empty buckets meanwhile, still
-        a valid empty part (``adopt_rows`` gives them back if the keys repeat).
-        """
-        assert self.size == 0, "build_index needs an empty part"
-        k = int(keys.shape[0])
-        cap = hm.capacity_for(k)
-        taken = self.slots.shape[0] == 2 * cap
-        if taken:
-            slots = self.slots
-            self.slots = hm.new_slots(hm.MIN_CAPACITY)
-            self.meta[hm.M_GROW_AT] = hm.grow_limit(hm.MIN_CAPACITY)
-        else:
-            slots = hm.new_slots(cap)
-        meta = hm.new_meta(cap, k)
-        rows = np.empty(k, dtype=np.int64)
-        inserted = np.zeros(k, dtype=np.bool_)
-        # k keys fit cap buckets and k rows: one call inserts all (a repeat takes no row).
-        done = hm.find_or_insert(slots, meta, np.empty(0, dtype=np.int64), keys, 0, rows, inserted)
-        distinct = done == k and bool(inserted.all())
-        if distinct:
-            assert rows[0] == 0 and rows[-1] == k - 1, "the bump allocator hands out 0..k-1"
-        return RowIndex(keys, slots, meta, distinct, taken)
-
-    def adopt_rows(
-        self, keys: np.ndarray, fields_: dict[str, np.ndarray], index: RowIndex | None = None
-    ) -> None:
-        """Become exactly these rows (this part must be empty): the arrays are taken, not copied.
-
-        keys: int64 (k,); fields_: BLOCK_FIELDS arrays of k rows. Row i holds keys[i]
-        (``keys`` itself becomes ``row_keys``). index: the map ``build_index(keys)`` made
-        earlier (built here when None or made for other keys). Raises
-        ValueError("duplicate keys"), the part unchanged, when a key repeats.
-        """
-        assert self.size == 0, "adopt_rows needs an empty part"
-        k = int(keys.shape[0])
-        if k < 16:
-            if unique_keys(keys).shape[0] != k:
-                raise ValueError("duplicate keys")
-            self.upsert_rows(keys, fields_)
-            return
-        if index is None or index.keys is not keys:
-            index = self.build_index(keys)
-        if not index.distinct:
-            if index.taken and self.buckets == hm.MIN_CAPACITY:  # give the buckets back, empty
-                index.slots[0::2] = hm.EMPTY
-                index.slots[1::2] = -1
-                self.slots = index.slots
-                self.meta[hm.M_GROW_AT] = hm.grow_limit(self.buckets)
-            raise ValueError("duplicate keys")
-        block = Block(0, self.block.dim, self.block.n_slots)
-        for f in BLOCK_FIELDS:
-            setattr(block, f, fields_[f])
-        self.block, self.slots, self.meta = block, index.slots, index.meta
-        self.free = np.empty(0, dtype=np.int64)
-        self.row_keys = keys if _adoptable(keys) else keys.copy()
-
-    def put_values(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Set the values of ``keys`` (int64 (k,), distinct) to ``values`` float32 (k, dim),
-        inserting the keys that have no row (their slots and metadata zeroed): a replica
-        mirroring a change feed."""
-        rows, inserted = self.insert(keys)
-        new = rows[inserted]
-        if new.shape[0]:
-            self.block.freq[new] = 0
-            self.block.last_step[new] = 0
-            self.block.version[new] = 0
-        self.block.values[rows] = values
-
-    def upsert_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
-        """Set the rows of ``keys`` (int64 (k,), distinct) from ``fields_`` (BLOCK_FIELDS arrays)."""
-        rows, _ = self.insert(keys)
-        for f in BLOCK_FIELDS:
-            getattr(self.block, f)[rows] = fields_[f]
-
-
 # --------------------------------------------------------------------------
 # Validation (at the boundary, before any lock)
 # --------------------------------------------------------------------------
@@ -642,18 +226,6 @@ def gather_rows(values: np.ndarray, rows: np.ndarray, default: np.float32, out: 
     run_in_pieces(rows.shape[0], lambda a, b: gather(values, rows[a:b], default, out[a:b]))
 
 
-def unique_keys(keys: np.ndarray) -> np.ndarray:
-    """Distinct keys, ascending: int64 (m,). Sort-based: numpy 2's hash-based np.unique is
-    several times slower on int64 batches of this size."""
-    if keys.shape[0] < 2:
-        return keys.copy()
-    s = np.sort(keys)
-    keep = np.empty(s.shape[0], dtype=np.bool_)
-    keep[0] = True
-    np.not_equal(s[1:], s[:-1], out=keep[1:])
-    return s[keep]
-
-
 def as_keys(keys: object) -> np.ndarray:
     """Any integer array of any shape -> contiguous int64 (n,). InvalidArgument otherwise."""
     arr = np.asarray(keys)
@@ -662,18 +234,6 @@ def as_keys(keys: object) -> np.ndarray:
     if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 2**63:
         raise InvalidArgument("keys must fit in int64; got uint64 values >= 2**63")
     return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
-
-
-@njit(nogil=True, cache=True)
-def all_finite(bits: np.ndarray) -> bool:  # pragma: no cover - compiled
-    """True when no float32 (given as its uint32 bits (n,)) is NaN or Inf (exponent all ones).
-
-    One pass, no temporary array (``np.isfinite(x).all()`` allocates n bools).
-    """
-    bad = np.uint32(0)
-    for i in range(bits.shape[0]):
-        bad |= np.uint32((bits[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
-    return bad == 0
 
 
 def as_grads(grads: object, n: int, dim: int, table: str) -> np.ndarray:
@@ -885,12 +445,9 @@ class Table:
                 blocks.append(part.block)
             for blk in blocks:
                 blk.narrow(d)
-            if isinstance(self, QRTable):
-                self.part_dim = d
             self.config = dataclasses.replace(cfg, dim=d)
             self.dim = d
-            if isinstance(self, _DynamicBase):
-                self.row_limit = row_limit(self.config)
+            self._narrowed()
             self.version += 1
             for blk in blocks:
                 blk.version[:] = self.version
@@ -1363,6 +920,9 @@ class Table:
             out[rest] = sketch.estimate(keys[rest])
         return out
 
+    def _narrowed(self) -> None:
+        """Kind-specific state that follows ``self.dim`` after a narrow (none here)."""
+
     def _sizes(self) -> tuple[int, int, int, int, int, float]:
         """(total bytes, dynamic bytes, static bytes, keys with own rows, shared rows, load factor)."""
         raise NotImplementedError
@@ -1409,463 +969,6 @@ class Table:
         return int(urows.shape[0])
 
 
-class _DynamicBase(Table):
-    """Shared logic of tables with a dynamic part: capacity, eviction, pruning."""
-
-    part: DynamicPart
-
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
-        self.row_limit = row_limit(config)  # min(max_rows, rows within max_bytes); None: none
-
-    def _make_room(self, new: int, protect: np.ndarray, partial: bool = False) -> int:
-        """Make room for ``new`` more keys under the row limit, evicting by LFU/LRU if allowed.
-
-        Returns how many of the new keys fit: all of them, or raises
-        ResourceExhausted before any change; with ``partial`` it never raises
-        and may return fewer (down to 0): the caller keeps the rest without rows.
-        protect: int64 rows not to evict (keys of the current batch).
-        """
-        cfg = self.config
-        limit = self.row_limit
-        size = self.part.size
-        if limit is None or size + new <= limit:
-            return new
-        over = size + new - limit
-        if cfg.max_rows and cfg.max_rows == limit:
-            why, knob = f"max_rows={cfg.max_rows}", "max_rows"
-        else:
-            why, knob = f"max_bytes={cfg.max_bytes} holds {limit} rows", "max_bytes"
-        cand = np.empty(0, dtype=np.int64)
-        if cfg.eviction != Eviction.NONE:
-            cand = np.setdiff1d(self.part.live_rows(), protect, assume_unique=False)
-        evict = min(over, int(cand.shape[0]))
-        if evict < over and not partial:
-            self.capacity_refusals += new
-            if cfg.eviction == Eviction.NONE:
-                msg = (f" is full ({size} of {limit} rows, {why}) and {new} new keys need "
-                       f"rows; raise {knob}, set eviction to lfu or lru, or prune")  # fmt: skip
-            elif new > limit:
-                msg = (f": one request brings {new} new keys but the table holds at most "
-                       f"{limit} rows ({why}); send smaller batches or raise {knob}")  # fmt: skip
-            else:
-                msg = (f": cannot free {over} rows under {why}: the current request uses "
-                       "them; send smaller batches")  # fmt: skip
-            raise ResourceExhausted(f"table {self.name!r}{msg}")
-        if evict:
-            score = (
-                self.part.block.freq if cfg.eviction == Eviction.LFU else self.part.block.last_step
-            )[cand]
-            victims = cand[_smallest(score, self.part.keys_of(cand), evict)]
-            self._drop_rows(victims)
-            self.counters["evictions"] += int(victims.shape[0])
-            self.counters["evictions_capacity"] += int(victims.shape[0])
-        fit = new - (over - evict)
-        self.capacity_refusals += new - fit
-        return fit
-
-    def _make_room_or_undo(
-        self,
-        new: int,
-        protect: np.ndarray,
-        undo: tuple[np.ndarray, np.ndarray] | None,
-        partial: bool = False,
-    ) -> int:
-        """``_make_room``; on refusal take back this request's sketch sightings first."""
-        try:
-            return self._make_room(new, protect, partial)
-        except ResourceExhausted:
-            if undo is not None:
-                self.sketch.undo(undo)  # type: ignore[attr-defined]
-            raise
-
-    def _drop_rows(self, rows: np.ndarray, spare: np.ndarray | None = None) -> None:
-        keys = self.part.keys_of(rows)
-        self.part.erase_keys(keys, spare)
-        self._log_deleted(keys)
-
-    def _log_deleted(self, keys: np.ndarray) -> None:
-        if not keys.shape[0]:
-            return
-        self.version += 1
-        if not self._track_deleted:
-            return
-        # Under max_bytes the log has one entry per row reserved (row_limit), no more.
-        bound = self.row_limit if self.config.max_bytes else max(DELETED_LOG_MAX, self.part.size)
-        if self._deleted_keys + keys.shape[0] > bound:
-            self._deleted, self._deleted_keys = [], 0
-            self._deleted_floor = self.version
-            return
-        self._deleted.append((self.version, keys.copy()))
-        self._deleted_keys += int(keys.shape[0])
-
-    @property
-    def evicts(self) -> bool:
-        return bool(self.config.steps_to_live or self.config.l2_evict_threshold > 0)
-
-    def _free_list_spare(self, more: int) -> np.ndarray | None:
-        grow = self.part.free_list_growth(more)
-        if not grow:
-            return None
-        spare = np.empty(grow, np.int64)
-        spare.fill(-1)  # touch every page here (np.zeros would map them lazily)
-        return spare
-
-    def _evict_page(
-        self, start: int, n: int, spare: np.ndarray | None = None
-    ) -> tuple[int, int, int]:
-        cfg = self.config
-        live, top = self.part.live_rows_in(start, start + n)
-        by_steps = np.zeros(live.shape[0], dtype=np.bool_)
-        if cfg.steps_to_live:
-            by_steps = self.part.block.last_step[live] + int(cfg.steps_to_live) < self.step
-        by_l2 = np.zeros(live.shape[0], dtype=np.bool_)
-        if cfg.l2_evict_threshold > 0:
-            by_l2 = ~by_steps & (
-                row_norms(self.part.block.values, live, 0) < cfg.l2_evict_threshold
-            )
-        victims = live[by_steps | by_l2]
-        if victims.shape[0]:
-            self._drop_rows(victims, spare)
-        nxt = start + n if start + n < top else -1
-        return int(by_steps.sum()), int(by_l2.sum()), nxt
-
-    def _prune(self, threshold: float, norm: Norm) -> int:
-        live = self.part.live_rows()
-        victims = live[row_norms(self.part.block.values, live, _NORM_CODE[norm]) < threshold]
-        if victims.shape[0]:
-            self._drop_rows(victims)
-            self.part.compact()
-        return int(victims.shape[0])
-
-    def _erase(self, keys: np.ndarray) -> int:
-        rows = self.part.erase_keys(keys)
-        self._log_deleted(keys[rows >= 0])
-        return int((rows >= 0).sum())
-
-
-class DynamicTable(_DynamicBase):
-    """Collision-free rows created on a training pull; optional admission and eviction."""
-
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
-        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, self.row_limit)
-        self.sketch: FrequencySketch | None = None
-        if config.admission_threshold > 1:
-            self.sketch = FrequencySketch(config.sketch_width or SKETCH_DEFAULT_WIDTH,
-                                          config.sketch_depth or SKETCH_DEFAULT_DEPTH)  # fmt: skip
-
-    def _pull(
-        self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
-    ) -> None:
-        part = self.part
-        rows = part.find(keys)
-        if train:
-            miss = np.flatnonzero(rows < 0)
-            if miss.shape[0]:
-                cand = keys[miss]
-                rejected = 0
-                undo = None
-                if self.sketch is not None:
-                    est, undo = self.sketch.add_undoable(cand)
-                    admit = est >= self.config.admission_threshold
-                    rejected = int((~admit).sum())
-                    cand = cand[admit]
-                if cand.shape[0]:
-                    new_keys = unique_keys(cand)
-                    self._make_room_or_undo(new_keys.shape[0], rows[rows >= 0], undo)
-                    new_rows, inserted = part.insert(new_keys)
-                    part.block.init(
-                        new_rows[inserted], new_keys[inserted], self.config, self.config.seed
-                    )
-                    self.version += 1
-                    part.block.version[new_rows] = self.version
-                    rows[miss] = part.find(keys[miss])
-                self.counters["admissions_rejected"] += rejected
-            self._touch(part.block, rows)
-        gather_rows(part.block.values, rows, np.float32(self.config.default_value), out)
-
-    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
-        rows = self.part.find(keys)
-        found = int((rows >= 0).sum())
-        self._apply(self.part.block, rows, grads, step)
-        return PushResult(applied=found, dropped=keys.shape[0] - found)
-
-    def feed_parts(self) -> list[DynamicPart | Block]:
-        return [self.part]
-
-    def _sizes(self) -> tuple[int, int, int, int, int, float]:
-        dyn = self.part.nbytes + (self.sketch.nbytes if self.sketch is not None else 0)
-        dyn += self._log_bytes()
-        return dyn, dyn, 0, self.part.size, 0, self.part.load_factor
-
-
-class StaticTable(Table):
-    """``hash_bucket_size`` shared rows; row = h(key) % B (the hashing trick)."""
-
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
-        b = config.hash_bucket_size
-        self.block = Block(b, config.dim, self.n_slots)
-        self.block.init(
-            np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
-        )
-
-    def _blocks(self) -> dict[str, Block]:
-        return {"static": self.block}
-
-    def rows_of(self, keys: np.ndarray) -> np.ndarray:
-        """Shared row of each key: int64 (n,)."""
-        return static_rows_nb(keys, self.config.hash_bucket_size, self.config.seed)
-
-    def _pull(
-        self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
-    ) -> None:
-        rows = self.rows_of(keys)
-        if train:
-            self._touch(self.block, rows)
-        gather_rows(self.block.values, rows, np.float32(0), out)
-
-    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
-        self._apply(self.block, self.rows_of(keys), grads, step)
-        return PushResult(applied=keys.shape[0], dropped=0)
-
-    def feed_parts(self) -> list[DynamicPart | Block]:
-        return [self.block]
-
-    def _sizes(self) -> tuple[int, int, int, int, int, float]:
-        b = self.block.nbytes
-        return b, 0, b, 0, self.block.rows, 0.0
-
-
-class AdaptiveTable(_DynamicBase):
-    """Static part for rare keys, dynamic rows for frequent ones (Adaptive Embedding).
-
-    A training sighting of a key in the static part counts in the sketch; at
-    ``promote_threshold`` (or when the mask says so) the key gets a dynamic row
-    initialised from its static row, optimizer slots included. Eviction and
-    pruning demote keys back to the static part.
-    """
-
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
-        b = config.hash_bucket_size
-        self.static = Block(b, config.dim, self.n_slots)
-        self.static.init(
-            np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
-        )
-        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, self.row_limit)
-        self.sketch = FrequencySketch(config.sketch_width or SKETCH_DEFAULT_WIDTH,
-                                      config.sketch_depth or SKETCH_DEFAULT_DEPTH)  # fmt: skip
-
-    def _blocks(self) -> dict[str, Block]:
-        return {"static": self.static}
-
-    def static_rows_of(self, keys: np.ndarray) -> np.ndarray:
-        """Static-part row of each key: int64 (n,)."""
-        return static_rows_nb(keys, self.config.hash_bucket_size, self.config.seed)
-
-    def _pull(
-        self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
-    ) -> None:
-        part = self.part
-        rows = part.find(keys)
-        if train:
-            had_row = rows  # rows of the keys that had one before this pull
-            miss = np.flatnonzero(rows < 0)
-            if miss.shape[0]:
-                cand = keys[miss]
-                counts, undo = self.sketch.add_undoable(cand)
-                promote = (
-                    mask[miss] if mask is not None else counts >= self.config.promote_threshold
-                )
-                new_keys = unique_keys(cand[promote])
-                if new_keys.shape[0]:
-                    # Under max_bytes a full table keeps training the keys that do not
-                    # fit on their static rows (hottest promoted first) rather than
-                    # failing the pull; max_rows alone keeps refusing the batch.
-                    fit = self._make_room_or_undo(
-                        new_keys.shape[0], rows[rows >= 0], undo, partial=self.config.max_bytes > 0
-                    )
-                    new_keys = self._hottest(new_keys, fit)
-                if new_keys.shape[0]:
-                    new_rows, inserted = part.insert(new_keys)
-                    self._promote(new_rows[inserted], new_keys[inserted])
-                    had_row = rows.copy()
-                    rows[miss] = part.find(keys[miss])
-            # A key promoted by this pull starts from the sketch's count, which already
-            # has this pull's sightings in it: only keys that had a row count it here.
-            self._touch(part.block, had_row)
-        gather_rows(part.block.values, rows, np.float32(0), out)
-        st = np.flatnonzero(rows < 0)
-        if st.shape[0]:
-            srows = self.static_rows_of(keys[st])
-            if train:
-                self._touch(self.static, srows)
-            sout = np.empty((st.shape[0], self.dim), dtype=np.float32)
-            gather_rows(self.static.values, srows, np.float32(0), sout)
-            out[st] = sout
-        self._count("pulled_static", int(st.shape[0]))
-        self._count("pulled_dynamic", keys.shape[0] - int(st.shape[0]))
-
-    def _hottest(self, keys: np.ndarray, k: int) -> np.ndarray:
-        """The ``k`` keys (of distinct, ascending int64 keys) with the largest sketch counts,
-        ties by the smaller key; ascending."""
-        if k >= keys.shape[0]:
-            return keys
-        if k <= 0:
-            return keys[:0]
-        return keys[_smallest(-self.sketch.estimate(keys), keys, k)]
-
-    def _promote(self, rows: np.ndarray, keys: np.ndarray) -> None:
-        """New dynamic rows start as a copy of the key's static row: values, slots, frequency."""
-        src = self.static_rows_of(keys)
-        blk = self.part.block
-        blk.values[rows] = self.static.values[src]
-        blk.slots[rows] = self.static.slots[src]
-        blk.freq[rows] = self.sketch.estimate(keys)
-        blk.last_step[rows] = self.step
-        self.version += 1
-        blk.version[rows] = self.version
-        self.counters["promotions"] += int(rows.shape[0])
-
-    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
-        rows = self.part.find(keys)
-        dyn = rows >= 0
-        self._apply(self.part.block, rows, grads, step)
-        st = np.flatnonzero(~dyn)
-        if st.shape[0]:
-            self._apply(self.static, self.static_rows_of(keys[st]), grads[st], step)
-        return PushResult(applied=keys.shape[0], dropped=0)
-
-    def feed_parts(self) -> list[DynamicPart | Block]:
-        return [self.part, self.static]
-
-    def _sizes(self) -> tuple[int, int, int, int, int, float]:
-        dyn = self.part.nbytes + self.sketch.nbytes + self._log_bytes()
-        st = self.static.nbytes
-        return dyn + st, dyn, st, self.part.size, self.static.rows, self.part.load_factor
-
-
-class QRTable(Table):
-    """Quotient-remainder table: h = key mod (Q*m); row = combine(Q[h // m], R[h % m]).
-
-    Keys in [0, Q*m) get distinct (quotient, remainder) pairs. Gradients:
-    mult: dQ = g * R[r], dR = g * Q[q]; add: dQ = dR = g; concat: the halves of g.
-    """
-
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
-        self.m = config.qr_remainder_buckets
-        self.q = config.qr_quotient_buckets
-        self.part_dim = config.dim // 2 if config.qr_combiner == Combiner.CONCAT else config.dim
-        self.quotient = Block(self.q, self.part_dim, self.n_slots)
-        self.remainder = Block(self.m, self.part_dim, self.n_slots)
-        self.quotient.init(
-            np.arange(self.q, dtype=np.int64),
-            np.arange(self.q, dtype=np.int64),
-            config,
-            config.seed,
-        )
-        self.remainder.init(np.arange(self.m, dtype=np.int64), np.arange(self.m, dtype=np.int64),
-                            config, config.seed + 1)  # fmt: skip
-
-    def _blocks(self) -> dict[str, Block]:
-        return {"quotient": self.quotient, "remainder": self.remainder}
-
-    def parts_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(quotient rows, remainder rows), each int64 (n,)."""
-        h = np.mod(keys, np.int64(self.q * self.m))
-        return h // self.m, h % self.m
-
-    def _pull(
-        self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
-    ) -> None:
-        qr, rr = self.parts_of(keys)
-        if train:
-            self._touch(self.quotient, qr)
-            self._touch(self.remainder, rr)
-        vq = self.quotient.values[qr]
-        vr = self.remainder.values[rr]
-        comb = self.config.qr_combiner
-        if comb == Combiner.MULT:
-            np.multiply(vq, vr, out=out)
-        elif comb == Combiner.ADD:
-            np.add(vq, vr, out=out)
-        else:
-            out[:, : self.part_dim] = vq
-            out[:, self.part_dim :] = vr
-
-    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
-        qr, rr = self.parts_of(keys)
-        comb = self.config.qr_combiner
-        if comb == Combiner.MULT:
-            gq = grads * self.remainder.values[rr]
-            gr = grads * self.quotient.values[qr]
-        elif comb == Combiner.ADD:
-            gq = gr = grads
-        else:
-            gq = np.ascontiguousarray(grads[:, : self.part_dim])
-            gr = np.ascontiguousarray(grads[:, self.part_dim :])
-        self._apply(self.quotient, qr, gq, step)
-        self._apply(self.remainder, rr, gr, step)
-        return PushResult(applied=keys.shape[0], dropped=0)
-
-    def feed_parts(self) -> list[DynamicPart | Block]:
-        return [self.quotient, self.remainder]
-
-    def _sizes(self) -> tuple[int, int, int, int, int, float]:
-        st = self.quotient.nbytes + self.remainder.nbytes
-        return st, 0, st, 0, self.q + self.m, 0.0
-
-
-# --------------------------------------------------------------------------
-# Factory
-# --------------------------------------------------------------------------
-
-TABLE_CLASSES: dict[TableKind, type[Table]] = {
-    TableKind.DYNAMIC: DynamicTable,
-    TableKind.STATIC: StaticTable,
-    TableKind.ADAPTIVE: AdaptiveTable,
-    TableKind.QR: QRTable,
-}
-
-
-def make_table(config: TableConfig) -> Table:
-    """A new, empty table of ``config.kind``.
-
-    Raises ResourceExhausted, allocating nothing, when the arrays the table
-    needs at creation (``create_bytes``) exceed this machine's memory, and
-    when an allocation fails: a config is never an out-of-memory kill.
-    """
-    need, have = create_bytes(config), _physical_memory()
-    if need > have:
-        raise ResourceExhausted(
-            f"table {config.name!r} needs {need} bytes at creation, more than this machine's "
-            f"{have} bytes of memory; lower hash_bucket_size, the qr buckets, sketch_width or "
-            "initial_capacity (or set max_bytes)"
-        )
-    try:
-        return TABLE_CLASSES[config.kind](config)
-    except MemoryError as e:
-        raise ResourceExhausted(
-            f"table {config.name!r}: its {need} bytes could not be allocated ({e}); "
-            "make it smaller or free memory on the shard"
-        ) from None
-
-
-def create_bytes(config: TableConfig) -> int:
-    """Bytes a new table of ``config`` allocates: its fixed parts and its first arena."""
-    need = config.fixed_bytes
-    if config.kind in (TableKind.DYNAMIC, TableKind.ADAPTIVE):
-        rows = max(int(config.initial_capacity), 16)
-        limit = row_limit(config)
-        if limit is not None:
-            rows = min(rows, limit)
-        need += rows * (config.row_bytes + 8) + 16 * (hm.capacity_for(rows) - hm.MIN_CAPACITY)
-    return need
-
-
 def _physical_memory() -> int:
     """Bytes of RAM of this machine (2**63 where the platform does not say)."""
     try:
@@ -1880,11 +983,6 @@ def copy_rows(name: str, src: np.ndarray, rows: np.ndarray | None) -> np.ndarray
     The default ``copy`` of ``Table.snapshot``; ``name`` (the snapshot array's name) is unused.
     """
     return src.copy() if rows is None else src[rows]
-
-
-def _adoptable(a: np.ndarray) -> bool:
-    """An array a table may keep as its own storage: writable, C-contiguous, owning or base-owned."""
-    return bool(a.flags.c_contiguous and a.flags.writeable)
 
 
 def _as_norm(norm: Norm | str) -> Norm:
