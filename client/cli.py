@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": ("embps.server.main", "start N local shard processes (gRPC + metrics)"),
     "export": (
-        "embps.server.export",
+        "embps.server.durability.export",
         "write a checkpoint's values for serving (memory-mappable .npy + manifest)",
     ),
     "health": (

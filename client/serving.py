@@ -1,6 +1,6 @@
 """Reader of ``embps export`` output: embedding lookups for serving, without a PS.
 
-The export (``embps.server.export``, docs/durability.md) is a directory of .npy
+The export (``embps.server.durability.export``, docs/durability.md) is a directory of .npy
 files and a ``manifest.json``. ``ExportedModel`` memory-maps the files
 (``np.load(mmap_mode="r", allow_pickle=False)``: nothing is read until a row is
 looked up, several serving processes share the page cache, and loading never

@@ -65,3 +65,9 @@ class PermissionDenied(EmbpsServerError):
     """Valid credentials without the permission this call needs."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class CheckpointFailed(EmbpsServerError):
+    """A checkpoint could not be written (the shard keeps serving; the previous one is intact)."""
+
+    code = grpc.StatusCode.INTERNAL

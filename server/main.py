@@ -29,7 +29,7 @@ already answers UNAVAILABLE. Exit codes of a shard: 0 stopped cleanly, 2 bad
 config or port, 3 the restore failed (the log says which file and why), 4 the
 exit checkpoint failed.
 
-Security (README "Security", server/auth.py): ``--tls-cert/--tls-key`` serve
+Security (README "Security", server/service/auth.py): ``--tls-cert/--tls-key`` serve
 TLS only, ``--tls-client-ca`` adds mutual TLS, ``--auth-token-file`` requires
 bearer tokens with read/write/admin permissions (SIGHUP re-reads the file). A
 missing or malformed certificate, key or token file is exit code 2 at start.
@@ -55,15 +55,11 @@ from types import FrameType
 from typing import Any
 
 from embps.protos.config import TableConfig
-from embps.server.auth import load_token_file, server_credentials
+from embps.protos.limits import DEFAULT_MAX_KEYS_PER_REQUEST, DEFAULT_MAX_MESSAGE_BYTES
 from embps.server.config_file import SERVER_OPTIONS, load_serve_file
 from embps.server.replica import follower_credentials, read_token
-from embps.server.service import (
-    DEFAULT_MAX_KEYS_PER_REQUEST,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ShardConfig,
-    build_server,
-)
+from embps.server.service import ShardConfig, build_server
+from embps.server.service.auth import load_token_file, server_credentials
 
 log = logging.getLogger("embps.serve")
 

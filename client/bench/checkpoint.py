@@ -45,7 +45,7 @@ import numpy as np
 
 from embps.client.bench.report import machine_line, table, write_json
 from embps.protos.config import Adam, TableConfig
-from embps.server.checkpoint import Checkpointer, load_chain, restore_tables
+from embps.server.durability import Checkpointer, load_chain, restore_tables
 from embps.server.tables import make_table
 
 ROWS = 2_000_000

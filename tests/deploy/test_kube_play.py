@@ -17,7 +17,7 @@ loopback addresses).
   limit; a client creates a table, trains, checkpoints to each pod's volume;
   `podman stop` with the pod's grace period drains them. Pods re-created on
   the same volumes restore the rows (each from its own volume: a checkpoint is
-  never complete in one pod's directory, server/checkpoint.py ``is_private``).
+  never complete in one pod's directory, server/durability/ ``is_private``).
 - dev with the TLS component, its Secrets written as the kubelet would: the
   /readyz probes pass, a client with a certificate of the CA and a token
   trains over mutual TLS (the shards' certificate verified against the DNS

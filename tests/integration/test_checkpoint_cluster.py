@@ -24,8 +24,8 @@ from embps.client.ps_client import PSClient
 from embps.client.serving import ExportedModel
 from embps.protos.config import TableConfig
 from embps.protos.routing import shard_of
-from embps.server.checkpoint import CheckpointError, latest_step, list_steps, restore_tables
-from embps.server.export import export
+from embps.server.durability import CheckpointError, latest_step, list_steps, restore_tables
+from embps.server.durability.export import export
 
 from .cluster import Cluster, launch, start_cluster
 
@@ -297,7 +297,8 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    import embps.server.checkpoint as ck
+    import embps.server.durability as ck
+    from embps.server.durability import arrayio
     from embps.protos.config import TableConfig
     from embps.server.tables import make_table
 
@@ -309,13 +310,13 @@ KILL_SCRIPT = textwrap.dedent(
     t.pull(keys)
     t.push(keys, np.ones((keys.shape[0], 64), dtype=np.float32), step=step)
     if slow:  # a slow disk: the writer is still busy when the test kills it
-        real = ck.write_array
+        real = arrayio.write_array
         def write_array(path, arr):
             crc = real(path, arr)
             print("wrote", path, flush=True)
             time.sleep(30)
             return crc
-        ck.write_array = write_array
+        arrayio.write_array = write_array
     ck.Checkpointer(root, 0, 1, lambda: [t]).checkpoint(step)
     print("done", flush=True)
     """

@@ -25,8 +25,8 @@ from embps.client.exceptions import CheckpointFailedError, UnavailableError
 from embps.client.ps_client import PSClient
 from embps.protos import codec
 from embps.protos.config import TableConfig
-from embps.server import checkpoint as checkpoint_mod
-from embps.server.checkpoint import latest_step, restore_tables, shard_count_at
+from embps.server.durability import arrayio as checkpoint_mod
+from embps.server.durability import latest_step, restore_tables, shard_count_at
 from embps.server.service import ShardConfig, ShardServer, build_server
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc

@@ -39,7 +39,7 @@ from embps.client.exceptions import (
     UnavailableError,
 )
 from embps.protos.routing import shard_of
-from embps.server.checkpoint import latest_step, list_steps, restore_tables
+from embps.server.durability import latest_step, list_steps, restore_tables
 
 from .cluster import Cluster, start_shard, stop_all, wait_until
 from .sharded_model import ShardedModel

@@ -310,7 +310,7 @@ def test_a_pull_refused_after_the_pushes_says_they_were_applied(cluster: Cluster
 
 
 def test_step_permissions_follow_what_it_changes() -> None:
-    from embps.server.auth import Permission, required_permission
+    from embps.server.service.auth import Permission, required_permission
 
     method = f"/{limits.SERVICE_NAME}/Step"
     g = pb.TableGroup(table="t", keys=codec.encode_keys(np.array([1])))

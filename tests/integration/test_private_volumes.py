@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from embps.client import SGD, PSClient, TableConfig
-from embps.server.checkpoint import is_private, latest_step
+from embps.server.durability import is_private, latest_step
 
 from .cluster import start_shard
 

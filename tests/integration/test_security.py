@@ -32,15 +32,15 @@ from embps.client import (
     UnavailableError,
 )
 from embps.protos.config import TableConfig
-from embps.server.auth import (
+from embps.server.errors import PermissionDenied, Unauthenticated
+from embps.server.service import ShardConfig, ShardServer, build_server
+from embps.server.service.auth import (
     Authorizer,
     Permission,
     TokenFileError,
     load_token_file,
     required_permission,
 )
-from embps.server.errors import PermissionDenied, Unauthenticated
-from embps.server.service import ShardConfig, ShardServer, build_server
 
 from .certs import Certs, make_certs
 from .cluster import wait_until

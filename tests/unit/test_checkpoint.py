@@ -20,7 +20,7 @@ import pytest
 
 from embps.client.serving import ExportedModel, ExportFormatError
 from embps.protos.config import TableConfig
-from embps.server.checkpoint import (
+from embps.server.durability import (
     CheckpointConflict,
     Checkpointer,
     CheckpointError,
@@ -33,7 +33,9 @@ from embps.server.checkpoint import (
     write_array,
     write_shard,
 )
-from embps.server.export import ExportError, export
+from embps.server.durability import crc as durability_crc
+from embps.server.durability import write as durability_write
+from embps.server.durability.export import ExportError, export
 from embps.server.tables import BLOCK_FIELDS, Table, make_table
 from embps.server.tables import dynamic as tables_dynamic
 
@@ -378,12 +380,12 @@ def test_export_round_trip_and_refusals(tmp_path: Path, rng: np.random.Generator
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks and the streaming threshold scaled down, so small arrays take the big-array paths."""
-    import embps.server.checkpoint as ck_mod
+    from embps.server.durability import arrayio as ck_mod
 
     monkeypatch.setattr(ck_mod, "_CHUNK", 1 << 14)
     monkeypatch.setattr(ck_mod, "_READ_CHUNK", 1 << 14)
-    monkeypatch.setattr(ck_mod, "_STREAM_MIN_BYTES", 1 << 12)
-    monkeypatch.setattr(ck_mod, "_INLINE_CRC_BYTES", 1 << 10)  # CRC on the worker thread
+    monkeypatch.setattr(durability_write, "_STREAM_MIN_BYTES", 1 << 12)
+    monkeypatch.setattr(durability_crc, "_INLINE_CRC_BYTES", 1 << 10)  # CRC on the worker thread
 
 
 def test_chunked_crc_finds_a_flipped_byte_in_the_middle_of_a_large_file(
@@ -408,7 +410,7 @@ def test_streamed_checkpoint_is_one_moment_while_pushes_continue(
     released, while the pusher goes on."""
     import threading
 
-    import embps.server.checkpoint as ck_mod
+    from embps.server.durability import arrayio as ck_mod
 
     n, dim = 20_000, 8
     cfg = TableConfig.from_dict(
@@ -472,7 +474,7 @@ def test_a_failed_streamed_write_leaves_the_previous_checkpoint(tmp_path: Path) 
         import resource, signal, sys
         import numpy as np
         from embps.protos.config import TableConfig
-        from embps.server.checkpoint import Checkpointer
+        from embps.server.durability import Checkpointer
         from embps.server.tables import make_table
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
@@ -578,7 +580,7 @@ def _drop_from_cache(*paths: Path) -> None:
 def small_direct(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Files of 4 KiB and more read with O_DIRECT, in 64 KiB pieces; skipped where the
     filesystem of tmp_path has no direct I/O (tmpfs on older kernels)."""
-    import embps.server.checkpoint as ck_mod
+    from embps.server.durability import arrayio as ck_mod
 
     probe = tmp_path / "probe"
     probe.write_bytes(b"x" * 8192)
@@ -593,7 +595,7 @@ def small_direct(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_direct_reads_give_the_same_bytes_and_refuse_a_flipped_byte(
     tmp_path: Path, small_direct: None
 ) -> None:
-    import embps.server.checkpoint as ck_mod
+    from embps.server.durability import arrayio as ck_mod
 
     arr = np.random.default_rng(SEED).standard_normal((30_001, 3)).astype(np.float32)  # 6 pieces
     p = tmp_path / "v.npy"
@@ -620,7 +622,7 @@ def test_a_direct_read_the_kernel_refuses_falls_back_to_the_page_cache(
     """O_DIRECT needs a block-aligned buffer: with one a byte off, the kernel answers
     EINVAL (checked first, for real), and read_piece reads the same bytes through the
     page cache instead, with the right CRC."""
-    import embps.server.checkpoint as ck_mod
+    from embps.server.durability import arrayio as ck_mod
 
     arr = np.random.default_rng(SEED).standard_normal((30_001, 3)).astype(np.float32)
     p = tmp_path / "v.npy"

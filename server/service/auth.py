@@ -49,7 +49,7 @@ TLS
 
 Example::
 
-    from embps.server.auth import Authorizer, load_token_file
+    from embps.server.service.auth import Authorizer, load_token_file
 
     auth = Authorizer(load_token_file("/etc/embps/tokens"))
     auth.check("/embps.v1.ParameterServer/Push", (("authorization", "Bearer ..."),))

@@ -50,7 +50,7 @@ import numpy as np
 
 from embps.protos.config import TableConfig, TableKind
 from embps.protos.routing import STATIC_SEED
-from embps.server.checkpoint import (
+from embps.server.durability import (
     CheckpointError,
     resolve,
     restore_tables,
