@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "embps.client.demo.job",
         "train a DLRM on synthetic clicks against a local 2-shard PS; write a report",
     ),
-    "serve": ("embps.server.main", "start N local shard processes (gRPC + metrics)"),
+    "serve": ("embps.server.serve", "start N local shard processes (gRPC + metrics)"),
     "export": (
         "embps.server.durability.export",
         "write a checkpoint's values for serving (memory-mappable .npy + manifest)",

@@ -205,7 +205,7 @@ def _await_lines(p: Proc, pattern: re.Pattern[str], count: int) -> list[re.Match
 
 def start_cluster(shards: int, stack: contextlib.ExitStack) -> list[str]:
     """``embps serve --shards N`` on loopback, any free ports; the shard addresses, in order."""
-    argv = [sys.executable, "-m", "embps.server.main", "--shards", str(shards),
+    argv = [sys.executable, "-m", "embps.server.serve", "--shards", str(shards),
             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
             "--max-workers", str(SERVER_WORKERS), "--log-level", "WARNING"]  # fmt: skip
     p = _spawn(f"embps serve --shards {shards}", argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from embps.protos.config import TableConfig
 from embps.protos.limits import (
@@ -11,9 +12,35 @@ from embps.protos.limits import (
     MAX_GRPC_MESSAGE_BYTES,
 )
 
-# --------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Option:
+    """How a ``ShardConfig`` field is set from outside: ``embps serve --FLAG`` and the
+    config file's ``server`` key (both named ``flag``, dashes on the command line).
+
+    help         the ``--help`` text; ``{default}`` is the command line's default
+    metavar      argparse's metavar (None: argparse's own)
+    flag         the option's name where it differs from the field's
+    cli_default  ``embps serve``'s default where it differs from the field's (None: the
+                 same; a process listens on 50051, an in-process ShardConfig on any port)
+    """
+
+    help: str
+    metavar: str | None = None
+    flag: str | None = None
+    cli_default: Any = None
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    metavar: str | None = None,
+    flag: str | None = None,
+    cli_default: Any = None,
+) -> Any:
+    """A ``ShardConfig`` field that ``embps serve`` exposes (see ``Option``)."""
+    return field(default=default, metadata={"option": Option(help, metavar, flag, cli_default)})
 
 
 @dataclass(frozen=True)
@@ -27,39 +54,122 @@ class ShardConfig:
     """
 
     shard_id: int = 0  # this shard's id, in [0, num_shards)
-    num_shards: int = 1  # shard count every data request must carry
-    host: str = "127.0.0.1"  # interface to listen on ("0.0.0.0": all)
-    port: int = 0  # gRPC port (0: any free port; see ShardServer.port)
-    metrics_port: int | None = None  # Prometheus /metrics port (None: no HTTP server; 0: any)
-    max_keys_per_request: int = DEFAULT_MAX_KEYS_PER_REQUEST  # more keys: RESOURCE_EXHAUSTED
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send and receive limit
-    max_workers: int = 8  # threads handling RPCs
-    grace_seconds: float = 10.0  # on stop: how long in-flight calls may run
-    drain_delay_seconds: float = 0.0  # on stop: report NOT_SERVING this long before closing
-    verify_routing: bool = True  # check that every key of a request belongs to this shard
+    num_shards: int = option(
+        1, "number of shards (default {default})", flag="shards"
+    )  # shard count every data request must carry
+    host: str = option(
+        "127.0.0.1", "interface to listen on (default {default}; 0.0.0.0 in a container)"
+    )
+    port: int = option(
+        0,
+        "gRPC port of shard 0; shard i listens on port+i (default {default}; 0: any free port)",
+        cli_default=50051,
+    )  # this shard's gRPC port (0: any free port; see ShardServer.port)
+    metrics_port: int | None = option(
+        None,
+        "Prometheus port of shard 0; shard i serves on metrics-port+i (default {default}; "
+        "0: any free port)",
+        cli_default=9091,
+    )  # Prometheus /metrics port (None: no HTTP server; 0: any)
+    max_keys_per_request: int = option(
+        DEFAULT_MAX_KEYS_PER_REQUEST, "larger requests get RESOURCE_EXHAUSTED (default {default})"
+    )
+    max_message_bytes: int = option(
+        DEFAULT_MAX_MESSAGE_BYTES, "gRPC message size limit (default {default})"
+    )  # gRPC send and receive limit
+    max_workers: int = option(8, "RPC threads per shard (default {default})")
+    grace_seconds: float = option(
+        10.0, "on SIGTERM, how long in-flight calls may finish (default {default})"
+    )
+    drain_delay_seconds: float = option(
+        0.0, "on SIGTERM, report NOT_SERVING this long before refusing calls (default 0)"
+    )
+    verify_routing: bool = option(
+        True, "check that every key of a request belongs to the shard (default on)"
+    )
     tables: tuple[TableConfig, ...] = field(default_factory=tuple)  # created at start
-    checkpoint_dir: str | None = None  # checkpoints go to <dir>/<step>/shard-<i>-of-<n>/
-    checkpoint_every: float = 0.0  # seconds between periodic checkpoints (0: none)
-    checkpoint_incremental: int = 0  # K >= 2: every K-th checkpoint full, others incremental
-    checkpoint_on_exit: bool | None = None  # after draining on stop (None: on with a dir)
-    restore: str | None = None  # at start: "latest" (in checkpoint_dir) or a <dir>/<step> path
-    # seconds between eviction sweeps (steps_to_live, l2_evict_threshold; 0: none). Sweeps
-    # also run before every checkpoint and on the Evict RPC (server/eviction.py).
-    evict_every: float = 60.0
-    # a read-only replica of this training shard's address (server/replica.py; None: a
-    # training shard): it follows the change feed every replica_poll_seconds and reports
-    # NOT_SERVING while its lag exceeds max_lag seconds (0: never)
-    replica_of: str | None = None
-    replica_poll_seconds: float = 0.2
-    max_lag: float = 0.0
-    replica_token_file: str | None = None  # the bearer token a replica presents (read)
-    replica_tls_ca: str | None = None  # a replica follows over TLS, trusting this CA
-    replica_tls_cert: str | None = None  # and presents this client certificate (mTLS)
-    replica_tls_key: str | None = None
-    tls_cert: str | None = None  # PEM server certificate: serve TLS only (with tls_key)
-    tls_key: str | None = None  # PEM private key of tls_cert
-    tls_client_ca: str | None = None  # PEM CA: mutual TLS, clients need a cert it signed
-    auth_token_file: str | None = None  # bearer tokens with permissions (server/service/auth.py)
+    checkpoint_dir: str | None = option(
+        None,
+        "write checkpoints to DIR/<step>/shard-<i>-of-<n>/ (Checkpoint RPC, "
+        "--checkpoint-every, on exit)",
+        metavar="DIR",
+    )
+    checkpoint_every: float = option(
+        0.0,
+        "checkpoint every SECONDS, at multiples of it on the wall clock (default 0: never)",
+        metavar="SECONDS",
+    )
+    checkpoint_incremental: int = option(
+        0,
+        "every K-th checkpoint is full, the others incremental (default 0: always full)",
+        metavar="K",
+    )  # K >= 2: every K-th checkpoint full, others incremental
+    checkpoint_on_exit: bool | None = option(
+        None, "on SIGTERM, checkpoint after draining (default: on when --checkpoint-dir is set)"
+    )
+    restore: str | None = option(
+        None,
+        "at start, load the newest complete checkpoint under --checkpoint-dir (none: start "
+        "empty) or the checkpoint DIR/<step> (any shard count)",
+        metavar="latest|PATH",
+    )
+    # Sweeps also run before every checkpoint and on the Evict RPC (server/eviction.py).
+    evict_every: float = option(
+        60.0,
+        "sweep every table's steps_to_live / l2_evict_threshold eviction every SECONDS "
+        "(default {default:g}; 0: only at checkpoints and on the Evict call)",
+        metavar="SECONDS",
+    )
+    # A read-only replica (server/replica.py; None: a training shard) follows the change
+    # feed of the training shard at replica_of every replica_poll_seconds, and reports
+    # NOT_SERVING while its lag exceeds max_lag seconds (0: never). ``embps serve`` takes
+    # one address per shard (or a {i} pattern) and gives shard i its own.
+    replica_of: str | None = option(
+        None,
+        "run read-only replica shards: shard i follows the training shard at the i-th of "
+        "these comma-separated host:port (in shard-id order; or a pattern with {{i}}, e.g. "
+        "embps-{{i}}.embps-headless:50051) and serves its inference pulls (README 'Serving "
+        "replicas')",
+        metavar="ADDRESSES",
+    )
+    replica_poll_seconds: float = option(
+        0.2, "how often a replica reads the change feed (default {default})", metavar="S"
+    )
+    max_lag: float = option(
+        0.0,
+        "a replica reports NOT_SERVING while the state it serves is older than S seconds "
+        "(default 0: never)",
+        metavar="S",
+    )
+    replica_token_file: str | None = option(
+        None,
+        "a replica presents the bearer token in FILE to its training shard (a read token suffices)",
+        metavar="FILE",
+    )
+    replica_tls_ca: str | None = option(
+        None, "a replica follows over TLS, trusting this CA", metavar="PEM"
+    )
+    replica_tls_cert: str | None = option(
+        None,
+        "a replica's client certificate for mutual TLS (with --replica-tls-key)",
+        metavar="PEM",
+    )
+    replica_tls_key: str | None = option(None, "private key of --replica-tls-cert", metavar="PEM")
+    tls_cert: str | None = option(
+        None,
+        "serve TLS only, with this certificate (needs --tls-key; README 'Security')",
+        metavar="PEM",
+    )
+    tls_key: str | None = option(None, "private key of --tls-cert", metavar="PEM")
+    tls_client_ca: str | None = option(
+        None, "mutual TLS: refuse clients without a certificate signed by this CA", metavar="PEM"
+    )
+    auth_token_file: str | None = option(
+        None,
+        "bearer tokens, one 'read|write|admin TOKEN' per line; every call but health "
+        "needs one (SIGHUP reloads the file)",
+        metavar="FILE",
+    )  # server/service/auth.py
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))

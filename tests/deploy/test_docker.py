@@ -113,7 +113,7 @@ def test_entrypoint_is_the_console_script() -> None:
 
 def test_default_command_starts_one_shard_on_all_interfaces() -> None:
     from embps.client.cli import build_parser
-    from embps.server.main import resolve_options, shard_config
+    from embps.server.serve import resolve_options, shard_config
 
     argv = exec_form(last("CMD"))
     assert argv[0] == "serve"

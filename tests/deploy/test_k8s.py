@@ -132,7 +132,7 @@ def test_shard_id_is_the_pod_ordinal(rendered: Docs, overlay: str) -> None:
 def test_container_args_start_the_last_shard(rendered: Docs, overlay: str, tmp_path: Path) -> None:
     """The args, as the kubelet expands them, parse with the real `embps serve` and its config file."""
     from embps.client.cli import build_parser
-    from embps.server.main import resolve_options, shard_config
+    from embps.server.serve import resolve_options, shard_config
 
     docs = rendered[overlay]
     sts = statefulset(rendered, overlay)

@@ -78,7 +78,7 @@ def test_one_group_per_training_shard_following_it(
     replicas_rendered: dict[str, Docs], name: str
 ) -> None:
     from embps.client.cli import build_parser
-    from embps.server.main import resolve_options, shard_config
+    from embps.server.serve import resolve_options, shard_config
 
     docs = replicas_rendered[name]
     sts = only(docs, "StatefulSet", "embps")

@@ -22,8 +22,8 @@ from embps.client import (
 )
 from embps.protos import codec
 from embps.protos.routing import shard_of
-from embps.server.config_file import parse_serve_doc
 from embps.server.engine import Engine
+from embps.server.serve import parse_serve_doc
 from embps.server.service import (
     ErrorInterceptor,
     ParameterServerServicer,

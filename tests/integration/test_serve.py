@@ -314,7 +314,7 @@ def test_single_shard_mode_for_kubernetes(cluster_factory: Factory) -> None:
 def test_readiness_line_is_one_write_even_unbuffered() -> None:
     """Shards share the supervisor's stdout: each readiness line must be one write(2),
     or two shards' lines interleave (print() under PYTHONUNBUFFERED=1 writes twice)."""
-    code = "from embps.server.main import announce_ready; announce_ready('shard 0/2 ready')"
+    code = "from embps.server.serve import announce_ready; announce_ready('shard 0/2 ready')"
     res = subprocess.run(
         ["strace", "-e", "trace=write", "-e", "signal=none", sys.executable, "-c", code],
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=60,

@@ -3,7 +3,7 @@
 The property: a value either builds a config that round-trips unchanged (same
 repr, so same types too) through the wire (to_proto / from_proto), a plain
 mapping (to_dict / from_dict, also as JSON, the checkpoint manifest's form) and
-YAML and TOML config files (server/config_file.py's parser), or it raises
+YAML and TOML config files (server/serve.py's parser), or it raises
 ValueError or TypeError whose message names the field. Never another exception.
 ``from_dict`` of the same options gives the same config or the same error.
 """
@@ -36,7 +36,7 @@ from embps.protos.config import (
     TableConfig,
     TableKind,
 )
-from embps.server.config_file import parse_serve_doc
+from embps.server.serve import parse_serve_doc
 from embps.v1 import embps_pb2 as pb
 
 FIELDS = [f.name for f in dataclasses.fields(TableConfig)]

@@ -3,7 +3,7 @@
 Two modes:
 
 * ``embps serve --shards N`` (no ``--shard-id``): a supervisor. It starts N
-  child processes (``python -m embps.server.main --shard-id i ...``), shard i
+  child processes (``python -m embps.server.serve --shard-id i ...``), shard i
   on port P+i with metrics on M+i (with P or M = 0 every shard takes any free
   port). SIGTERM / SIGINT are forwarded to the children, which drain and exit
   0; the supervisor then exits 0. If a shard dies (or exits on its own), the
@@ -51,49 +51,57 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import Field, dataclass, field, fields
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import yaml
+
 from embps.protos.config import TableConfig
-from embps.protos.limits import DEFAULT_MAX_KEYS_PER_REQUEST, DEFAULT_MAX_MESSAGE_BYTES
-from embps.server.config_file import SERVER_OPTIONS, load_serve_file
 from embps.server.replica import follower_credentials, read_token
 from embps.server.service import ShardConfig, build_server
 from embps.server.service.auth import load_token_file, server_credentials
+from embps.server.service.config import Option
 
 log = logging.getLogger("embps.serve")
 
-DEFAULTS: dict[str, Any] = {
-    "shards": 1,
-    "host": "127.0.0.1",
-    "port": 50051,
-    "metrics_port": 9091,
-    "max_keys_per_request": DEFAULT_MAX_KEYS_PER_REQUEST,
-    "max_message_bytes": DEFAULT_MAX_MESSAGE_BYTES,
-    "max_workers": 8,
-    "grace_seconds": 10.0,
-    "drain_delay_seconds": 0.0,
-    "verify_routing": True,
-    "checkpoint_dir": None,
-    "checkpoint_every": 0.0,
-    "checkpoint_incremental": 0,
-    "checkpoint_on_exit": None,
-    "restore": None,
-    "evict_every": 60.0,
-    "replica_of": None,
-    "replica_poll_seconds": 0.2,
-    "max_lag": 0.0,
-    "replica_token_file": None,
-    "replica_tls_ca": None,
-    "replica_tls_cert": None,
-    "replica_tls_key": None,
-    "tls_cert": None,
-    "tls_key": None,
-    "tls_client_ca": None,
-    "auth_token_file": None,
-    "log_level": "INFO",
-}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# The options of one shard are ``ShardConfig``'s fields marked with ``option(...)``
+# (server/service/config.py): their flags, config-file keys, types, defaults and help
+# are derived here, so a new option is one field there. ``log_level`` is the process's.
+OPTIONS: dict[str, tuple[Field[Any], Option]] = {
+    (f.metadata["option"].flag or f.name): (f, f.metadata["option"])
+    for f in fields(ShardConfig)
+    if "option" in f.metadata
+}
+_FILE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int, "float": (int, float), "bool": bool, "str": str
+}  # fmt: skip
+
+
+_ARG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str}
+
+
+def _base_type(f: Field[Any]) -> str:
+    """``"int | None"`` -> ``"int"``: the type an option's value has when it is set."""
+    names = [t.strip() for t in str(f.type).split("|") if t.strip() != "None"]
+    if len(names) != 1 or names[0] not in _FILE_TYPES:
+        raise TypeError(f"ShardConfig.{f.name}: an option must be one of {sorted(_FILE_TYPES)}")
+    return names[0]
+
+
+DEFAULTS: dict[str, Any] = {
+    key: (o.cli_default if o.cli_default is not None else f.default)
+    for key, (f, o) in OPTIONS.items()
+} | {"log_level": "INFO"}
+# option name -> type accepted in the config file's ``server`` section
+SERVER_OPTIONS: dict[str, type | tuple[type, ...]] = {
+    key: _FILE_TYPES[_base_type(f)] for key, (f, _) in OPTIONS.items()
+} | {"log_level": str}
 EXIT_OK, EXIT_SHARD_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 EXIT_RESTORE_FAILED, EXIT_CHECKPOINT_FAILED = 3, 4
 _EXIT_MEANING = {
@@ -111,75 +119,23 @@ _KILL_MARGIN_S = 10.0  # after grace + drain delay, stragglers are killed
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``embps serve`` flags. Every option defaults to None: unset flags defer to the file."""
-    d = DEFAULTS
-    parser.add_argument("--shards", type=int, help=f"number of shards (default {d['shards']})")
-    parser.add_argument("--host", help=f"interface to listen on (default {d['host']}; "
-                        "0.0.0.0 in a container)")  # fmt: skip
-    parser.add_argument("--port", type=int, help=f"gRPC port of shard 0; shard i listens on "
-                        f"port+i (default {d['port']}; 0: any free port)")  # fmt: skip
-    parser.add_argument("--metrics-port", type=int, help="Prometheus port of shard 0; shard i "
-                        f"serves on metrics-port+i (default {d['metrics_port']}; 0: any free port)")  # fmt: skip
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML file: server options and "
                         "tables to create at start (see docs/service.md)")  # fmt: skip
     parser.add_argument("--shard-id", type=int, help="run only this shard, in this process, on "
                         "exactly --port and --metrics-port (Kubernetes: the pod ordinal)")  # fmt: skip
-    parser.add_argument("--max-keys-per-request", type=int, help="larger requests get "
-                        f"RESOURCE_EXHAUSTED (default {d['max_keys_per_request']})")  # fmt: skip
-    parser.add_argument("--max-message-bytes", type=int, help="gRPC message size limit "
-                        f"(default {d['max_message_bytes']})")  # fmt: skip
-    parser.add_argument("--max-workers", type=int, help="RPC threads per shard "
-                        f"(default {d['max_workers']})")  # fmt: skip
-    parser.add_argument("--grace-seconds", type=float, help="on SIGTERM, how long in-flight "
-                        f"calls may finish (default {d['grace_seconds']})")  # fmt: skip
-    parser.add_argument("--drain-delay-seconds", type=float, help="on SIGTERM, report "
-                        "NOT_SERVING this long before refusing calls (default 0)")  # fmt: skip
-    parser.add_argument("--verify-routing", action=argparse.BooleanOptionalAction, default=None,
-                        help="check that every key of a request belongs to the shard (default on)")  # fmt: skip
-    parser.add_argument("--checkpoint-dir", metavar="DIR", help="write checkpoints to "
-                        "DIR/<step>/shard-<i>-of-<n>/ (Checkpoint RPC, --checkpoint-every, on exit)")  # fmt: skip
-    parser.add_argument("--checkpoint-every", type=float, metavar="SECONDS", help="checkpoint "
-                        "every SECONDS, at multiples of it on the wall clock (default 0: never)")  # fmt: skip
-    parser.add_argument("--checkpoint-incremental", type=int, metavar="K", help="every K-th "
-                        "checkpoint is full, the others incremental (default 0: always full)")  # fmt: skip
-    parser.add_argument("--checkpoint-on-exit", action=argparse.BooleanOptionalAction,
-                        default=None, help="on SIGTERM, checkpoint after draining "
-                        "(default: on when --checkpoint-dir is set)")  # fmt: skip
-    parser.add_argument("--restore", metavar="latest|PATH", help="at start, load the newest "
-                        "complete checkpoint under --checkpoint-dir (none: start empty) or the "
-                        "checkpoint DIR/<step> (any shard count)")  # fmt: skip
-    parser.add_argument("--evict-every", type=float, metavar="SECONDS", help="sweep every "
-                        "table's steps_to_live / l2_evict_threshold eviction every SECONDS "
-                        f"(default {d['evict_every']:g}; 0: only at checkpoints and on the "
-                        "Evict call)")  # fmt: skip
-    parser.add_argument("--replica-of", metavar="ADDRESSES", help="run read-only replica "
-                        "shards: shard i follows the training shard at the i-th of these "
-                        "comma-separated host:port (in shard-id order; or a pattern with {i}, "
-                        "e.g. embps-{i}.embps-headless:50051) and serves its inference pulls "
-                        "(README 'Serving replicas')")  # fmt: skip
-    parser.add_argument("--replica-poll-seconds", type=float, metavar="S", help="how often a "
-                        f"replica reads the change feed (default {d['replica_poll_seconds']})")  # fmt: skip
-    parser.add_argument("--max-lag", type=float, metavar="S", help="a replica reports "
-                        "NOT_SERVING while the state it serves is older than S seconds "
-                        "(default 0: never)")  # fmt: skip
-    parser.add_argument("--replica-token-file", metavar="FILE", help="a replica presents the "
-                        "bearer token in FILE to its training shard (a read token suffices)")  # fmt: skip
-    parser.add_argument("--replica-tls-ca", metavar="PEM", help="a replica follows over TLS, "
-                        "trusting this CA")  # fmt: skip
-    parser.add_argument("--replica-tls-cert", metavar="PEM", help="a replica's client "
-                        "certificate for mutual TLS (with --replica-tls-key)")  # fmt: skip
-    parser.add_argument("--replica-tls-key", metavar="PEM", help="private key of "
-                        "--replica-tls-cert")  # fmt: skip
-    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this "
-                        "certificate (needs --tls-key; README 'Security')")  # fmt: skip
-    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    parser.add_argument("--tls-client-ca", metavar="PEM", help="mutual TLS: refuse clients "
-                        "without a certificate signed by this CA")  # fmt: skip
-    parser.add_argument("--auth-token-file", metavar="FILE", help="bearer tokens, one "
-                        "'read|write|admin TOKEN' per line; every call but health needs one "
-                        "(SIGHUP reloads the file)")  # fmt: skip
+    for key, (f, o) in OPTIONS.items():
+        flag = "--" + key.replace("_", "-")
+        text = o.help.format(default=DEFAULTS[key])
+        kind = _base_type(f)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)  # fmt: skip
+        else:
+            parser.add_argument(flag, type=_ARG_TYPES[kind],
+                                metavar=o.metavar, help=text)  # fmt: skip
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                        help=f"{', '.join(LOG_LEVELS)} (default {d['log_level']}; logs go to "
-                        "stderr)")  # fmt: skip
+                        help=f"{', '.join(LOG_LEVELS)} (default {DEFAULTS['log_level']}; logs go "
+                        "to stderr)")  # fmt: skip
 
 
 def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[TableConfig, ...]]:
@@ -246,37 +202,14 @@ def shard_config(
     opts: dict[str, Any], tables: tuple[TableConfig, ...], shard_id: int
 ) -> ShardConfig:
     """Config of one shard (ports exactly as given: the caller offsets them)."""
-    return ShardConfig(
-        shard_id=shard_id,
-        num_shards=opts["shards"],
-        host=opts["host"],
-        port=opts["port"],
-        metrics_port=opts["metrics_port"],
-        max_keys_per_request=opts["max_keys_per_request"],
-        max_message_bytes=opts["max_message_bytes"],
-        max_workers=opts["max_workers"],
-        grace_seconds=float(opts["grace_seconds"]),
-        drain_delay_seconds=float(opts["drain_delay_seconds"]),
-        verify_routing=bool(opts["verify_routing"]),
-        tables=tables,
-        checkpoint_dir=opts["checkpoint_dir"],
-        checkpoint_every=float(opts["checkpoint_every"]),
-        checkpoint_incremental=int(opts["checkpoint_incremental"]),
-        checkpoint_on_exit=opts["checkpoint_on_exit"],
-        restore=opts["restore"],
-        evict_every=float(opts["evict_every"]),
-        replica_of=replica_address(opts, shard_id),
-        replica_poll_seconds=float(opts["replica_poll_seconds"]),
-        max_lag=float(opts["max_lag"]),
-        replica_token_file=opts["replica_token_file"],
-        replica_tls_ca=opts["replica_tls_ca"],
-        replica_tls_cert=opts["replica_tls_cert"],
-        replica_tls_key=opts["replica_tls_key"],
-        tls_cert=opts["tls_cert"],
-        tls_key=opts["tls_key"],
-        tls_client_ca=opts["tls_client_ca"],
-        auth_token_file=opts["auth_token_file"],
-    )
+    kw: dict[str, Any] = {}
+    for key, (f, _) in OPTIONS.items():
+        v = opts[key]
+        if v is not None and _base_type(f) == "float":
+            v = float(v)  # a file's 10 is 10.0
+        kw[f.name] = v
+    kw["replica_of"] = replica_address(opts, shard_id)
+    return ShardConfig(shard_id=shard_id, tables=tables, **kw)
 
 
 # --------------------------------------------------------------------------
@@ -358,7 +291,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 
 def _child_argv(args: argparse.Namespace, opts: dict[str, Any], i: int) -> list[str]:
-    argv = [sys.executable, "-m", "embps.server.main", "--shard-id", str(i)]
+    argv = [sys.executable, "-m", "embps.server.serve", "--shard-id", str(i)]
     for key in SERVER_OPTIONS:
         v = opts[key]
         if v is None:
@@ -476,10 +409,108 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m embps.server.main``: the same flags as ``embps serve``."""
+    """``python -m embps.server.serve``: the same flags as ``embps serve``."""
     parser = argparse.ArgumentParser(prog="embps serve")
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+# --------------------------------------------------------------------------
+# The config file (``--config``)
+# --------------------------------------------------------------------------
+
+# The ``embps serve --config FILE`` file: server options and tables declared up front.
+#
+# YAML (``.yaml``/``.yml``) or TOML (``.toml``), chosen by the file's extension.
+# Two top-level sections, both optional; unknown keys are an error::
+#
+#     server:                      # any `embps serve` option; command-line flags win
+#       shards: 2
+#       port: 50051
+#       metrics_port: 9091
+#       max_keys_per_request: 1048576
+#       checkpoint_dir: /var/lib/embps/checkpoints
+#       checkpoint_every: 600       # seconds
+#       restore: latest
+#       tls_cert: /etc/embps/tls/tls.crt     # TLS (README "Security")
+#       tls_key: /etc/embps/tls/tls.key
+#       auth_token_file: /etc/embps/auth/tokens
+#     tables:                      # each entry: TableConfig.from_dict
+#       - name: user
+#         dim: 16
+#         kind: adaptive
+#         hash_bucket_size: 100000
+#         promote_threshold: 5
+#         optimizer: {name: adagrad, lr: 0.05}
+#
+# Every shard creates every table at start (each shard holds its part of each table).
+
+
+@dataclass(frozen=True)
+class ServeFile:
+    """A parsed config file: ``server`` options (only those present) and tables."""
+
+    server: dict[str, Any] = field(default_factory=dict)
+    tables: tuple[TableConfig, ...] = ()
+
+
+def load_serve_file(path: str | Path) -> ServeFile:
+    """Parse and validate a YAML or TOML config file; ValueError says what is wrong and where."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read config file {p}: {e}") from None
+    try:
+        if suffix in (".yaml", ".yml"):
+            doc = yaml.safe_load(text)
+        elif suffix == ".toml":
+            doc = tomllib.loads(text)
+        else:
+            raise ValueError(
+                f"config file {p}: unknown extension {suffix!r}; use .yaml, .yml or .toml"
+            )
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"config file {p} is not valid {suffix[1:].upper()}: {e}") from None
+    return parse_serve_doc(doc if doc is not None else {}, source=str(p))
+
+
+def parse_serve_doc(doc: Any, source: str = "config") -> ServeFile:
+    """Validate an already-parsed document (a mapping with ``server`` and ``tables``)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: the top level must be a mapping with 'server' and 'tables'")
+    unknown = set(doc) - {"server", "tables"}
+    if unknown:
+        raise ValueError(f"{source}: unknown sections {sorted(unknown)}; use 'server' and 'tables'")
+    server = doc.get("server") or {}
+    if not isinstance(server, dict):
+        raise ValueError(f"{source}: 'server' must be a mapping of options")
+    for key, value in server.items():
+        if key not in SERVER_OPTIONS:
+            raise ValueError(
+                f"{source}: unknown server option {key!r}; known: {sorted(SERVER_OPTIONS)}"
+            )
+        want = SERVER_OPTIONS[key]
+        bad_bool = isinstance(value, bool) and want is not bool
+        if bad_bool or not isinstance(value, want):
+            raise ValueError(f"{source}: server option {key!r} has the wrong type: {value!r}")
+    raw_tables = doc.get("tables") or []
+    if not isinstance(raw_tables, list):
+        raise ValueError(f"{source}: 'tables' must be a list of table mappings")
+    tables: list[TableConfig] = []
+    for i, t in enumerate(raw_tables):
+        if not isinstance(t, dict):
+            raise ValueError(f"{source}: tables[{i}] must be a mapping, got {t!r}")
+        try:
+            tables.append(TableConfig.from_dict(t))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: tables[{i}]: {e}") from None
+    names = [t.name for t in tables]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ValueError(f"{source}: duplicate table names {dups}")
+    return ServeFile(server=dict(server), tables=tuple(tables))
 
 
 if __name__ == "__main__":
