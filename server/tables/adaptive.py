@@ -9,7 +9,6 @@ from embps.protos.config import (
     SKETCH_DEFAULT_WIDTH,
     TableConfig,
 )
-from embps.protos.routing import static_rows_nb
 from embps.server.tables.base import PushResult, _smallest, gather_rows
 from embps.server.tables.block import Block, unique_keys
 from embps.server.tables.dynamic import _DynamicBase
@@ -39,10 +38,6 @@ class AdaptiveTable(_DynamicBase):
 
     def _blocks(self) -> dict[str, Block]:
         return {"static": self.static}
-
-    def static_rows_of(self, keys: np.ndarray) -> np.ndarray:
-        """Static-part row of each key: int64 (n,)."""
-        return static_rows_nb(keys, self.config.hash_bucket_size, self.config.seed)
 
     def _pull(
         self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray

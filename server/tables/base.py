@@ -18,6 +18,7 @@ from embps.protos.config import (
     TableConfig,
     TableKind,
 )
+from embps.protos.routing import static_rows_nb
 from embps.server.errors import FailedPrecondition, InvalidArgument
 from embps.server.kernels import hashmap as hm
 from embps.server.kernels.optim import dedup_sum
@@ -919,6 +920,14 @@ class Table:
         if sketch is not None and rest.shape[0]:
             out[rest] = sketch.estimate(keys[rest])
         return out
+
+    def static_rows_of(
+        self,
+        keys: np.ndarray,  # int64 (n,)
+    ) -> np.ndarray:  # int64 (n,) in [0, hash_bucket_size)
+        """The shared (static-part) row of each key: ``routing.static_rows`` with this
+        table's ``hash_bucket_size`` and seed (static and adaptive tables)."""
+        return static_rows_nb(keys, self.config.hash_bucket_size, self.config.seed)
 
     def _narrowed(self) -> None:
         """Kind-specific state that follows ``self.dim`` after a narrow (none here)."""

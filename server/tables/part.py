@@ -152,6 +152,14 @@ class DynamicPart:
 
     # ---------------------------------------------------------------- growth
     def _rehash(self, cap: int) -> None:
+        """Move every key into a new bucket array of ``cap`` buckets.
+
+        LIMITATIONS. Whole-table under the table's write lock (Redis ``dict.c`` rehashes
+        incrementally; this does not): a rehash of N keys holds the lock for one pass
+        over them: 0.23 s at 10M keys here (23 ns a key, ``hm.rehash`` into 2^25 buckets),
+        and only when the load factor passes 0.75, so about log2(N) times in a table's
+        life. Incremental rehashing would make every probe look in two arrays.
+        """
         new = hm.new_slots(cap)
         hm.rehash(self.slots, new)
         self.slots = new
@@ -163,7 +171,9 @@ class DynamicPart:
         if self.max_rows is not None:
             new = min(new, self.max_rows)  # a partial last step, up to the row limit
         if new <= old:
-            raise AssertionError("arena at its row limit: the table must evict before inserting")
+            raise RuntimeError(
+                "internal: arena at its row limit; the table must evict before inserting"
+            )
         self.block.resize(new)
         keys = np.full(new, hm.EMPTY, dtype=np.int64)
         keys[:old] = self.row_keys
@@ -174,6 +184,11 @@ class DynamicPart:
         """Move live rows into a dense prefix and shrink the arena and buckets to fit.
 
         Row numbers change; keys, values, slots and metadata move together.
+
+        LIMITATIONS. Whole-table under the table's write lock: one pass over the live rows
+        (a copy of each array) and a rebuild of the buckets. It runs after a prune (an
+        admin call, rare), not on the training path; at 10M rows of dim 16 expect about a
+        second in which the table answers nothing.
         """
         live = self.live_rows()
         keys = self.keys_of(live)

@@ -7,7 +7,6 @@ import numpy as np
 from embps.protos.config import (
     TableConfig,
 )
-from embps.protos.routing import static_rows_nb
 from embps.server.tables.base import PushResult, Table, gather_rows
 from embps.server.tables.block import Block
 from embps.server.tables.part import DynamicPart
@@ -27,20 +26,16 @@ class StaticTable(Table):
     def _blocks(self) -> dict[str, Block]:
         return {"static": self.block}
 
-    def rows_of(self, keys: np.ndarray) -> np.ndarray:
-        """Shared row of each key: int64 (n,)."""
-        return static_rows_nb(keys, self.config.hash_bucket_size, self.config.seed)
-
     def _pull(
         self, keys: np.ndarray, train: bool, mask: np.ndarray | None, out: np.ndarray
     ) -> None:
-        rows = self.rows_of(keys)
+        rows = self.static_rows_of(keys)
         if train:
             self._touch(self.block, rows)
         gather_rows(self.block.values, rows, np.float32(0), out)
 
     def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
-        self._apply(self.block, self.rows_of(keys), grads, step)
+        self._apply(self.block, self.static_rows_of(keys), grads, step)
         return PushResult(applied=keys.shape[0], dropped=0)
 
     def feed_parts(self) -> list[DynamicPart | Block]:

@@ -38,7 +38,7 @@ def hot_keys(table: Table) -> np.ndarray:
     """24 keys, negative and 0 included; for a static table, keys with distinct rows."""
     cand = np.arange(-12, 200, dtype=np.int64)
     if table.config.kind == "static":
-        _, first = np.unique(table.rows_of(cand), return_index=True)
+        _, first = np.unique(table.static_rows_of(cand), return_index=True)
         cand = cand[np.sort(first)]
     return cand[:24]
 

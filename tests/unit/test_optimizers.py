@@ -175,7 +175,7 @@ def test_static_rows_shared_by_keys_get_the_summed_gradient(name, rng):
     config = TableConfig("t", dim=DIM, kind="static", optimizer=opt, hash_bucket_size=3)
     table = make_table(config)
     keys = np.arange(12)
-    rows = table.rows_of(keys).tolist()
+    rows = table.static_rows_of(keys).tolist()
     w = table.block.values.copy()
     s = table.block.slots.copy()
     for step in range(4):

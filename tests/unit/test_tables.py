@@ -744,7 +744,7 @@ def test_initializer_kinds_give_the_documented_rows():
 def test_static_rows_shared_by_colliding_keys():
     table = make_table(cfg("static", hash_bucket_size=3))
     keys = np.arange(30)
-    rows = table.rows_of(keys)
+    rows = table.static_rows_of(keys)
     assert set(rows.tolist()) == {0, 1, 2}
     k0 = keys[rows == rows[0]][:2]
     table.push([int(k0[0])], np.ones((1, DIM)))
