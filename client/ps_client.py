@@ -45,7 +45,6 @@ Example::
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 import uuid
@@ -69,6 +68,19 @@ from embps.client.exceptions import (
     UnavailableError,
     from_rpc_error,
 )
+from embps.client.plan import (
+    Plan,
+    as_grads,
+    as_keys,
+    assemble_rows,
+    keyed_spans,
+    pack_step,
+    plan_groups,
+    plan_keys,
+    slices,
+    sum_duplicates,
+)
+from embps.client.retry import retry_outcomes
 from embps.client.security import TLSConfig, make_channel, warn_plaintext_token
 from embps.protos import codec
 from embps.protos.config import NORM_TO_PB, Norm, TableConfig
@@ -88,7 +100,6 @@ _PUSH_RETRIABLE = (UnavailableError, CancelledError, DeadlineExceededError)
 # Same defaults as the server (embps.server.service); the client never imports the server.
 _MESSAGE_OVERHEAD = 4096  # bytes kept free in a message for fields other than the arrays
 _SERVICE = SERVICE_NAME
-_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.05, 2.0
 _FINITE_MAX = {
     pb.DTYPE_FLOAT32: float(np.finfo(np.float32).max),
     pb.DTYPE_FLOAT16: float(np.finfo(np.float16).max),
@@ -191,251 +202,6 @@ class CheckpointResult:
     tables: int
     bytes: int
     seconds: float
-
-
-# --------------------------------------------------------------------------
-# Input conversion (once, at the boundary)
-# --------------------------------------------------------------------------
-
-
-def _as_keys(keys: Any) -> np.ndarray:
-    """Any integer array (any shape) -> contiguous int64 (n,)."""
-    arr = np.asarray(keys)
-    if arr.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        raise InvalidArgumentError(f"keys must be an integer array, got dtype {arr.dtype}")
-    if arr.dtype == np.uint64 and int(arr.max()) >= 2**63:
-        raise InvalidArgumentError("keys must fit in int64; got uint64 values >= 2**63")
-    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
-
-
-def _as_grads(grads: Any, keys_shape: tuple[int, ...], n: int, dim: int) -> np.ndarray:
-    """float (n, dim) or keys_shape + (dim,) -> float32 (n, dim); dim is checked by the caller."""
-    g = np.asarray(grads)
-    if g.dtype.kind not in "fiu":
-        raise InvalidArgumentError(f"gradients must be floats, got dtype {g.dtype}")
-    if n == 0 and g.size == 0:
-        return np.empty((0, dim), dtype=np.float32)
-    if g.ndim == len(keys_shape) + 1 and g.shape[:-1] == keys_shape:
-        g = g.reshape(n, g.shape[-1])
-    if g.ndim != 2 or g.shape[0] != n:
-        raise InvalidArgumentError(
-            f"gradients must have shape (n, dim) with n = {n} keys (one row per key, in the "
-            f"keys' order), got {g.shape}"
-        )
-    return np.ascontiguousarray(g, dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Where the keys of one call go.
-
-    keys:   int64 (u,) the distinct keys, grouped by owning shard; within a shard in
-            the order of their first occurrence in the batch
-    where:  int64 (n,) position in ``keys`` of each of the caller's keys
-    bounds: shard s owns keys[bounds[s]:bounds[s + 1]]
-    first:  int64 (u,) batch index of each key's first occurrence (pushes only, else None)
-    same:   True when ``keys`` is the caller's batch itself (distinct keys, one shard):
-            ``where`` and ``first`` are the identity
-    """
-
-    keys: np.ndarray
-    where: np.ndarray
-    bounds: list[int]
-    first: np.ndarray | None = None
-    same: bool = False
-
-
-def _plan(keys: np.ndarray, num_shards: int, first: bool = False) -> _Plan:
-    """Dedup and route keys: int64 (n,) -> _Plan, in one pass (``routing.dedup_route``: no
-    sort). Per-shard key runs are contiguous, so requests are slices and responses land
-    with one copy each (no row scatter)."""
-    from embps.protos.routing import dedup_route  # numba: imported on first use (fast CLI start)
-
-    uniq, where, index, bounds = dedup_route(keys, num_shards)
-    same = num_shards == 1 and uniq.shape[0] == keys.shape[0]
-    return _Plan(keys if same else uniq, where, bounds.tolist(), index if first else None, same)
-
-
-def _plans(keys: list[np.ndarray], num_shards: int, first: int = 0) -> list[_Plan]:
-    """``_plan`` of many groups of keys in one numba call (``routing.dedup_route_groups``);
-    the first ``first`` groups keep their first occurrences (pushes)."""
-    from embps.protos.routing import dedup_route_groups
-
-    if not keys:
-        return []
-    offsets = np.zeros(len(keys) + 1, dtype=np.int64)
-    np.cumsum([k.shape[0] for k in keys], out=offsets[1:])
-    uniq, where, index, counts, bounds = dedup_route_groups(
-        np.concatenate(keys) if len(keys) > 1 else keys[0], offsets, num_shards
-    )
-    out = []
-    for g, k in enumerate(keys):
-        lo, hi, u = int(offsets[g]), int(offsets[g + 1]), int(counts[g])
-        same = num_shards == 1 and u == hi - lo
-        out.append(_Plan(k if same else uniq[lo : lo + u], where[lo:hi], bounds[g].tolist(),
-                         index[lo : lo + u] if g < first else None, same))  # fmt: skip
-    return out
-
-
-def _sum_duplicates(plan: _Plan, grads: np.ndarray) -> np.ndarray:
-    """Gradient of each distinct key: float32 (u, dim), summed exactly as a shard sums them.
-
-    A shard computes ((0 + g_first) + g_second) + ... in float32, in batch order
-    (``dedup_sum``); so does ``routing.sum_rows``. Distinct keys need no sum: their
-    rows are only put in the plan's order (``grads`` itself when it already is;
-    the shard's own zero start then does the same to -0.0).
-    """
-    assert plan.first is not None
-    if plan.same:
-        return grads
-    u = plan.keys.shape[0]
-    if u == grads.shape[0]:
-        return np.take(grads, plan.first, 0)
-    from embps.protos.routing import sum_rows
-
-    return sum_rows(plan.where, grads, u)
-
-
-def _assemble_rows(plan: _Plan, parts: list[tuple[int, int, np.ndarray]], dim: int) -> np.ndarray:
-    """The caller's rows, float32 (n, dim), a new array, from the shards' answers.
-
-    parts: (a, b, rows) with rows float32 (b - a, dim) of ``plan.keys[a:b]``
-    (possibly read-only views of the responses); together they cover the
-    distinct keys. Each row is copied once: gathered by ``plan.where`` from a
-    single answer, or scattered to its place when the keys were distinct.
-    """
-    n, u = plan.where.shape[0], plan.keys.shape[0]
-    if len(parts) == 1:
-        rows = parts[0][2]
-        return np.array(rows, dtype=np.float32) if plan.same else np.take(rows, plan.where, 0)
-    if n == u:  # distinct keys: plan.where is a permutation; send each row to its place
-        src = np.empty(n, dtype=np.int64)
-        src[plan.where] = np.arange(n, dtype=np.int64)
-        out = np.empty((n, dim), dtype=np.float32)
-        for a, b, rows in parts:
-            out[src[a:b]] = rows
-        return out
-    uniq = np.empty((u, dim), dtype=np.float32)
-    for a, b, rows in parts:
-        uniq[a:b] = rows
-    return np.take(uniq, plan.where, 0)
-
-
-def _pack_step(
-    num_shards: int,
-    pushes: list[tuple[str, _Plan, np.ndarray, int]],
-    pulls: list[tuple[str, _Plan, np.ndarray | None, int]],
-    dtype: pb.DType,
-    train: bool,
-    step: int | None,
-    max_keys: int,
-    max_bytes: int,
-) -> tuple[list[list[pb.StepRequest]], list[list[list[tuple[int, int, int]]]]]:
-    """Per shard, its StepRequests: every push group's keys, then every pull group's, cut
-    into requests of at most ``max_keys`` keys and about ``max_bytes`` bytes (a shard's
-    push requests all come before its pull requests). Also, per shard and request, the
-    pull pieces it carries: (pull group, a, b) for ``plan.keys[a:b]``.
-
-    pushes: (table, plan, wire gradients (u, dim), dim); pulls: (table, plan, mask (u,)
-    or None, dim). Every shard gets the push groups (empty ones too: each table's push
-    counter then advances once per call on every shard, as ``push`` does); pull groups
-    only where they have keys. A shard with nothing to do gets no request.
-    """
-    itemsize = codec.ITEMSIZE[dtype]
-    per_shard: list[list[pb.StepRequest]] = []
-    spans: list[list[list[tuple[int, int, int]]]] = []
-    for s in range(num_shards):
-        packer = _StepPacker(num_shards, dtype, train, step, max_keys, max_bytes)
-        for table, plan, grads, dim in pushes:
-            a, hi = plan.bounds[s], plan.bounds[s + 1]
-            per_key = 8 + dim * itemsize
-            while True:
-                b = a + packer.room(per_key, hi - a)
-                packer.req.push.add(table=table, keys=codec.encode_keys(plan.keys[a:b]),
-                                    grads=grads[a:b].tobytes())  # fmt: skip
-                packer.take(b - a, per_key, table)
-                a = b
-                if a >= hi:
-                    break
-        for gi, (table, plan, mask, dim) in enumerate(pulls):
-            a, hi = plan.bounds[s], plan.bounds[s + 1]
-            per_key = 8 + dim * itemsize + (1 if mask is not None else 0)
-            while a < hi:
-                b = a + packer.room(per_key, hi - a)
-                group = packer.req.pull.add(table=table, keys=codec.encode_keys(plan.keys[a:b]))
-                if mask is not None:
-                    group.mask = codec.encode_mask(mask[a:b])
-                packer.spans[-1].append((gi, a, b))
-                packer.take(b - a, per_key, table)
-                a = b
-        if not packer.req.push and not packer.req.pull:
-            packer.reqs.pop()
-            packer.spans.pop()
-        per_shard.append(packer.reqs)
-        spans.append(packer.spans)
-    return per_shard, spans
-
-
-class _StepPacker:
-    """The requests of one shard being packed (``_pack_step``): the current one and its
-    room left under the key and byte limits."""
-
-    def __init__(
-        self,
-        num_shards: int,
-        dtype: pb.DType,
-        train: bool,
-        step: int | None,
-        keys: int,
-        nbytes: int,
-    ) -> None:
-        self._args = (num_shards, dtype, train, step)
-        self._limits = (keys, nbytes)
-        self.reqs: list[pb.StepRequest] = []
-        self.spans: list[list[tuple[int, int, int]]] = []
-        self._new()
-
-    def _new(self) -> None:
-        num_shards, dtype, train, step = self._args
-        self.req = pb.StepRequest(num_shards=num_shards, dtype=dtype, train=train)
-        if step is not None:
-            self.req.step = int(step)
-        self.reqs.append(self.req)
-        self.spans.append([])
-        self.keys_left, self.bytes_left = self._limits
-
-    def room(self, per_key: int, want: int) -> int:
-        """Keys of ``per_key`` bytes that fit (a new request when none does), <= want."""
-        fit = min(self.keys_left, self.bytes_left // per_key, want)
-        if fit <= 0 and want > 0:
-            self._new()
-            fit = min(self.keys_left, self.bytes_left // per_key, want)
-        return max(fit, 0)
-
-    def take(self, n: int, per_key: int, table: str) -> None:
-        self.keys_left -= n
-        self.bytes_left -= n * per_key + len(table) + 16
-
-
-def _slices(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
-    """[lo, hi) in pieces of at most ``size`` (one empty piece for an empty range)."""
-    if hi - lo <= size:
-        return [(lo, hi)]
-    return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
-
-
-def _keyed_spans(plan: _Plan, size: int) -> list[tuple[int, int, int]]:
-    """(shard, a, b) pieces of at most ``size`` keys of ``plan.keys``, skipping shards
-    without keys (a read changes nothing there; a push still sends to every shard)."""
-    n = len(plan.bounds) - 1
-    return [
-        (s, a, b)
-        for s in range(n)
-        if plan.bounds[s] < plan.bounds[s + 1]
-        for a, b in _slices(plan.bounds[s], plan.bounds[s + 1], size)
-    ]
 
 
 # --------------------------------------------------------------------------
@@ -712,14 +478,14 @@ class PSClient:
         count-min sketch estimate (adaptive tables, dynamic tables with admission),
         else 0 (static and qr tables keep no counts). Read only; retried like a pull.
         """
-        k = _as_keys(keys)
+        k = as_keys(keys)
         n = k.shape[0]
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        plan = _plan(k, self.num_shards)
+        plan = plan_keys(k, self.num_shards)
         jobs: list[tuple[int, pb.FrequenciesRequest]] = []
         spans: list[tuple[int, int]] = []
-        for s, a, b in _keyed_spans(plan, self._chunk_keys(16)):
+        for s, a, b in keyed_spans(plan, self._chunk_keys(16)):
             req = pb.FrequenciesRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
                                         num_shards=self.num_shards)  # fmt: skip
             jobs.append((s, req))
@@ -760,44 +526,46 @@ class PSClient:
             True: pb.CHECKPOINT_KIND_INCREMENTAL,
         }[None if incremental is None else bool(incremental)]
         req = pb.CheckpointRequest(step=int(step), kind=kind, num_shards=self.num_shards)
-        deadline = time.monotonic() + self.retry_deadline
-        backoff = _BACKOFF_FIRST_S
+
+        def send(shards: list[int]) -> list[Any]:
+            with self._lock:
+                self._rpcs += len(shards)
+            futs = [self._stubs[s].Checkpoint.future(
+                        req, timeout=timeout, wait_for_ready=self.wait_for_ready)
+                    for s in shards]  # fmt: skip
+            out: list[Any] = []
+            for s, f in zip(shards, futs, strict=True):
+                try:
+                    out.append(f.result())
+                except grpc.RpcError as e:
+                    out.append(from_rpc_error(e, s, self.addresses[s]))
+            return out
+
+        outcomes = retry_outcomes(
+            send,
+            self.num_shards,
+            lambda r: isinstance(r, _RETRIABLE),
+            time.monotonic() + self.retry_deadline,
+        )
         results: dict[int, CheckpointResult] = {}
         errors: dict[int, EmbpsError] = {}
-        pending = list(range(self.num_shards))
-        while True:
-            futs = [
-                (s, self._stubs[s].Checkpoint.future(
-                    req, timeout=timeout, wait_for_ready=self.wait_for_ready))
-                for s in pending
-            ]  # fmt: skip
-            errors = {}
-            for s, f in futs:
-                try:
-                    r = f.result()
-                except grpc.RpcError as e:
-                    errors[s] = from_rpc_error(e, s, self.addresses[s])
-                    continue
-                results[s] = CheckpointResult(
-                    shard_id=r.shard_id,
-                    address=self.addresses[s],
-                    step=r.step,
-                    path=r.path,
-                    kind="incremental" if r.kind == pb.CHECKPOINT_KIND_INCREMENTAL else "full",
-                    base_step=r.base_step if r.HasField("base_step") else None,
-                    tables=r.tables,
-                    bytes=r.bytes,
-                    seconds=r.seconds,
-                )
-            if not errors:
-                return [results[s] for s in range(self.num_shards)]
-            sleep = backoff * (0.5 + random.random() / 2)
-            retriable = all(isinstance(e, _RETRIABLE) for e in errors.values())
-            if not retriable or time.monotonic() + sleep > deadline:
-                break
-            time.sleep(sleep)
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
-            pending = sorted(errors)
+        for s, r in enumerate(outcomes):
+            if isinstance(r, EmbpsError):
+                errors[s] = r
+                continue
+            results[s] = CheckpointResult(
+                shard_id=r.shard_id,
+                address=self.addresses[s],
+                step=r.step,
+                path=r.path,
+                kind="incremental" if r.kind == pb.CHECKPOINT_KIND_INCREMENTAL else "full",
+                base_step=r.base_step if r.HasField("base_step") else None,
+                tables=r.tables,
+                bytes=r.bytes,
+                seconds=r.seconds,
+            )
+        if not errors:
+            return [results[s] for s in range(self.num_shards)]
         first = errors[min(errors)]
         raise CheckpointFailedError(
             f"checkpoint of step {step} is incomplete: written on shards {sorted(results)}, "
@@ -815,12 +583,12 @@ class PSClient:
         False only reads (inference). mask: bool, same size as keys (adaptive
         tables): True promotes the key now (if any of its duplicates says so).
         """
-        k = _as_keys(keys)
+        k = as_keys(keys)
         n = k.shape[0]
         dim = self._dim(table)
         if n == 0:
             return np.empty((0, dim), dtype=np.float32)
-        plan = _plan(k, self.num_shards)
+        plan = plan_keys(k, self.num_shards)
         u = plan.keys.shape[0]
         umask: np.ndarray | None = None
         if mask is not None:
@@ -835,7 +603,7 @@ class PSClient:
         chunk = self._chunk_keys(per_key)
         jobs: list[tuple[int, pb.PullRequest]] = []
         spans: list[tuple[int, int]] = []
-        for s, a, b in _keyed_spans(plan, chunk):
+        for s, a, b in keyed_spans(plan, chunk):
             req = pb.PullRequest(table=table, keys=codec.encode_keys(plan.keys[a:b]),
                                  train=bool(train), num_shards=self.num_shards,
                                  dtype=self.dtype)  # fmt: skip
@@ -864,7 +632,7 @@ class PSClient:
         if width != dim:
             with self._lock:
                 self._dims[table] = width
-        return _assemble_rows(plan, parts, width)
+        return assemble_rows(plan, parts, width)
 
     def push(self, table: str, keys: Any, grads: Any, step: int | None = None) -> PushResult:
         """Apply gradients: grads float (n, dim) (or keys.shape + (dim,)), one row per key.
@@ -879,10 +647,10 @@ class PSClient:
         applied it drops the copy (``PushResult.replayed``).
         """
         karr = np.asarray(keys)
-        k = _as_keys(karr)
+        k = as_keys(karr)
         n = k.shape[0]
         dim = self._dim(table)
-        g = _as_grads(grads, karr.shape, n, dim)
+        g = as_grads(grads, karr.shape, n, dim)
         if g.shape[1] != dim:
             dim = self._dim(table, refresh=True)
             if g.shape[1] != dim:
@@ -891,8 +659,8 @@ class PSClient:
                 )
         if step is not None and (not isinstance(step, int | np.integer) or step < 0):
             raise InvalidArgumentError(f"step must be an integer >= 0 or None, got {step!r}")
-        plan = _plan(k, self.num_shards, first=True)
-        ug = _sum_duplicates(plan, g)
+        plan = plan_keys(k, self.num_shards, first=True)
+        ug = sum_duplicates(plan, g)
         if n:
             hi, lo = float(ug.max()), float(ug.min())  # NaN propagates; inf stays inf
             limit = _FINITE_MAX[self.dtype]
@@ -904,9 +672,7 @@ class PSClient:
         wire = codec.wire_values(ug, self.dtype)  # float32: ug itself
         chunk = self._chunk_keys(8 + g.shape[1] * codec.ITEMSIZE[self.dtype])
         # every shard, even without keys: one step each
-        pieces = [
-            _slices(plan.bounds[s], plan.bounds[s + 1], chunk) for s in range(self.num_shards)
-        ]
+        pieces = [slices(plan.bounds[s], plan.bounds[s + 1], chunk) for s in range(self.num_shards)]
         for s, p in enumerate(pieces):
             if len(p) > 1 and step is None:
                 warnings.warn(
@@ -1036,15 +802,15 @@ class PSClient:
                     f"push[{table!r}] must be a (keys, grads) pair, got {type(item).__name__}"
                 )
             karr = np.asarray(item[0])
-            k = _as_keys(karr)
+            k = as_keys(karr)
             dim = self._dim(table)
-            g = _as_grads(item[1], karr.shape, k.shape[0], dim)
+            g = as_grads(item[1], karr.shape, k.shape[0], dim)
             if g.shape[1] != dim and g.shape[1] != (dim := self._dim(table, refresh=True)):
                 raise InvalidArgumentError(
                     f"table {table!r} has dim {dim}; gradients have dim {g.shape[1]}"
                 )
             push_in.append((table, k, g, dim))
-        pull_in = [(table, _as_keys(keys)) for table, keys in pull.items()]
+        pull_in = [(table, as_keys(keys)) for table, keys in pull.items()]
         for table, k in pull_in:
             if table in masks and (
                 (m := np.asarray(masks[table])).dtype != np.bool_ or m.size != k.shape[0]
@@ -1053,12 +819,12 @@ class PSClient:
                     f"masks[{table!r}] must be a bool array with one entry per key "
                     f"({k.shape[0]}), got {m.dtype} {m.shape}"
                 )
-        plans = _plans([k for _, k, _, _ in push_in] + [k for _, k in pull_in], self.num_shards,
+        plans = plan_groups([k for _, k, _, _ in push_in] + [k for _, k in pull_in], self.num_shards,
                        first=len(push_in))  # fmt: skip
         # (table, plan, wire gradients (u, dim), dim) and (table, plan, mask (u,) or None, dim)
-        pushes: list[tuple[str, _Plan, np.ndarray, int]] = []
+        pushes: list[tuple[str, Plan, np.ndarray, int]] = []
         for (table, k, g, dim), plan in zip(push_in, plans, strict=False):
-            ug = _sum_duplicates(plan, g)
+            ug = sum_duplicates(plan, g)
             if k.shape[0]:
                 hi, lo = float(ug.max()), float(ug.min())
                 limit = _FINITE_MAX[self.dtype]
@@ -1068,14 +834,14 @@ class PSClient:
                         "the wire dtype after summing duplicates); nothing was sent"
                     )
             pushes.append((table, plan, codec.wire_values(ug, self.dtype), dim))
-        pulls: list[tuple[str, _Plan, np.ndarray | None, int]] = []
+        pulls: list[tuple[str, Plan, np.ndarray | None, int]] = []
         for (table, _k), plan in zip(pull_in, plans[len(push_in) :], strict=True):
             umask = None
             if table in masks:
                 umask = np.zeros(plan.keys.shape[0], dtype=np.bool_)
                 umask[plan.where[np.asarray(masks[table]).reshape(-1)]] = True
             pulls.append((table, plan, umask, self._dim(table)))
-        per_shard, spans = _pack_step(
+        per_shard, spans = pack_step(
             self.num_shards, pushes, pulls, self.dtype, bool(train), step,
             self.max_keys_per_request, self.max_message_bytes - _MESSAGE_OVERHEAD,
         )  # fmt: skip
@@ -1164,7 +930,7 @@ class PSClient:
             if plan.where.shape[0] == 0:
                 rows_out[table] = np.empty((0, width), dtype=np.float32)
             else:
-                rows_out[table] = _assemble_rows(plan, parts[gi], width)
+                rows_out[table] = assemble_rows(plan, parts[gi], width)
         return results, rows_out
 
     def _push_wave(
@@ -1178,25 +944,15 @@ class PSClient:
         again, the same bytes (the same sequence: a shard that applied it answers
         ``replayed``), with backoff, until ``deadline``.
         """
-        outcomes = self._call_outcomes(method, wave)
         unsure: set[int] = set()
-        backoff = _BACKOFF_FIRST_S
-        while deadline is not None:
-            again = [
-                i for i, r in enumerate(outcomes)
-                if isinstance(r, _PUSH_RETRIABLE) and not r.rejected
-            ]  # fmt: skip
-            if not again:
-                break
-            unsure.update(wave[i][0] for i in again)
-            sleep = backoff * (0.5 + random.random() / 2)
-            if time.monotonic() + sleep > deadline:
-                break
-            time.sleep(sleep)
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
-            retried = self._call_outcomes(method, [wave[i] for i in again])
-            for i, r in zip(again, retried, strict=True):
-                outcomes[i] = r
+        outcomes = retry_outcomes(
+            lambda idx: self._call_outcomes(method, [wave[i] for i in idx]),
+            len(wave),
+            lambda r: isinstance(r, _PUSH_RETRIABLE) and not r.rejected,
+            deadline,
+            all_or_nothing=False,
+            on_retry=lambda idx: unsure.update(wave[i][0] for i in idx),
+        )
         return outcomes, unsure
 
     # ---------------------------------------------------------------- helpers
@@ -1270,27 +1026,17 @@ class PSClient:
         at least ``timeout``: a shard that is back but still restoring is waited for too).
         """
         budget = max(self.retry_deadline, self.timeout if self.wait_for_ready else 0.0)
-        deadline = time.monotonic() + budget
-        results: list[Any] = [None] * len(jobs)
-        pending = list(range(len(jobs)))
-        backoff = _BACKOFF_FIRST_S
-        while True:
-            outcomes = self._call_outcomes(method, [jobs[i] for i in pending])
-            failed: list[int] = []
-            for i, r in zip(pending, outcomes, strict=True):
-                results[i] = r
-                if isinstance(r, EmbpsError):
-                    failed.append(i)
-            if not failed:
-                return results
-            retriable = retry and all(isinstance(results[i], _RETRIABLE) for i in failed)
-            remaining = deadline - time.monotonic()
-            if not retriable or remaining <= 0:
-                raise results[failed[0]]
-            # the last attempt lands at the deadline: a shard back just in time is used
-            time.sleep(min(backoff * (0.5 + random.random() / 2), remaining))
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
-            pending = failed
+        outcomes = retry_outcomes(
+            lambda idx: self._call_outcomes(method, [jobs[i] for i in idx]),
+            len(jobs),
+            lambda r: isinstance(r, _RETRIABLE),
+            time.monotonic() + budget if retry else None,
+            last_at_deadline=True,
+        )
+        for r in outcomes:
+            if isinstance(r, EmbpsError):
+                raise r
+        return outcomes
 
 
 def _cfg(cfgs: list[TableConfig], name: str) -> TableConfig | None:

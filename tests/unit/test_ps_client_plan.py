@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embps.client.ps_client import _assemble_rows, _plan, _slices, _sum_duplicates
+from embps.client.plan import assemble_rows, plan_keys, slices, sum_duplicates
 from embps.protos.routing import shard_of
 
 DIM = 3
@@ -38,7 +38,7 @@ def test_plan_routes_each_distinct_key_once_in_first_occurrence_order(
     name: str, num_shards: int
 ) -> None:
     keys = batches()[name].astype(np.int64)
-    plan = _plan(keys, num_shards, first=True)
+    plan = plan_keys(keys, num_shards, first=True)
     assert len(plan.bounds) == num_shards + 1 and plan.bounds[-1] == plan.keys.shape[0]
     np.testing.assert_array_equal(np.sort(plan.keys), np.unique(keys))
     np.testing.assert_array_equal(plan.keys[plan.where], keys)
@@ -64,7 +64,7 @@ def test_plan_at_scale_matches_numpy(num_shards: int) -> None:
     rng = np.random.default_rng(7)
     keys = rng.integers(-(2**63), 2**63 - 1, 50_000)[rng.integers(0, 50_000, 200_000)]
     keys = np.concatenate([keys, [-(2**63), 2**63 - 1, 0, -1], np.arange(0, 1 << 20, 1 << 16)])
-    plan = _plan(keys, num_shards, first=True)
+    plan = plan_keys(keys, num_shards, first=True)
     uniq, index = np.unique(keys, return_index=True)
     assert plan.first is not None
     np.testing.assert_array_equal(np.sort(plan.keys), uniq)
@@ -80,15 +80,15 @@ def test_plan_at_scale_matches_numpy(num_shards: int) -> None:
 @pytest.mark.parametrize("name", [n for n in batches() if n != "empty"])
 def test_assembled_rows_are_in_the_callers_order(name: str, num_shards: int, chunk: int) -> None:
     keys = batches()[name].astype(np.int64)
-    plan = _plan(keys, num_shards)
+    plan = plan_keys(keys, num_shards)
     answer = rows_of(plan.keys)
     parts = []
     for s in range(num_shards):
-        for a, b in _slices(plan.bounds[s], plan.bounds[s + 1], chunk):
+        for a, b in slices(plan.bounds[s], plan.bounds[s + 1], chunk):
             if a < b:
                 view = np.frombuffer(answer[a:b].tobytes(), np.float32).reshape(b - a, DIM)
                 parts.append((a, b, view))  # read-only, like a response
-    got = _assemble_rows(plan, parts, DIM)
+    got = assemble_rows(plan, parts, DIM)
     np.testing.assert_array_equal(got, rows_of(keys))
     assert got.flags.writeable and got.flags.owndata and got.dtype == np.float32
 
@@ -101,8 +101,8 @@ def test_duplicate_gradients_are_summed_in_batch_order(name: str, num_shards: in
     grads = rng.normal(size=(keys.shape[0], DIM)).astype(np.float32)
     grads[:2] = -0.0
     before = grads.copy()
-    plan = _plan(keys, num_shards, first=True)
-    got = _sum_duplicates(plan, grads)
+    plan = plan_keys(keys, num_shards, first=True)
+    got = sum_duplicates(plan, grads)
     want = np.zeros((plan.keys.shape[0], DIM), dtype=np.float32)
     for i, w in enumerate(plan.where):  # ((0 + g_first) + g_second) + ... in float32
         want[w] = want[w] + grads[i]
