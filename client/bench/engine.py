@@ -158,7 +158,7 @@ class OurMap:
 
     def __init__(self, hint: int) -> None:
         cap = hm.capacity_for(hint)
-        self.slots = hm.new_slots(cap)
+        self.buckets = hm.new_buckets(cap)
         # Rows are just numbers here: with a hint they stop at N; without one the
         # allocator never stops, so only the load factor makes the caller grow.
         self.meta = hm.new_meta(cap, hint if hint else 2**62)
@@ -171,19 +171,21 @@ class OurMap:
         inserted = np.zeros(n, dtype=np.bool_)
         start = 0
         while True:
-            start = hm.find_or_insert(self.slots, self.meta, self.free, keys, start, rows, inserted)
+            start = hm.find_or_insert(
+                self.buckets, self.meta, self.free, keys, start, rows, inserted
+            )
             if start == n:
                 return rows
-            cap = self.slots.shape[0]  # twice the bucket count
-            grown = hm.new_slots(cap)
-            hm.rehash(self.slots, grown)
-            self.slots = grown
+            cap = self.buckets.shape[0]  # twice the bucket count
+            grown = hm.new_buckets(cap)
+            hm.rehash(self.buckets, grown)
+            self.buckets = grown
             self.meta[hm.M_GROW_AT] = hm.grow_limit(cap)
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """Row of each key, -1 where absent: int64 (n,)."""
         rows = np.empty(keys.shape[0], dtype=np.int64)
-        hm.find(self.slots, self.meta, keys, rows)
+        hm.find(self.buckets, self.meta, keys, rows)
         return rows
 
 

@@ -4,7 +4,7 @@ DESIGN
 ======
 Layout. One map is two arrays owned by the caller (``tables.DynamicPart``):
 
-    slots: int64 (2 * cap,)   interleaved pairs [key, row] for cap buckets
+    buckets: int64 (2 * cap,)   interleaved pairs [key, row] for cap buckets
     meta:  int64 (META_LEN,)  size, sentinel row, grow limit, row allocator
 
 ``cap`` is a power of two (stored as the array length; ``mask = cap - 1``). A key
@@ -20,7 +20,7 @@ friendly runs; batch kernels prefetch the home bucket of key ``i + PREFETCH``
 while probing key ``i``, so the memory latency of a batch overlaps.
 
 Sentinel. ``EMPTY = INT64_MIN`` marks a free bucket. A user may send that very
-value as a key: it is never stored in ``slots``; its row lives in
+value as a key: it is never stored in ``buckets``; its row lives in
 ``meta[M_SENTINEL_ROW]`` (-1 when absent). Every kernel checks for it first.
 
 Deletion. Backward-shift deletion (no tombstones): after emptying bucket ``i``,
@@ -69,7 +69,7 @@ MAX_LOAD = 0.75
 MIN_CAPACITY = 16
 PREFETCH = 24  # keys ahead; measured best at 10M keys (24 beat 12 by 7-30%)
 
-M_SIZE = 0  # keys stored in slots (the sentinel key is not counted here)
+M_SIZE = 0  # keys stored in buckets (the sentinel key is not counted here)
 M_SENTINEL_ROW = 1  # row of the key EMPTY, -1 when absent
 M_GROW_AT = 2  # the largest size allowed before the caller must rehash
 M_NEXT_ROW = 3  # bump pointer into the row arena
@@ -189,13 +189,13 @@ def capacity_for(n_keys: int) -> int:
     return cap
 
 
-def new_slots(cap: int) -> np.ndarray:
+def new_buckets(cap: int) -> np.ndarray:
     """Empty bucket array: int64 (2 * cap,), every key EMPTY."""
     assert cap >= MIN_CAPACITY and cap & (cap - 1) == 0, "capacity must be a power of two"
-    slots = np.empty(2 * cap, dtype=np.int64)
-    slots[0::2] = EMPTY
-    slots[1::2] = -1
-    return slots
+    buckets = np.empty(2 * cap, dtype=np.int64)
+    buckets[0::2] = EMPTY
+    buckets[1::2] = -1
+    return buckets
 
 
 def new_meta(cap: int, row_cap: int) -> np.ndarray:
@@ -208,28 +208,28 @@ def new_meta(cap: int, row_cap: int) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def find(slots, meta, keys, rows_out):
+def find(buckets, meta, keys, rows_out):
     """Look keys up; no writes to the map.
 
-    slots: int64 (2*cap,), meta: int64 (META_LEN,), keys: int64 (n,),
+    buckets: int64 (2*cap,), meta: int64 (META_LEN,), keys: int64 (n,),
     rows_out: int64 (n,) <- row of each key, -1 where absent.
     Returns the number of keys found.
     """
     n = keys.shape[0]
-    mask = np.uint64(slots.shape[0] // 2 - 1)
+    mask = np.uint64(buckets.shape[0] // 2 - 1)
     found = 0
     for i in range(n):
         if i + PREFETCH < n:
-            _prefetch(slots, np.int64(slot_hash(keys[i + PREFETCH]) & mask) * 2)  # type: ignore[call-arg]
+            _prefetch(buckets, np.int64(slot_hash(keys[i + PREFETCH]) & mask) * 2)  # type: ignore[call-arg]
         k = keys[i]
         if k == EMPTY:
             r = meta[M_SENTINEL_ROW]
         else:
             j = np.int64(slot_hash(k) & mask)
             while True:
-                sk = slots[2 * j]
+                sk = buckets[2 * j]
                 if sk == k:
-                    r = slots[2 * j + 1]
+                    r = buckets[2 * j + 1]
                     break
                 if sk == EMPTY:
                     r = -1
@@ -242,10 +242,10 @@ def find(slots, meta, keys, rows_out):
 
 
 @njit(nogil=True, cache=True)
-def find_or_insert(slots, meta, free_list, keys, start, rows_out, inserted_out):
+def find_or_insert(buckets, meta, free_list, keys, start, rows_out, inserted_out):
     """Find each key, inserting the missing ones with a newly allocated row.
 
-    slots: int64 (2*cap,), meta: int64 (META_LEN,), free_list: int64 (>= free_top,),
+    buckets: int64 (2*cap,), meta: int64 (META_LEN,), free_list: int64 (>= free_top,),
     keys: int64 (n,), start: first index to process,
     rows_out: int64 (n,) <- row of each key, inserted_out: bool (n,) <- True where
     this call created the key (a duplicate later in the batch reads False).
@@ -254,11 +254,11 @@ def find_or_insert(slots, meta, free_list, keys, start, rows_out, inserted_out):
     row. The caller grows and calls again with ``start`` set to that index.
     """
     n = keys.shape[0]
-    umask = np.uint64(slots.shape[0] // 2 - 1)
+    umask = np.uint64(buckets.shape[0] // 2 - 1)
     mask = np.int64(umask)
     for i in range(start, n):
         if i + PREFETCH < n:
-            _prefetch(slots, np.int64(slot_hash(keys[i + PREFETCH]) & umask) * 2)  # type: ignore[call-arg]
+            _prefetch(buckets, np.int64(slot_hash(keys[i + PREFETCH]) & umask) * 2)  # type: ignore[call-arg]
         k = keys[i]
         if k == EMPTY:
             r = meta[M_SENTINEL_ROW]
@@ -275,9 +275,9 @@ def find_or_insert(slots, meta, free_list, keys, start, rows_out, inserted_out):
             continue
         j = np.int64(slot_hash(k) & umask)
         while True:
-            sk = slots[2 * j]
+            sk = buckets[2 * j]
             if sk == k:
-                rows_out[i] = slots[2 * j + 1]
+                rows_out[i] = buckets[2 * j + 1]
                 inserted_out[i] = False
                 break
             if sk == EMPTY:
@@ -286,8 +286,8 @@ def find_or_insert(slots, meta, free_list, keys, start, rows_out, inserted_out):
                 r = _alloc_row(meta, free_list)
                 if r < 0:
                     return i
-                slots[2 * j] = k
-                slots[2 * j + 1] = r
+                buckets[2 * j] = k
+                buckets[2 * j + 1] = r
                 meta[M_SIZE] += 1
                 rows_out[i] = r
                 inserted_out[i] = True
@@ -297,7 +297,7 @@ def find_or_insert(slots, meta, free_list, keys, start, rows_out, inserted_out):
 
 
 @njit(nogil=True, cache=True)
-def erase(slots, meta, free_list, keys, rows_out):
+def erase(buckets, meta, free_list, keys, rows_out):
     """Delete keys (backward-shift deletion) and push their rows on the free list.
 
     free_list must have room for ``free_top + n`` rows. rows_out: int64 (n,) <- the
@@ -305,7 +305,7 @@ def erase(slots, meta, free_list, keys, rows_out):
     in this batch). Returns the number of keys erased.
     """
     n = keys.shape[0]
-    cap = slots.shape[0] // 2
+    cap = buckets.shape[0] // 2
     umask = np.uint64(cap - 1)
     mask = np.int64(umask)
     erased = 0
@@ -323,7 +323,7 @@ def erase(slots, meta, free_list, keys, rows_out):
             continue
         j = np.int64(slot_hash(k) & umask)
         while True:
-            sk = slots[2 * j]
+            sk = buckets[2 * j]
             if sk == EMPTY:
                 j = np.int64(-1)
                 break
@@ -332,7 +332,7 @@ def erase(slots, meta, free_list, keys, rows_out):
             j = (j + 1) & mask
         if j < 0:
             continue
-        r = slots[2 * j + 1]
+        r = buckets[2 * j + 1]
         rows_out[i] = r
         free_list[meta[M_FREE_TOP]] = r
         meta[M_FREE_TOP] += 1
@@ -342,7 +342,7 @@ def erase(slots, meta, free_list, keys, rows_out):
         hole = j
         j = (j + 1) & mask
         while True:
-            sk = slots[2 * j]
+            sk = buckets[2 * j]
             if sk == EMPTY:
                 break
             home = np.int64(slot_hash(sk) & umask)
@@ -352,41 +352,41 @@ def erase(slots, meta, free_list, keys, rows_out):
             else:
                 stays = home > hole or home <= j
             if not stays:
-                slots[2 * hole] = sk
-                slots[2 * hole + 1] = slots[2 * j + 1]
+                buckets[2 * hole] = sk
+                buckets[2 * hole + 1] = buckets[2 * j + 1]
                 hole = j
             j = (j + 1) & mask
-        slots[2 * hole] = EMPTY
-        slots[2 * hole + 1] = -1
+        buckets[2 * hole] = EMPTY
+        buckets[2 * hole + 1] = -1
     return erased
 
 
 @njit(nogil=True, cache=True)
-def rehash(old_slots, new_slots_):
-    """Insert every entry of old_slots into the empty new_slots_ (power-of-two, larger).
+def rehash(old_buckets, new_buckets_):
+    """Insert every entry of old_buckets into the empty new_buckets_ (power-of-two, larger).
 
-    Returns the number of entries moved. The sentinel key is not in slots and needs
+    Returns the number of entries moved. The sentinel key is not in buckets and needs
     no move; rows are unchanged.
     """
-    old_cap = old_slots.shape[0] // 2
-    umask = np.uint64(new_slots_.shape[0] // 2 - 1)
+    old_cap = old_buckets.shape[0] // 2
+    umask = np.uint64(new_buckets_.shape[0] // 2 - 1)
     mask = np.int64(umask)
     moved = 0
     for i in range(old_cap):
-        k = old_slots[2 * i]
+        k = old_buckets[2 * i]
         if k == EMPTY:
             continue
         j = np.int64(slot_hash(k) & umask)
-        while new_slots_[2 * j] != EMPTY:
+        while new_buckets_[2 * j] != EMPTY:
             j = (j + 1) & mask
-        new_slots_[2 * j] = k
-        new_slots_[2 * j + 1] = old_slots[2 * i + 1]
+        new_buckets_[2 * j] = k
+        new_buckets_[2 * j + 1] = old_buckets[2 * i + 1]
         moved += 1
     return moved
 
 
 @njit(nogil=True, cache=True)
-def export_page(slots, meta, cursor, keys_out, rows_out):
+def export_page(buckets, meta, cursor, keys_out, rows_out):
     """Copy up to ``len(keys_out)`` entries, starting at ``cursor``, into the outputs.
 
     Cursor protocol (Redis SCAN style): start with 0; each call returns
@@ -397,7 +397,7 @@ def export_page(slots, meta, cursor, keys_out, rows_out):
     buckets skipped. Valid only while the map is not rehashed.
     """
     page = keys_out.shape[0]
-    cap = slots.shape[0] // 2
+    cap = buckets.shape[0] // 2
     if page == 0:
         return 0, -1  # no progress is possible: -1 is not a cursor, so no walk ends by mistake
     count = 0
@@ -411,12 +411,12 @@ def export_page(slots, meta, cursor, keys_out, rows_out):
     else:
         b = cursor - 1
     while b < cap:
-        k = slots[2 * b]
+        k = buckets[2 * b]
         if k != EMPTY:
             if count == page:
                 return count, b + 1
             keys_out[count] = k
-            rows_out[count] = slots[2 * b + 1]
+            rows_out[count] = buckets[2 * b + 1]
             count += 1
         b += 1
     return count, 0

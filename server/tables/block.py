@@ -21,13 +21,13 @@ class RowIndex:
     """The hash map of a full snapshot's own keys, built before the rest of it is loaded
     (``Table.prepare_adopt``; used by ``Table.load(..., index=...)``).
 
-    keys: int64 (k,), the snapshot's ``dynamic.keys`` (row i holds keys[i]); slots, meta:
+    keys: int64 (k,), the snapshot's ``dynamic.keys`` (row i holds keys[i]); buckets, meta:
     the map (``hashmap``); distinct: False when a key repeats (the load is refused);
     taken: the buckets are the empty ones the part had (the part keeps the smallest).
     """
 
     keys: np.ndarray
-    slots: np.ndarray
+    buckets: np.ndarray
     meta: np.ndarray
     distinct: bool
     taken: bool

@@ -34,7 +34,7 @@ class DynamicPart:
         self.block = Block(row_cap, dim, n_slots)
         self.row_keys = np.full(row_cap, hm.EMPTY, dtype=np.int64)
         cap = hm.capacity_for(row_cap)
-        self.slots = hm.new_slots(cap)
+        self.buckets = hm.new_buckets(cap)
         self.meta = hm.new_meta(cap, row_cap)
         self.free = np.empty(0, dtype=np.int64)
 
@@ -45,14 +45,14 @@ class DynamicPart:
         return int(self.meta[hm.M_SIZE]) + int(self.meta[hm.M_SENTINEL_ROW] >= 0)
 
     @property
-    def buckets(self) -> int:
+    def n_buckets(self) -> int:
         """Bucket count (a power of two)."""
-        return int(self.slots.shape[0] // 2)
+        return int(self.buckets.shape[0] // 2)
 
     @property
     def load_factor(self) -> float:
         """Stored keys per bucket."""
-        return float(self.meta[hm.M_SIZE]) / self.buckets
+        return float(self.meta[hm.M_SIZE]) / self.n_buckets
 
     @property
     def nbytes(self) -> int:
@@ -60,7 +60,7 @@ class DynamicPart:
         return int(
             self.block.nbytes
             + self.row_keys.nbytes
-            + self.slots.nbytes
+            + self.buckets.nbytes
             + self.meta.nbytes
             + self.free.nbytes
         )
@@ -69,8 +69,8 @@ class DynamicPart:
     def find(self, keys: np.ndarray) -> np.ndarray:
         """Row of each key, -1 where absent: int64 (n,)."""
         rows = np.empty(keys.shape[0], dtype=np.int64)
-        slots, meta = self.slots, self.meta
-        run_in_pieces(keys.shape[0], lambda a, b: hm.find(slots, meta, keys[a:b], rows[a:b]))
+        buckets, meta = self.buckets, self.meta
+        run_in_pieces(keys.shape[0], lambda a, b: hm.find(buckets, meta, keys[a:b], rows[a:b]))
         return rows
 
     def insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,11 +83,13 @@ class DynamicPart:
         inserted = np.zeros(n, dtype=np.bool_)
         start = 0
         while True:
-            start = hm.find_or_insert(self.slots, self.meta, self.free, keys, start, rows, inserted)
+            start = hm.find_or_insert(
+                self.buckets, self.meta, self.free, keys, start, rows, inserted
+            )
             if start == n:
                 break
             if keys[start] != hm.EMPTY and self.meta[hm.M_SIZE] >= self.meta[hm.M_GROW_AT]:
-                self._rehash(self.buckets * 2)
+                self._rehash(self.n_buckets * 2)
             else:
                 self._grow_rows(n - start)
         new = rows[inserted]
@@ -117,7 +119,7 @@ class DynamicPart:
             grown[: self.free.shape[0]] = self.free
             self.free = grown
         rows = np.empty(keys.shape[0], dtype=np.int64)
-        hm.erase(self.slots, self.meta, self.free, keys, rows)
+        hm.erase(self.buckets, self.meta, self.free, keys, rows)
         freed = rows[rows >= 0]
         self.row_keys[freed] = hm.EMPTY
         return rows
@@ -160,9 +162,9 @@ class DynamicPart:
         and only when the load factor passes 0.75, so about log2(N) times in a table's
         life. Incremental rehashing would make every probe look in two arrays.
         """
-        new = hm.new_slots(cap)
-        hm.rehash(self.slots, new)
-        self.slots = new
+        new = hm.new_buckets(cap)
+        hm.rehash(self.buckets, new)
+        self.buckets = new
         self.meta[hm.M_GROW_AT] = hm.grow_limit(cap)
 
     def _grow_rows(self, at_least: int) -> None:
@@ -195,8 +197,8 @@ class DynamicPart:
         block = self.block.take(live)
         row_cap = min(max(16, len(live) + len(live) // 4), self.block.rows)  # never grows
         block.resize(row_cap)
-        cap = min(hm.capacity_for(row_cap), self.buckets)
-        self.slots = hm.new_slots(cap)
+        cap = min(hm.capacity_for(row_cap), self.n_buckets)
+        self.buckets = hm.new_buckets(cap)
         self.meta = hm.new_meta(cap, row_cap)
         self.free = np.empty(0, dtype=np.int64)
         self.block = block
@@ -218,22 +220,24 @@ class DynamicPart:
         assert self.size == 0, "build_index needs an empty part"
         k = int(keys.shape[0])
         cap = hm.capacity_for(k)
-        taken = self.slots.shape[0] == 2 * cap
+        taken = self.buckets.shape[0] == 2 * cap
         if taken:
-            slots = self.slots
-            self.slots = hm.new_slots(hm.MIN_CAPACITY)
+            buckets = self.buckets
+            self.buckets = hm.new_buckets(hm.MIN_CAPACITY)
             self.meta[hm.M_GROW_AT] = hm.grow_limit(hm.MIN_CAPACITY)
         else:
-            slots = hm.new_slots(cap)
+            buckets = hm.new_buckets(cap)
         meta = hm.new_meta(cap, k)
         rows = np.empty(k, dtype=np.int64)
         inserted = np.zeros(k, dtype=np.bool_)
         # k keys fit cap buckets and k rows: one call inserts all (a repeat takes no row).
-        done = hm.find_or_insert(slots, meta, np.empty(0, dtype=np.int64), keys, 0, rows, inserted)
+        done = hm.find_or_insert(
+            buckets, meta, np.empty(0, dtype=np.int64), keys, 0, rows, inserted
+        )
         distinct = done == k and bool(inserted.all())
         if distinct:
             assert rows[0] == 0 and rows[-1] == k - 1, "the bump allocator hands out 0..k-1"
-        return RowIndex(keys, slots, meta, distinct, taken)
+        return RowIndex(keys, buckets, meta, distinct, taken)
 
     def adopt_rows(
         self, keys: np.ndarray, fields_: dict[str, np.ndarray], index: RowIndex | None = None
@@ -255,16 +259,16 @@ class DynamicPart:
         if index is None or index.keys is not keys:
             index = self.build_index(keys)
         if not index.distinct:
-            if index.taken and self.buckets == hm.MIN_CAPACITY:  # give the buckets back, empty
-                index.slots[0::2] = hm.EMPTY
-                index.slots[1::2] = -1
-                self.slots = index.slots
-                self.meta[hm.M_GROW_AT] = hm.grow_limit(self.buckets)
+            if index.taken and self.n_buckets == hm.MIN_CAPACITY:  # give the buckets back, empty
+                index.buckets[0::2] = hm.EMPTY
+                index.buckets[1::2] = -1
+                self.buckets = index.buckets
+                self.meta[hm.M_GROW_AT] = hm.grow_limit(self.n_buckets)
             raise ValueError("duplicate keys")
         block = Block(0, self.block.dim, self.block.n_slots)
         for f in BLOCK_FIELDS:
             setattr(block, f, fields_[f])
-        self.block, self.slots, self.meta = block, index.slots, index.meta
+        self.block, self.buckets, self.meta = block, index.buckets, index.meta
         self.free = np.empty(0, dtype=np.int64)
         self.row_keys = keys if _adoptable(keys) else keys.copy()
 

@@ -119,7 +119,7 @@ def checksum(engine: Engine) -> dict[str, str]:
             h.update(a.tobytes())
         part = getattr(t, "part", None)
         if part is not None:
-            h.update(part.slots.tobytes())
+            h.update(part.buckets.tobytes())
             h.update(part.meta.tobytes())
         h.update(f"step={snap.state['step']}/{snap.state['auto_step']}".encode())
         out[name] = h.hexdigest()

@@ -106,7 +106,7 @@ def home_bucket(key: int, cap: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def check_map(slots: np.ndarray, meta: np.ndarray, free: np.ndarray) -> dict[int, int]:
+def check_map(buckets: np.ndarray, meta: np.ndarray, free: np.ndarray) -> dict[int, int]:
     """Assert the hashmap DESIGN invariants; return the map's contents {key: row}.
 
     * every stored key appears once; EMPTY buckets carry row -1;
@@ -114,9 +114,9 @@ def check_map(slots: np.ndarray, meta: np.ndarray, free: np.ndarray) -> dict[int
     * size == stored keys, size <= grow_at < cap;
     * live rows, free-list rows and [next_row, row_cap) partition [0, row_cap).
     """
-    cap = slots.shape[0] // 2
-    keys = slots[0::2]
-    rows = slots[1::2]
+    cap = buckets.shape[0] // 2
+    keys = buckets[0::2]
+    rows = buckets[1::2]
     empty = keys == hm.EMPTY
     assert (rows[empty] == -1).all(), "an empty bucket holds a row"
     stored = {int(k): int(r) for k, r in zip(keys[~empty], rows[~empty], strict=True)}

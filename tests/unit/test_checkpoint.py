@@ -688,18 +688,18 @@ def test_prepared_hash_map_is_adopted_and_a_repeat_is_refused_with_the_table_unc
     bad = src.snapshot()
     bad.arrays["dynamic.keys"][60] = bad.arrays["dynamic.keys"][3]
     table = make_table(cfg)
-    buckets = table.part.buckets  # type: ignore[attr-defined]
+    n_buckets = table.part.n_buckets  # type: ignore[attr-defined]
     index = table.prepare_adopt(bad.arrays["dynamic.keys"])
     assert index is not None and index.taken and not index.distinct
     assert table.stats().keys == 0  # nothing visible before the load
     with pytest.raises(ValueError, match="duplicate keys"):
         table.load(bad, adopt=True, index=index)
-    assert table.stats().keys == 0 and table.part.buckets == buckets  # type: ignore[attr-defined]
+    assert table.stats().keys == 0 and table.part.n_buckets == n_buckets  # type: ignore[attr-defined]
     good = src.snapshot()
     index = table.prepare_adopt(good.arrays["dynamic.keys"])
     assert index is not None and index.distinct
     table.load(good, adopt=True, index=index)
-    assert table.part.slots is index.slots  # type: ignore[attr-defined]  # built once, adopted
+    assert table.part.buckets is index.buckets  # type: ignore[attr-defined]  # built once, adopted
     assert_same(src, table)
     assert table.prepare_adopt(good.arrays["dynamic.keys"]) is None  # not empty any more
     assert make_table(CONFIGS["static_adagrad"]).prepare_adopt(good.arrays["dynamic.keys"]) is None

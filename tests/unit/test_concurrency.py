@@ -130,7 +130,7 @@ def test_concurrent_erase_and_reinsert_keeps_the_map_consistent():
 
     run_threads(churn, THREADS)
     part = table.part
-    contents = check_map(part.slots, part.meta, part.free)
+    contents = check_map(part.buckets, part.meta, part.free)
     assert table.stats().keys == len(contents)
     assert set(contents) <= set(keys.tolist())
     rows = part.find(keys)

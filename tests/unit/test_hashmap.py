@@ -22,7 +22,7 @@ class KernelMap:
     """
 
     def __init__(self, cap: int = 16, row_cap: int = 4) -> None:
-        self.slots = hm.new_slots(cap)
+        self.buckets = hm.new_buckets(cap)
         self.meta = hm.new_meta(cap, row_cap)
         self.free = np.empty(0, dtype=np.int64)
         self.rehashes = 0
@@ -30,7 +30,7 @@ class KernelMap:
 
     @property
     def cap(self) -> int:
-        return self.slots.shape[0] // 2
+        return self.buckets.shape[0] // 2
 
     def insert(self, keys: list[int]) -> tuple[np.ndarray, np.ndarray]:
         k = np.asarray(keys, dtype=np.int64)
@@ -38,16 +38,16 @@ class KernelMap:
         inserted = np.zeros(k.shape[0], dtype=np.bool_)
         start = 0
         while True:
-            stop = hm.find_or_insert(self.slots, self.meta, self.free, k, start, rows, inserted)
+            stop = hm.find_or_insert(self.buckets, self.meta, self.free, k, start, rows, inserted)
             assert start <= stop <= k.shape[0]
             if stop == k.shape[0]:
                 return rows, inserted
             # The stop happened *before* key `stop`: it is untouched and still absent.
             assert rows[stop] == -7
             if k[stop] != EMPTY and self.meta[hm.M_SIZE] >= self.meta[hm.M_GROW_AT]:
-                new = hm.new_slots(self.cap * 2)
-                assert hm.rehash(self.slots, new) == self.meta[hm.M_SIZE]
-                self.slots = new
+                new = hm.new_buckets(self.cap * 2)
+                assert hm.rehash(self.buckets, new) == self.meta[hm.M_SIZE]
+                self.buckets = new
                 self.meta[hm.M_GROW_AT] = hm.grow_limit(self.cap)
                 self.rehashes += 1
             else:
@@ -65,13 +65,13 @@ class KernelMap:
             grown[: self.free.shape[0]] = self.free
             self.free = grown
         rows = np.empty(k.shape[0], dtype=np.int64)
-        n = hm.erase(self.slots, self.meta, self.free, k, rows)
+        n = hm.erase(self.buckets, self.meta, self.free, k, rows)
         return int(n), rows
 
     def find(self, keys: list[int]) -> tuple[int, np.ndarray]:
         k = np.asarray(keys, dtype=np.int64)
         rows = np.empty(k.shape[0], dtype=np.int64)
-        return int(hm.find(self.slots, self.meta, k, rows)), rows
+        return int(hm.find(self.buckets, self.meta, k, rows)), rows
 
     def export(self, page: int) -> tuple[list[tuple[int, int]], int]:
         """Walk the whole map with the cursor; returns (entries, calls)."""
@@ -80,7 +80,7 @@ class KernelMap:
         out: list[tuple[int, int]] = []
         cursor, calls = 0, 0
         while True:
-            count, cursor = hm.export_page(self.slots, self.meta, cursor, keys, rows)
+            count, cursor = hm.export_page(self.buckets, self.meta, cursor, keys, rows)
             calls += 1
             assert 0 <= count <= page
             out.extend(zip(keys[:count].tolist(), rows[:count].tolist(), strict=True))
@@ -89,7 +89,7 @@ class KernelMap:
             assert calls <= self.cap + 2, "cursor walk does not end"
 
     def check(self) -> dict[int, int]:
-        return check_map(self.slots, self.meta, self.free)
+        return check_map(self.buckets, self.meta, self.free)
 
 
 def keys_homing_at(bucket: int, cap: int, count: int) -> list[int]:
@@ -165,9 +165,9 @@ def test_capacity_for_is_the_smallest_power_of_two_that_holds_n(n):
         assert hm.grow_limit(cap // 2) < n
 
 
-def test_new_slots_rejects_a_capacity_that_is_not_a_power_of_two():
+def test_new_buckets_rejects_a_capacity_that_is_not_a_power_of_two():
     with pytest.raises(AssertionError):
-        hm.new_slots(24)
+        hm.new_buckets(24)
 
 
 # --------------------------------------------------------------------------
@@ -177,12 +177,12 @@ def test_new_slots_rejects_a_capacity_that_is_not_a_power_of_two():
 
 def test_empty_batches_touch_nothing():
     m = KernelMap()
-    before = (m.slots.copy(), m.meta.copy())
+    before = (m.buckets.copy(), m.meta.copy())
     assert m.find([])[0] == 0
     rows, inserted = m.insert([])
     assert rows.shape == (0,) and inserted.shape == (0,)
     assert m.erase([])[0] == 0
-    np.testing.assert_array_equal(m.slots, before[0])
+    np.testing.assert_array_equal(m.buckets, before[0])
     np.testing.assert_array_equal(m.meta, before[1])
     assert m.export(1) == ([], 1)
 
@@ -194,13 +194,13 @@ def test_find_on_an_empty_map_misses_every_key():
     assert (rows == -1).all()
 
 
-def test_sentinel_key_lives_in_meta_not_in_slots():
+def test_sentinel_key_lives_in_meta_not_in_the_buckets():
     m = KernelMap()
     rows, inserted = m.insert([EMPTY, 5, EMPTY])
     assert inserted.tolist() == [True, True, False]
     assert rows[0] == rows[2] == m.meta[hm.M_SENTINEL_ROW]
-    assert m.meta[hm.M_SIZE] == 1, "the sentinel key is not counted in slots"
-    assert (m.slots[0::2] == EMPTY).sum() == m.cap - 1
+    assert m.meta[hm.M_SIZE] == 1, "the sentinel key is not counted in the buckets"
+    assert (m.buckets[0::2] == EMPTY).sum() == m.cap - 1
     assert m.check() == {EMPTY: int(rows[0]), 5: int(rows[1])}
     found, got = m.find([EMPTY, 5, 6])
     assert found == 2 and got.tolist() == [rows[0], rows[1], -1]
@@ -222,18 +222,18 @@ def test_duplicates_in_one_insert_batch_share_a_row_and_only_the_first_is_insert
 
 
 def test_find_or_insert_stops_before_passing_the_grow_limit_and_resumes():
-    slots = hm.new_slots(16)
+    buckets = hm.new_buckets(16)
     meta = hm.new_meta(16, 100)
     free = np.empty(0, dtype=np.int64)
     keys = np.arange(20, dtype=np.int64)
     rows = np.full(20, -7, dtype=np.int64)
     inserted = np.zeros(20, dtype=np.bool_)
-    stop = hm.find_or_insert(slots, meta, free, keys, 0, rows, inserted)
+    stop = hm.find_or_insert(buckets, meta, free, keys, 0, rows, inserted)
     assert stop == hm.grow_limit(16) == 12
     assert meta[hm.M_SIZE] == 12 and (rows[12:] == -7).all()
     first = rows[:12].copy()
-    new = hm.new_slots(32)
-    assert hm.rehash(slots, new) == 12
+    new = hm.new_buckets(32)
+    assert hm.rehash(buckets, new) == 12
     meta[hm.M_GROW_AT] = hm.grow_limit(32)
     assert hm.find_or_insert(new, meta, free, keys, stop, rows, inserted) == 20
     np.testing.assert_array_equal(rows[:12], first)
@@ -244,17 +244,17 @@ def test_find_or_insert_stops_before_passing_the_grow_limit_and_resumes():
 
 def test_find_or_insert_stops_when_the_arena_is_full():
     m = KernelMap(cap=16, row_cap=3)
-    slots = m.slots
+    buckets = m.buckets
     rows = np.full(5, -7, dtype=np.int64)
     inserted = np.zeros(5, dtype=np.bool_)
     keys = np.array([1, 2, 1, 3, 4], dtype=np.int64)
-    assert hm.find_or_insert(slots, m.meta, m.free, keys, 0, rows, inserted) == 4
+    assert hm.find_or_insert(buckets, m.meta, m.free, keys, 0, rows, inserted) == 4
     assert rows[:4].tolist() == [0, 1, 0, 2] and rows[4] == -7
     # Sentinel key with no row left: also a stop, nothing written.
-    assert hm.find_or_insert(slots, m.meta, m.free, np.array([EMPTY]), 0, rows, inserted) == 0
+    assert hm.find_or_insert(buckets, m.meta, m.free, np.array([EMPTY]), 0, rows, inserted) == 0
     assert m.meta[hm.M_SENTINEL_ROW] == -1
     m.meta[hm.M_ROW_CAP] = 4
-    assert hm.find_or_insert(slots, m.meta, m.free, keys, 4, rows, inserted) == 5
+    assert hm.find_or_insert(buckets, m.meta, m.free, keys, 4, rows, inserted) == 5
     assert rows[4] == 3
     m.check()
 
@@ -284,16 +284,16 @@ def test_backward_shift_deletion_across_the_wrap_around():
         assert m.check() == model
         found, got = m.find(list(model))
         assert found == len(model) and got.tolist() == list(model.values())
-    assert (m.slots[0::2] == EMPTY).all() and (m.slots[1::2] == -1).all()
+    assert (m.buckets[0::2] == EMPTY).all() and (m.buckets[1::2] == -1).all()
 
 
 def test_erase_of_absent_keys_changes_nothing():
     m = KernelMap(row_cap=8)
     m.insert([1, 2, 3])
-    slots, meta = m.slots.copy(), m.meta.copy()
+    buckets, meta = m.buckets.copy(), m.meta.copy()
     n, rows = m.erase([4, -1, EMPTY, 0])
     assert n == 0 and (rows == -1).all()
-    np.testing.assert_array_equal(m.slots, slots)
+    np.testing.assert_array_equal(m.buckets, buckets)
     np.testing.assert_array_equal(m.meta, meta)
 
 
@@ -303,9 +303,9 @@ def test_rehash_moves_every_entry_and_keeps_rows():
     rows, _ = m.insert(keys)
     before = m.check()
     for cap in (32, 64, 256):
-        new = hm.new_slots(cap)
-        assert hm.rehash(m.slots, new) == len(keys) - 1, "the sentinel key is not in slots"
-        m.slots = new
+        new = hm.new_buckets(cap)
+        assert hm.rehash(m.buckets, new) == len(keys) - 1, "the sentinel key is not in the buckets"
+        m.buckets = new
         m.meta[hm.M_GROW_AT] = hm.grow_limit(cap)
         assert m.check() == before
     assert m.find(keys)[1].tolist() == rows.tolist()
@@ -337,10 +337,10 @@ def test_export_of_an_exactly_full_last_page_ends_the_walk():
     m.insert([1, 2, 3, 4])
     keys = np.empty(4, dtype=np.int64)
     rows = np.empty(4, dtype=np.int64)
-    count, cursor = hm.export_page(m.slots, m.meta, 0, keys, rows)
+    count, cursor = hm.export_page(m.buckets, m.meta, 0, keys, rows)
     assert count == 4
     if cursor:
-        assert hm.export_page(m.slots, m.meta, cursor, keys, rows) == (0, 0)
+        assert hm.export_page(m.buckets, m.meta, cursor, keys, rows) == (0, 0)
     assert sorted(keys.tolist()) == [1, 2, 3, 4]
 
 
@@ -350,7 +350,7 @@ def test_export_with_an_empty_page_never_claims_the_walk_is_complete(with_sentin
     m = KernelMap(cap=16, row_cap=8)
     m.insert([1, 2, 3] + ([EMPTY] if with_sentinel else []))
     empty = np.empty(0, dtype=np.int64)
-    count, cursor = hm.export_page(m.slots, m.meta, 0, empty, empty)
+    count, cursor = hm.export_page(m.buckets, m.meta, 0, empty, empty)
     assert count == 0
     assert cursor != 0, "the walk reported complete before exporting any entry"
 

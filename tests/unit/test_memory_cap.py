@@ -145,7 +145,7 @@ def test_growth_is_clipped_to_the_cap_and_the_table_fills_it_exactly():
         if table.part.block.rows != seen[-1]:
             seen.append(table.part.block.rows)
     assert seen == [16, 24, 36, 54, 81, 100]
-    assert table.part.buckets == hm.capacity_for(100)
+    assert table.part.n_buckets == hm.capacity_for(100)
     assert table.stats().keys == 100
     # Full: the bytes are the budget of 100 rows minus the free list and deletion log,
     # which are still empty (they may take 8 bytes per row later).

@@ -121,7 +121,7 @@ def check_state(table: Table, model: RefTable) -> None:
     assert stats.bytes == reachable_nbytes(table, skip=("_deleted",)) == table.memory_bytes()
     assert stats.bytes == stats.dynamic_bytes + stats.static_bytes
     for part in dynamic_parts(table):
-        contents = check_map(part.slots, part.meta, part.free)
+        contents = check_map(part.buckets, part.meta, part.free)
         assert contents == model.part.row_of, "rows differ from the allocator model"
         for key, row in contents.items():
             assert part.row_keys[row] == key
@@ -387,8 +387,8 @@ def test_a_resize_in_the_middle_of_a_batch_keeps_every_row():
     np.testing.assert_array_equal(got, initial_values(config, keys.tolist(), 0, DIM))
     np.testing.assert_array_equal(table.pull(np.arange(10), train=False), first)
     assert table.stats().keys == 500
-    assert table.part.buckets >= 512 and table.part.block.rows >= 500
-    check_map(table.part.slots, table.part.meta, table.part.free)
+    assert table.part.n_buckets >= 512 and table.part.block.rows >= 500
+    check_map(table.part.buckets, table.part.meta, table.part.free)
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "adaptive"])
