@@ -10,10 +10,14 @@ FAILED_PRECONDITION naming the shard read-only.
 
 Storage. A ``ReplicaTable`` wraps a real table of the same kind, built from a serving
 config: the training config with SGD (no optimizer slots) and no row caps (the training
-shard enforces them; the replica mirrors what it keeps). Inference pulls run the very
-code a training shard's inference pull runs, so a replica answers every key exactly as
-the training shard did at the version it reflects: own rows, default values, adaptive
-tables' static rows for keys without their own, qr combinations.
+shard enforces them; the replica mirrors what it keeps), stored without per-row training
+metadata (``Storage(meta=False)``) and with the values in ``--replica-dtype``: float32
+(the training rows' exact bits), float16, or int8 (uint8 codes with a float32 scale and
+offset per row, FBGEMM's rowwise layout: each element within scale / 2 of the training
+value). Inference pulls run the very code a training shard's inference pull runs, so a
+replica answers every key exactly as the training shard did at the version it reflects
+(to the dtype's rounding): own rows, default values, adaptive tables' static rows for
+keys without their own, qr combinations (of the rounded parts).
 
 Following (``Follower``, one thread). Every ``poll_seconds``: DescribeTables on the
 training shard (tables created or dropped there are created or dropped here), then one
@@ -34,8 +38,8 @@ Security. The follower connects like a client: TLS when given a CA (``--replica-
 plus a client certificate for mutual TLS), and a bearer token (``--replica-token-file``;
 a ``read`` token suffices: DescribeTables and Changes are reads).
 
-LIMITATIONS. Values are float32 (the training rows' exact bits); optimizer slots are not
-kept. A round reads each changed row once per round, so a table under heavy churn costs
+LIMITATIONS. Optimizer slots are not kept, so a replica cannot take over training. A
+float16 replica turns values beyond 65504 into inf. A round reads each changed row once per round, so a table under heavy churn costs
 the training shard about one scan of its arena per ``poll_seconds`` (FEED_SCAN_ROWS rows
 per call, under the shared lock).
 """
@@ -57,7 +61,7 @@ from embps.protos import codec
 from embps.protos.config import SGD, Eviction, TableConfig, TableKind
 from embps.server.engine import Engine
 from embps.server.errors import FailedPrecondition
-from embps.server.tables import DynamicPart, EvictResult, Table, TableStats, make_table
+from embps.server.tables import DynamicPart, EvictResult, Storage, Table, TableStats, make_table
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
 
@@ -111,8 +115,8 @@ FEED_PAGE_ROWS = 1 << 16
 
 
 def serving_config(config: TableConfig) -> TableConfig:
-    """The config of a replica's inner table: ``config`` without optimizer slots, row caps
-    or a full-size sketch (inference never uses them)."""
+    """The config of a replica's inner table: ``config`` without optimizer slots, row caps,
+    a full-size sketch (inference never uses them) or a preallocated arena."""
     extra: dict[str, Any] = {}
     if config.kind == TableKind.ADAPTIVE or (
         config.kind == TableKind.DYNAMIC and config.admission_threshold > 1
@@ -120,6 +124,9 @@ def serving_config(config: TableConfig) -> TableConfig:
         extra = {"sketch_width": 16, "sketch_depth": 1}
     if config.kind in (TableKind.DYNAMIC, TableKind.ADAPTIVE):
         extra.update(max_rows=0, eviction=Eviction.NONE, steps_to_live=0, l2_evict_threshold=0.0)
+    # no preallocated arena: the feed fills it (it grows by 1.5x as rows arrive), so a
+    # replica holds about what the training shard keeps, not what it reserved
+    extra["initial_capacity"] = min(config.initial_capacity, 16)
     return dataclasses.replace(config, optimizer=SGD(), max_bytes=0, **extra)
 
 
@@ -128,12 +135,12 @@ class ReplicaTable:
 
     evicts = False
 
-    def __init__(self, config: TableConfig, source: str) -> None:
+    def __init__(self, config: TableConfig, source: str, storage: Storage) -> None:
         self.config = config  # the training table's (DescribeTables, Stats)
         self.name = config.name
         self.dim = config.dim
         self.source = source
-        self.inner: Table = make_table(serving_config(config))
+        self.inner: Table = make_table(serving_config(config), storage)
         self.epoch = ""
         self.version = 0  # the training version this table reflects
         self.round_started = 0.0  # wall time its last complete round started (0: none)
@@ -210,7 +217,7 @@ class ReplicaTable:
             if isinstance(store, DynamicPart):
                 store.put_values(codec.decode_keys(page.keys), values)
             else:
-                store.values[rows] = values
+                store.set_values(rows, values)
             inner.step = max(inner.step, int(page.step))
 
 
@@ -223,9 +230,10 @@ def part_dims(config: TableConfig, table: Table) -> list[int]:
 class ReplicaEngine(Engine):
     """The tables of a replica shard: filled by its ``Follower``, refused to clients."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, dtype: str = "float32") -> None:
         super().__init__()
         self.source = source
+        self.storage = Storage(dtype, meta=False)  # rows as serving needs them
 
     def create_table(self, config: TableConfig) -> bool:
         raise FailedPrecondition(
@@ -357,9 +365,9 @@ class Follower:
 
     def _bootstrap(self, cfg: TableConfig) -> None:
         """Fill a fresh table from version 0, then swap it in (the old one serves till then)."""
-        fresh = ReplicaTable(cfg, self.source)
+        fresh = ReplicaTable(cfg, self.source, self.engine.storage)
         if not self._round(fresh):  # the epoch changed in the middle: once more
-            fresh = ReplicaTable(cfg, self.source)
+            fresh = ReplicaTable(cfg, self.source, self.engine.storage)
             if not self._round(fresh):
                 raise RuntimeError(f"table {cfg.name!r} keeps changing its epoch; retrying later")
         self.engine.put(fresh)

@@ -91,3 +91,48 @@ def all_finite(bits: np.ndarray) -> bool:  # pragma: no cover - compiled
     for i in range(bits.shape[0]):
         bad |= np.uint32((bits[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
     return bad == 0
+
+
+@njit(nogil=True, cache=True)
+def gather_u8(codes, scale, offset, rows, default, out):  # pragma: no cover - compiled
+    """out[i] <- codes[rows[i]] * scale[rows[i]] + offset[rows[i]], or ``default`` where
+    rows[i] < 0: rows stored as uint8 codes with a per-row scale and offset.
+
+    codes: uint8 (cap, dim), scale, offset: float32 (cap,), rows: int64 (n,),
+    out: float32 (n, dim).
+    """
+    dim = codes.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if r < 0:
+            for d in range(dim):
+                out[i, d] = default
+        else:
+            s = scale[r]
+            o = offset[r]
+            for d in range(dim):
+                out[i, d] = np.float32(codes[r, d]) * s + o
+
+
+@njit(nogil=True, cache=True)
+def quantize_u8(values, codes, scale, offset, rows):  # pragma: no cover - compiled
+    """Row i of ``values`` float32 (k, dim) into row rows[i] of ``codes`` uint8 (cap, dim):
+    scale = (max - min) / 255 and offset = min of the row (scale 1 for a constant row), code
+    = round((v - offset) / scale). Decoding is off by at most scale / 2 per element."""
+    dim = values.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        lo = values[i, 0]
+        hi = values[i, 0]
+        for d in range(1, dim):
+            v = values[i, d]
+            lo = min(lo, v)
+            hi = max(hi, v)
+        s = (hi - lo) / np.float32(255.0)
+        if s == 0:
+            s = np.float32(1.0)
+        scale[r] = s
+        offset[r] = lo
+        for d in range(dim):
+            q = np.float32(np.rint((values[i, d] - lo) / s))
+            codes[r, d] = np.uint8(min(max(q, np.float32(0.0)), np.float32(255.0)))

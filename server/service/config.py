@@ -11,6 +11,7 @@ from embps.protos.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_GRPC_MESSAGE_BYTES,
 )
+from embps.server.tables import ROW_DTYPES
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,13 @@ class ShardConfig:
         "(default 0: never)",
         metavar="S",
     )
+    replica_dtype: str = option(
+        "float32",
+        "row values of a replica's tables: float32 (the training rows' bits), "
+        "float16, or int8 (a scale and offset per row; about a third of float32's bytes per "
+        "key at dim 16) (default {default})",
+        metavar="DTYPE",
+    )
     replica_token_file: str | None = option(
         None,
         "a replica presents the bearer token in FILE to its training shard (a read token suffices)",
@@ -211,6 +219,10 @@ class ShardConfig:
             raise ValueError(
                 f"replica_poll_seconds must be > 0 and max_lag >= 0, got "
                 f"{self.replica_poll_seconds!r} and {self.max_lag!r}"
+            )
+        if self.replica_dtype not in ROW_DTYPES:
+            raise ValueError(
+                f"replica_dtype {self.replica_dtype!r}: use one of {', '.join(ROW_DTYPES)}"
             )
         if self.replica_of is not None:
             clash = [n for n, on in (("tables", bool(self.tables)),

@@ -318,7 +318,7 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
     if config.auth_token_file:
         authorizer = Authorizer(load_token_file(config.auth_token_file))
     if config.replica_of:
-        engine = ReplicaEngine(config.replica_of)
+        engine = ReplicaEngine(config.replica_of, config.replica_dtype)
     engine = Engine() if engine is None else engine
     if not config.restore:
         for cfg in config.tables:

@@ -65,7 +65,15 @@ from embps.server.tables.base import (
     copy_rows,
     row_limit,
 )
-from embps.server.tables.block import BLOCK_FIELDS, Block, CopyRows, RowIndex
+from embps.server.tables.block import (
+    BLOCK_FIELDS,
+    ROW_DTYPES,
+    TRAINING,
+    Block,
+    CopyRows,
+    RowIndex,
+    Storage,
+)
 from embps.server.tables.dynamic import DynamicTable
 from embps.server.tables.part import DynamicPart
 from embps.server.tables.qr import QRTable
@@ -79,7 +87,9 @@ __all__ = [
     "FEED_CURSOR_PART",
     "FEED_SCAN_ROWS",
     "FOLLOWER_TTL_S",
+    "ROW_DTYPES",
     "TABLE_CLASSES",
+    "TRAINING",
     "AdaptiveTable",
     "Block",
     "CopyRows",
@@ -95,6 +105,7 @@ __all__ = [
     "RowIndex",
     "Snapshot",
     "StaticTable",
+    "Storage",
     "Table",
     "TableStats",
     "as_grads",
@@ -118,7 +129,7 @@ TABLE_CLASSES: dict[TableKind, type[Table]] = {
 }
 
 
-def make_table(config: TableConfig) -> Table:
+def make_table(config: TableConfig, storage: Storage = TRAINING) -> Table:
     """A new, empty table of ``config.kind``.
 
     Raises ResourceExhausted, allocating nothing, when the arrays the table
@@ -133,7 +144,7 @@ def make_table(config: TableConfig) -> Table:
             "initial_capacity (or set max_bytes)"
         )
     try:
-        return TABLE_CLASSES[config.kind](config)
+        return TABLE_CLASSES[config.kind](config, storage)
     except MemoryError as e:
         raise ResourceExhausted(
             f"table {config.name!r}: its {need} bytes could not be allocated ({e}); "

@@ -9,8 +9,8 @@ from embps.protos.config import (
     SKETCH_DEFAULT_WIDTH,
     TableConfig,
 )
-from embps.server.tables.base import PushResult, _smallest, gather_rows
-from embps.server.tables.block import Block, unique_keys
+from embps.server.tables.base import PushResult, _smallest
+from embps.server.tables.block import TRAINING, Block, Storage, unique_keys
 from embps.server.tables.dynamic import _DynamicBase
 from embps.server.tables.part import DynamicPart
 from embps.server.tables.sketch import FrequencySketch
@@ -25,14 +25,16 @@ class AdaptiveTable(_DynamicBase):
     pruning demote keys back to the static part.
     """
 
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: TableConfig, storage: Storage = TRAINING) -> None:
+        super().__init__(config, storage)
         b = config.hash_bucket_size
-        self.static = Block(b, config.dim, self.n_slots)
+        self.static = Block(b, config.dim, self.n_slots, storage)
         self.static.init(
             np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
         )
-        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, self.row_limit)
+        self.part = DynamicPart(
+            config.dim, self.n_slots, config.initial_capacity, self.row_limit, storage
+        )
         self.sketch = FrequencySketch(config.sketch_width or SKETCH_DEFAULT_WIDTH,
                                       config.sketch_depth or SKETCH_DEFAULT_DEPTH)  # fmt: skip
 
@@ -70,14 +72,14 @@ class AdaptiveTable(_DynamicBase):
             # A key promoted by this pull starts from the sketch's count, which already
             # has this pull's sightings in it: only keys that had a row count it here.
             self._touch(part.block, had_row)
-        gather_rows(part.block.values, rows, np.float32(0), out)
+        part.block.gather(rows, 0.0, out)
         st = np.flatnonzero(rows < 0)
         if st.shape[0]:
             srows = self.static_rows_of(keys[st])
             if train:
                 self._touch(self.static, srows)
             sout = np.empty((st.shape[0], self.dim), dtype=np.float32)
-            gather_rows(self.static.values, srows, np.float32(0), sout)
+            self.static.gather(srows, 0.0, sout)
             out[st] = sout
         self._count("pulled_static", int(st.shape[0]))
         self._count("pulled_dynamic", keys.shape[0] - int(st.shape[0]))

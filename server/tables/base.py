@@ -22,16 +22,18 @@ from embps.protos.routing import static_rows_nb
 from embps.server.errors import FailedPrecondition, InvalidArgument
 from embps.server.kernels import hashmap as hm
 from embps.server.kernels.optim import dedup_sum
-from embps.server.kernels.rows import all_finite, gather, touch_rows
+from embps.server.kernels.rows import all_finite, touch_rows
 from embps.server.optimizers import apply_optimizer
 from embps.server.parallel import run_in_pieces
 from embps.server.replay import REPLAY_ARRAYS, ReplayGuard
 from embps.server.rwlock import RWLock
 from embps.server.tables.block import (
     BLOCK_FIELDS,
+    TRAINING,
     Block,
     CopyRows,
     RowIndex,
+    Storage,
     _adoptable,
     unique_keys,
 )
@@ -221,12 +223,6 @@ def row_limit(config: TableConfig) -> int | None:
 # --------------------------------------------------------------------------
 
 
-def gather_rows(values: np.ndarray, rows: np.ndarray, default: np.float32, out: np.ndarray) -> None:
-    """``optimizers.gather`` (out[i] <- values[rows[i]], default where rows[i] < 0), a large
-    batch in pieces on helper threads (server/parallel.py)."""
-    run_in_pieces(rows.shape[0], lambda a, b: gather(values, rows[a:b], default, out[a:b]))
-
-
 def as_keys(keys: object) -> np.ndarray:
     """Any integer array of any shape -> contiguous int64 (n,). InvalidArgument otherwise."""
     arr = np.asarray(keys)
@@ -269,8 +265,9 @@ class Table:
     Subclasses implement ``_pull``, ``_push``, ``_prune``, ``_evict_page``, ``_sizes``.
     """
 
-    def __init__(self, config: TableConfig) -> None:
+    def __init__(self, config: TableConfig, storage: Storage = TRAINING) -> None:
         self.config = config
+        self.storage = storage  # how rows are stored (a serving replica's differ)
         self.name = config.name
         self.dim = config.dim
         self.n_slots = config.slots

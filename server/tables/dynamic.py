@@ -19,11 +19,10 @@ from embps.server.tables.base import (
     PushResult,
     Table,
     _smallest,
-    gather_rows,
     row_limit,
     unique_keys,
 )
-from embps.server.tables.block import Block
+from embps.server.tables.block import TRAINING, Block, Storage
 from embps.server.tables.part import DynamicPart
 from embps.server.tables.sketch import FrequencySketch
 
@@ -36,8 +35,8 @@ class _DynamicBase(Table):
     def _narrowed(self) -> None:
         self.row_limit = row_limit(self.config)
 
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: TableConfig, storage: Storage = TRAINING) -> None:
+        super().__init__(config, storage)
         self.row_limit = row_limit(config)  # min(max_rows, rows within max_bytes); None: none
 
     def _make_room(self, new: int, protect: np.ndarray, partial: bool = False) -> int:
@@ -169,9 +168,11 @@ class _DynamicBase(Table):
 class DynamicTable(_DynamicBase):
     """Collision-free rows created on a training pull; optional admission and eviction."""
 
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
-        self.part = DynamicPart(config.dim, self.n_slots, config.initial_capacity, self.row_limit)
+    def __init__(self, config: TableConfig, storage: Storage = TRAINING) -> None:
+        super().__init__(config, storage)
+        self.part = DynamicPart(
+            config.dim, self.n_slots, config.initial_capacity, self.row_limit, storage
+        )
         self.sketch: FrequencySketch | None = None
         if config.admission_threshold > 1:
             self.sketch = FrequencySketch(config.sketch_width or SKETCH_DEFAULT_WIDTH,
@@ -205,7 +206,7 @@ class DynamicTable(_DynamicBase):
                     rows[miss] = part.find(keys[miss])
                 self.counters["admissions_rejected"] += rejected
             self._touch(part.block, rows)
-        gather_rows(part.block.values, rows, np.float32(self.config.default_value), out)
+        part.block.gather(rows, self.config.default_value, out)
 
     def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
         rows = self.part.find(keys)

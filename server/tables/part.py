@@ -9,8 +9,10 @@ from embps.server.parallel import run_in_pieces
 from embps.server.tables.block import (
     BLOCK_FIELDS,
     ROW_GROWTH,
+    TRAINING,
     Block,
     RowIndex,
+    Storage,
     _adoptable,
     unique_keys,
 )
@@ -25,13 +27,18 @@ class DynamicPart:
     """
 
     def __init__(
-        self, dim: int, n_slots: int, initial_capacity: int, max_rows: int | None = None
+        self,
+        dim: int,
+        n_slots: int,
+        initial_capacity: int,
+        max_rows: int | None = None,
+        storage: Storage = TRAINING,
     ) -> None:
         row_cap = max(int(initial_capacity), 16)
         if max_rows is not None:
             row_cap = min(row_cap, max_rows)
         self.max_rows = max_rows
-        self.block = Block(row_cap, dim, n_slots)
+        self.block = Block(row_cap, dim, n_slots, storage)
         self.row_keys = np.full(row_cap, hm.EMPTY, dtype=np.int64)
         cap = hm.capacity_for(row_cap)
         self.buckets = hm.new_buckets(cap)
@@ -265,7 +272,7 @@ class DynamicPart:
                 self.buckets = index.buckets
                 self.meta[hm.M_GROW_AT] = hm.grow_limit(self.n_buckets)
             raise ValueError("duplicate keys")
-        block = Block(0, self.block.dim, self.block.n_slots)
+        block = Block(0, self.block.dim, self.block.n_slots, self.block.storage)
         for f in BLOCK_FIELDS:
             setattr(block, f, fields_[f])
         self.block, self.buckets, self.meta = block, index.buckets, index.meta
@@ -277,12 +284,8 @@ class DynamicPart:
         inserting the keys that have no row (their slots and metadata zeroed): a replica
         mirroring a change feed."""
         rows, inserted = self.insert(keys)
-        new = rows[inserted]
-        if new.shape[0]:
-            self.block.freq[new] = 0
-            self.block.last_step[new] = 0
-            self.block.version[new] = 0
-        self.block.values[rows] = values
+        self.block.zero_meta(rows[inserted])
+        self.block.set_values(rows, values)
 
     def upsert_rows(self, keys: np.ndarray, fields_: dict[str, np.ndarray]) -> None:
         """Set the rows of ``keys`` (int64 (k,), distinct) from ``fields_`` (BLOCK_FIELDS arrays)."""

@@ -9,7 +9,7 @@ from embps.protos.config import (
     TableConfig,
 )
 from embps.server.tables.base import PushResult, Table
-from embps.server.tables.block import Block
+from embps.server.tables.block import TRAINING, Block, Storage
 from embps.server.tables.part import DynamicPart
 
 
@@ -20,13 +20,13 @@ class QRTable(Table):
     mult: dQ = g * R[r], dR = g * Q[q]; add: dQ = dR = g; concat: the halves of g.
     """
 
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: TableConfig, storage: Storage = TRAINING) -> None:
+        super().__init__(config, storage)
         self.m = config.qr_remainder_buckets
         self.q = config.qr_quotient_buckets
         self.part_dim = config.dim // 2 if config.qr_combiner == Combiner.CONCAT else config.dim
-        self.quotient = Block(self.q, self.part_dim, self.n_slots)
-        self.remainder = Block(self.m, self.part_dim, self.n_slots)
+        self.quotient = Block(self.q, self.part_dim, self.n_slots, storage)
+        self.remainder = Block(self.m, self.part_dim, self.n_slots, storage)
         self.quotient.init(
             np.arange(self.q, dtype=np.int64),
             np.arange(self.q, dtype=np.int64),
@@ -51,8 +51,8 @@ class QRTable(Table):
         if train:
             self._touch(self.quotient, qr)
             self._touch(self.remainder, rr)
-        vq = self.quotient.values[qr]
-        vr = self.remainder.values[rr]
+        vq = self.quotient.decode(qr)
+        vr = self.remainder.decode(rr)
         comb = self.config.qr_combiner
         if comb == Combiner.MULT:
             np.multiply(vq, vr, out=out)

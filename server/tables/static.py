@@ -7,18 +7,18 @@ import numpy as np
 from embps.protos.config import (
     TableConfig,
 )
-from embps.server.tables.base import PushResult, Table, gather_rows
-from embps.server.tables.block import Block
+from embps.server.tables.base import PushResult, Table
+from embps.server.tables.block import TRAINING, Block, Storage
 from embps.server.tables.part import DynamicPart
 
 
 class StaticTable(Table):
     """``hash_bucket_size`` shared rows; row = h(key) % B (the hashing trick)."""
 
-    def __init__(self, config: TableConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: TableConfig, storage: Storage = TRAINING) -> None:
+        super().__init__(config, storage)
         b = config.hash_bucket_size
-        self.block = Block(b, config.dim, self.n_slots)
+        self.block = Block(b, config.dim, self.n_slots, storage)
         self.block.init(
             np.arange(b, dtype=np.int64), np.arange(b, dtype=np.int64), config, config.seed
         )
@@ -32,7 +32,7 @@ class StaticTable(Table):
         rows = self.static_rows_of(keys)
         if train:
             self._touch(self.block, rows)
-        gather_rows(self.block.values, rows, np.float32(0), out)
+        self.block.gather(rows, 0.0, out)
 
     def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> PushResult:
         self._apply(self.block, self.static_rows_of(keys), grads, step)

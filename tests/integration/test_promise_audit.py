@@ -55,6 +55,7 @@ from embps.client import (
     UnauthenticatedError,
     UnavailableError,
 )
+from embps.client.exceptions import EmbpsError
 from embps.protos import codec
 from embps.protos.config import Initializer, TableConfig
 from embps.protos.routing import shard_of
@@ -1143,6 +1144,33 @@ def check_replica_poll_seconds(ctx: Ctx) -> None:
     assert 1.2 < lag < 4.0, lag
 
 
+def check_replica_dtype(ctx: Ctx) -> None:
+    """An int8 replica answers within half a quantization step of each row, not bit for bit,
+    in fewer bytes than a float32 replica of the same table."""
+    trainer, f32, keys = trainer_and_replica(ctx)
+    i8 = ctx.shard("--replica-of", trainer.addresses[0], "--replica-dtype", "int8",
+                   "--replica-poll-seconds", "0.05")  # fmt: skip
+    with (
+        PSClient(trainer.addresses, timeout=10) as ps,
+        PSClient(f32.addresses, timeout=10) as r32,
+        PSClient(i8.addresses, timeout=10) as r8,
+    ):
+        want = ps.pull("t", keys, train=False)
+        step = (want.max(axis=1) - want.min(axis=1))[:, None] / 255
+
+        def close() -> bool:
+            try:
+                got = r8.pull("t", keys, train=False)
+            except EmbpsError:
+                return False
+            return bool((np.abs(got - want) <= step / 2 * 1.001 + 1e-6).all())
+
+        wait_until(close, 10, "the int8 replica's rows")
+        assert not np.array_equal(r8.pull("t", keys, train=False), want)
+        wait_until(lambda: r32.stats("t")[0].tables["t"]["keys"] == len(keys), 10, "f32 rows")
+        assert r8.stats("t")[0].tables["t"]["bytes"] < r32.stats("t")[0].tables["t"]["bytes"]
+
+
 def check_max_lag(ctx: Ctx) -> None:
     """The training shard gone, the replica's lag grows: past 1 s it reports NOT_SERVING,
     and still answers inference pulls."""
@@ -1372,6 +1400,7 @@ PROMISES: list[Promise] = [
     P("--replica-of", "a read-only shard serving the training shard's rows", check_replica_of),
     P("--replica-poll-seconds", "S=2: the state served ages to ~S", check_replica_poll_seconds),
     P("--max-lag", "NOT_SERVING once the lag passes S", check_max_lag),
+    P("--replica-dtype", "int8 rows: within half a step, fewer bytes", check_replica_dtype),
     P("--replica-token-file", "the read token lets a replica sync", check_replica_token_file),
     P("--replica-tls-ca", "a replica syncs over mutual TLS", check_replica_tls),
     P("--replica-tls-cert", "without the client certificate: no sync", check_replica_tls),

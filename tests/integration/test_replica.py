@@ -119,6 +119,48 @@ def test_replicas_answer_exactly_as_the_training_shards(cluster_factory) -> None
                 assert 'embps_table_keys{table="dyn"}' in text
 
 
+def _within_rounding(dtype: str, want: np.ndarray, got: np.ndarray) -> bool:
+    """float16: exactly the training rows rounded to half precision; int8: each element
+    within half a quantization step of its row ((max - min) / 255 / 2; concat halves are
+    quantized apart, with a step no larger than the whole row's)."""
+    if dtype == "float16":
+        return bool(np.array_equal(got, want.astype(np.float16).astype(np.float32)))
+    step = (want.max(axis=1, keepdims=True) - want.min(axis=1, keepdims=True)) / 255.0
+    return bool((np.abs(got - want) <= step / 2 * 1.001 + 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_float16_and_int8_replicas_answer_within_their_rounding(cluster_factory, dtype) -> None:
+    trainer = cluster_factory(2, "--evict-every", "0")
+    with PSClient(trainer.addresses) as ps:
+        for cfg in CONFIGS:
+            ps.create_table(cfg)
+        train(ps, range(0, 3), seed=5)
+        reps = cluster_factory(2, "--replica-of", ",".join(trainer.addresses), *REPLICA_ARGS,
+                               "--replica-dtype", dtype)  # fmt: skip
+        with PSClient(reps.addresses) as rep:
+
+            def close() -> bool:
+                try:
+                    want, got = rows(ps), rows(rep)
+                except (TableNotFoundError, EmbpsError):
+                    return False
+                return all(_within_rounding(dtype, want[t], got[t]) for t in want)
+
+            wait_until(close, timeout=20, what=f"a {dtype} replica's bootstrap", interval=0.05)
+            train(ps, range(3, 6), seed=6)
+            assert ps.prune("ada", threshold=10.0).rows > 0
+            wait_until(close, timeout=20, what=f"a {dtype} replica after training", interval=0.05)
+            got = rows(rep)
+            assert not all(np.array_equal(got[t], rows(ps)[t]) for t in got), "no rounding at all?"
+            # what it keeps: values in its dtype, no slots, no per-row metadata
+            keys = [s.tables["dyn"]["keys"] for s in ps.stats("dyn")]
+            assert [s.tables["dyn"]["keys"] for s in rep.stats("dyn")] == keys
+            trained = sum(s.tables["dyn"]["bytes"] for s in ps.stats("dyn"))
+            served = sum(s.tables["dyn"]["bytes"] for s in rep.stats("dyn"))
+            assert served < 0.5 * trained, (served, trained)
+
+
 def _stubs(addresses: list[str]) -> list[pb_grpc.ParameterServerStub]:
     return [pb_grpc.ParameterServerStub(grpc.insecure_channel(a)) for a in addresses]
 

@@ -22,6 +22,7 @@ OTHER: dict[str, object] = {
     "checkpoint_dir": "/tmp/ckpt", "checkpoint_every": 30, "checkpoint_incremental": 4,
     "checkpoint_on_exit": False, "restore": "latest", "evict_every": 5,
     "replica_of": "a:1,b:2,c:3", "replica_poll_seconds": 0.5, "max_lag": 7,
+    "replica_dtype": "int8",
     "replica_token_file": "/tmp/token", "replica_tls_ca": "/tmp/ca.pem",
     "replica_tls_cert": "/tmp/c.pem", "replica_tls_key": "/tmp/k.pem",
     "tls_cert": "/tmp/s.pem", "tls_key": "/tmp/s.key", "tls_client_ca": "/tmp/ca.pem",
