@@ -33,7 +33,12 @@ are paired. Kinds, each with one table set per categorical field (dim 16, Adagra
             keep, are not scored), then on the PS: prune under the thresholds and
             ``Narrow`` each table to its dim. Bytes and AUC are measured after that;
             its target: <= OPTEMBED_BUDGET (35%) of dynamic within OPTEMBED_TOLERANCE
-            (0.001) AUC. The search's seconds are reported.
+            (0.001) AUC. The search's seconds are reported, and the held-out AUC after
+            each stage (``stages`` in the JSON: supernet, searched dims, applied) with
+            the thresholds over training. OPTEMBED_RETRAIN_STEPS > 0 adds the paper's
+            retraining stage (rows and dense part trained on at the found architecture,
+            pruned ids held at zeros through ``_kept_rows``, never re-admitted); it is
+            off: every retraining measured so far lost AUC (docs/benchmarks.md).
 
 Memory is what the shards report (``PSClient.stats``: every array a table owns,
 index, arena, optimizer slots, metadata, sketch, free list) summed over the kind's
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -93,7 +99,10 @@ OPTEMBED_BUDGET = 0.35  # OptEmbed's target: bytes <= this fraction of dynamic .
 OPTEMBED_TOLERANCE = 0.001  # ... within this AUC of dynamic
 OPTEMBED_AIM = 0.32  # the search's bytes limit (estimated), below OPTEMBED_BUDGET
 OPTEMBED_DIMS = (1, 2, 4, 8, 16)
-OPTEMBED_WEIGHT = 2e-3  # threshold regularizer weight
+OPTEMBED_WEIGHT = 1e-3  # threshold regularizer weight (2e-3 kept 14% of rows, 4e-4 88%)
+OPTEMBED_RETRAIN_STEPS = 0  # retraining after prune + narrow (off: it lost AUC, see the doc)
+OPTEMBED_WARMUP = 0.2  # of the training steps at full width before dims are sampled
+OPTEMBED_FULL_PROB = 0.0  # after warmup: chance a batch uses the full width anyway
 
 
 @dataclass(frozen=True)
@@ -262,6 +271,7 @@ class KindRun:
     logloss: float = 0.0
     train_seconds: float = 0.0
     search_seconds: float = 0.0  # optembed: the evolutionary search
+    stages: dict[str, Any] = field(default_factory=dict)  # optembed: AUC after each stage
     probs: np.ndarray | None = None
 
     def row(self, dynamic_bytes: int) -> dict[str, Any]:
@@ -442,6 +452,59 @@ def run_mixed(s: _Session) -> KindRun:
     return run
 
 
+PRUNED_KEY = -1  # the one row every pruned id reads while retraining (times 0: zeros)
+
+
+def _kept_rows(ps: PSClient, table: str, kept: np.ndarray, staleness: int) -> Any:
+    """A ``RemoteEmbedding`` of ``table`` through which only ``kept`` ids (int64 (k,),
+    sorted) read their rows; every other id (pruned, or never seen) reads zeros and gets
+    no row: it is pulled as ``PRUNED_KEY`` (one shared row) and multiplied by 0, so its
+    gradient is 0. Retraining through it cannot re-admit a pruned id."""
+    import torch
+    from torch import nn
+
+    from .torch import RemoteEmbedding
+
+    class KeptRows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = RemoteEmbedding(ps, table, staleness=staleness)
+
+        def _keys(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+            k = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, np.int64)
+            pos = np.minimum(np.searchsorted(kept, k), max(kept.shape[0] - 1, 0))
+            hit = kept[pos] == k if kept.shape[0] else np.zeros(k.shape, bool)
+            return np.where(hit, k, PRUNED_KEY), hit
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            keys, hit = self._keys(ids)
+            rows = self.inner(torch.from_numpy(keys))
+            return rows * torch.from_numpy(hit).to(rows.dtype).unsqueeze(-1)
+
+        def prefetch(self, ids: Any) -> None:
+            self.inner.prefetch(self._keys(ids)[0])
+
+        @property
+        def staleness(self) -> int:
+            return self.inner.staleness
+
+        @property
+        def step(self) -> int:
+            return self.inner.step
+
+        @step.setter
+        def step(self, value: int) -> None:
+            self.inner.step = value
+
+        def flush(self) -> None:
+            self.inner.flush()
+
+        def close(self) -> None:
+            self.inner.close()
+
+    return KeptRows()
+
+
 def optembed_bytes(kept: int, d: int) -> int:
     """Bytes of one shard's dynamic table of ``kept`` rows narrowed to ``d`` after a prune's
     compaction (arena 1.25x rows of values + Adagrad slot + metadata, row keys, buckets)."""
@@ -452,7 +515,8 @@ def optembed_bytes(kept: int, d: int) -> int:
 
 
 def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
-    """Supernet training, evolutionary search, then prune + narrow on the PS (module doc)."""
+    """Supernet training, evolutionary search, prune + narrow on the PS, then retraining
+    (module doc). ``run.stages``: held-out AUC after each stage, thresholds over training."""
     import torch
 
     from embps.client.optembed import (
@@ -470,19 +534,40 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     run = KindRun("optembed", [f"optembed.f{f}" for f in range(nf)])
     for t in run.tables:
         ps.create_table(TableConfig(t, DIM, optimizer=Adagrad(lr=cfg.emb_lr), seed=cfg.seed))
-    net = OptEmbedSupernet(nf, DIM, OPTEMBED_DIMS, DimSchedule(warmup_steps=cfg.steps // 5),
-                           weight=OPTEMBED_WEIGHT, seed=cfg.seed)  # fmt: skip
+    schedule = DimSchedule(warmup_steps=int(OPTEMBED_WARMUP * cfg.steps),
+                           full_prob=OPTEMBED_FULL_PROB)  # fmt: skip
+    net = OptEmbedSupernet(nf, DIM, OPTEMBED_DIMS, schedule, weight=OPTEMBED_WEIGHT,
+                           seed=cfg.seed)  # fmt: skip
     embs = [
         OptEmbedField(RemoteEmbedding(ps, t, staleness=cfg.staleness), net, f)
         for f, t in enumerate(run.tables)
     ]
-    model = s.train_eval(run, embs, extra_loss=net.regularization, keep=True)
+    trace: list[list[float]] = []
+
+    steps_seen = [0]
+
+    def extra() -> Any:
+        if steps_seen[0] % max(cfg.steps // 10, 1) == 0:
+            trace.append([round(float(t), 4) for t in net.mask.threshold.detach()])
+        steps_seen[0] += 1
+        return net.regularization()
+
+    model = s.train_eval(run, embs, extra_loss=extra, keep=True)
+    trace.append([round(float(t), 4) for t in net.mask.threshold.detach()])
+    stages: dict[str, Any] = {"thresholds": trace, "supernet": run.auc}
     # rows each field's learned threshold keeps (full rows, as prune judges them)
     ids = _distinct_ids(s.data, cfg.train_samples)
     kept = []
+    kept_ids = []
+    norm_q = []
     for f, t in enumerate(run.tables):
         norms = np.linalg.norm(ps.pull(t, ids[f], train=False), axis=1)
-        kept.append(int((norms >= float(net.mask.threshold[f].detach())).sum()))
+        kept_ids.append(ids[f][norms >= max(float(net.mask.threshold[f].detach()), 0.0)])
+        kept.append(int(kept_ids[-1].shape[0]))
+        norm_q.append([round(float(q), 3) for q in np.quantile(norms, [0.1, 0.5, 0.9, 0.99])])
+    stages["norm_quantiles_10_50_90_99"] = norm_q
+    stages["kept"] = kept
+    stages["rows"] = [int(i.shape[0]) for i in ids]
     dyn_bytes = sum(p.bytes for p in s.profiles)
 
     def cost(dims: np.ndarray) -> float:
@@ -498,6 +583,11 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     found = evolutionary_search(score, nf, OPTEMBED_DIMS, budget, seed=cfg.seed, cost=cost,
                                 max_cost=max(limit, smallest))  # fmt: skip
     search_s = time.monotonic() - t0
+    h = s.heldout
+    test_score = auc_scorer(model, net, h.sparse, h.dense, h.labels)  # reported, never chooses
+    stages["supernet_full"] = test_score(np.full(nf, DIM))
+    stages["supernet_searched_dims"] = test_score(found.dims)
+    stages["estimated_bytes_fraction"] = cost(found.dims) / dyn_bytes
     applied = apply_optembed(ps, run.tables, net, found.dims.tolist())
     with torch.no_grad():
         net.mask.threshold.clamp_(min=0.0)  # as prune read them: a negative one prunes nothing
@@ -508,7 +598,22 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
         for f, t in enumerate(run.tables)
     )
     s.score(run, model)
+    stages["applied"] = run.auc
+    if OPTEMBED_RETRAIN_STEPS:
+        model.close()
+        rows = [OptEmbedField(_kept_rows(ps, t, k, cfg.staleness), net, f)
+                for f, (t, k) in enumerate(zip(run.tables, kept_ids, strict=True))]  # fmt: skip
+        model.embeddings = torch.nn.ModuleList(rows)
+        r_cfg = dataclasses.replace(cfg, steps=OPTEMBED_RETRAIN_STEPS,
+                                    stats_every=OPTEMBED_RETRAIN_STEPS)  # fmt: skip
+        t1 = time.monotonic()
+        with open(os.devnull, "w") as quiet:
+            train(r_cfg, s.data, model, rows, [], ps, s.curve, Progress(r_cfg.steps, quiet))
+        run.train_seconds += time.monotonic() - t1
+        s.score(run, model)
+        stages["retrained"] = run.auc
     model.close()
+    run.stages = stages
     run.search_seconds = search_s
     run.note = (
         f"dims {'/'.join(str(int(d)) for d in found.dims)} (search: {found.evaluations} "

@@ -155,3 +155,68 @@ def test_narrow_with_the_wrong_shard_count_is_refused(inproc_factory: Factory) -
             stub.Narrow(pb.NarrowRequest(table="t", dim=2, num_shards=3))
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert server.engine.table("t").dim == DIM
+
+
+# --------------------------------------------------------------------------
+# The supernet's thresholds and the bench's retraining stage
+# --------------------------------------------------------------------------
+
+
+def test_regularizer_moves_the_thresholds_up_from_their_init() -> None:
+    """Trained with its regularizer, a useless field's threshold climbs from its init (its
+    rows get pruned) while the field the label depends on stays lower; with weight 0 the
+    useless field's threshold stays low."""
+    torch = pytest.importorskip("torch")
+    from embps.client.optembed import OptEmbedField, OptEmbedSupernet
+
+    def trained(weight: float) -> np.ndarray:
+        torch.manual_seed(0)
+        net = OptEmbedSupernet(2, 8, (2, 4, 8), weight=weight)
+        embs = [OptEmbedField(torch.nn.Embedding(50, 8), net, f) for f in range(2)]
+        for e in embs:
+            torch.nn.init.uniform_(e.inner.weight, -0.1, 0.1)
+        head = torch.nn.Linear(16, 1)
+        params = [p for m in (*embs, head) for p in m.parameters()]
+        opt = torch.optim.Adam(list(dict.fromkeys(params)), lr=5e-3)
+        rng = np.random.default_rng(0)
+        for _ in range(100):
+            ids = torch.from_numpy(rng.integers(0, 50, size=(64, 2)))
+            y = (ids[:, 0] % 2).float()
+            x = torch.cat([e(ids[:, f]) for f, e in enumerate(embs)], dim=1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x).squeeze(1), y)
+            opt.zero_grad()
+            (loss + net.regularization()).backward()
+            opt.step()
+        return net.mask.threshold.detach().numpy()
+
+    moved = trained(1e-1)  # field 0 decides the label, field 1 is noise
+    assert moved[1] > 0.3, moved  # 100 Adam steps of 5e-3 at most: 0.5
+    assert moved[0] < moved[1] - 0.2, moved  # the task loss holds the useful field back
+    assert trained(0.0)[1] < moved[1] - 0.2
+
+
+def test_retraining_rows_never_readmit_a_pruned_id(inproc_factory: Factory) -> None:
+    """The bench's retraining stage trains rows through ``_kept_rows``: kept ids learn,
+    every other id reads zeros and gets no row (only the one shared PRUNED_KEY row)."""
+    torch = pytest.importorskip("torch")
+    from embps.client import bench_memory as bm
+
+    cfg = TableConfig("t", 4, optimizer=Adagrad(lr=0.1), seed=1)
+    servers = inproc_factory(2, tables=(cfg,))
+    ids = np.arange(100, dtype=np.int64)
+    kept = ids[::2]
+    with PSClient([s.address for s in servers]) as ps:
+        ps.pull("t", kept)  # the kept ids have rows, the others were pruned
+        before = ps.pull("t", kept, train=False)
+        emb = bm._kept_rows(ps, "t", kept, staleness=1)
+        for _ in range(3):
+            batch = torch.from_numpy(np.concatenate([ids, ids[::-1]]))
+            emb.prefetch(batch)
+            out = emb(batch)
+            np.testing.assert_array_equal(out[batch % 2 == 1].detach().numpy(), 0.0)
+            out.sum().backward()
+        emb.close()
+        rows = sum(s.tables["t"]["keys"] for s in ps.stats("t"))
+        assert rows == kept.shape[0] + 1  # the kept ids and PRUNED_KEY, no pruned id
+        np.testing.assert_array_equal(ps.pull("t", ids[1::2], train=False), 0.0)
+        assert (ps.pull("t", kept, train=False) != before).all()
