@@ -49,8 +49,8 @@ difference is DeLong's (paired: same samples); the target is reported with it.
 
 Output: a table on stdout, ``--json PATH`` (``{"runs": [{"kind", "bytes", "auc",
 "logloss", ...}], ...}``) and ``memory_auc.png`` in ``--out DIR``. The full run takes
-under ~10 minutes on 2 busy cores, ``--quick`` about a minute (too few samples for
-the targets to mean much: it checks that everything runs).
+about 13 minutes on 2 busy cores, ``--quick`` about a minute (too few samples for the
+targets to mean much: it checks that everything runs).
 """
 
 from __future__ import annotations

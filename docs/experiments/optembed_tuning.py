@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from embps.client import bench_memory as bm
-from embps.client.demo import NUM_SHARDS, LocalPS
+from embps.client.bench import memory as bm
+from embps.client.demo.job import NUM_SHARDS
+from embps.client.demo.localps import LocalPS
 from embps.client.ps_client import PSClient
 
 

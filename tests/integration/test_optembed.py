@@ -199,7 +199,7 @@ def test_retraining_rows_never_readmit_a_pruned_id(inproc_factory: Factory) -> N
     """The bench's retraining stage trains rows through ``_kept_rows``: kept ids learn,
     every other id reads zeros and gets no row (only the one shared PRUNED_KEY row)."""
     torch = pytest.importorskip("torch")
-    from embps.client import bench_memory as bm
+    from embps.client.bench import memory as bm
 
     cfg = TableConfig("t", 4, optimizer=Adagrad(lr=0.1), seed=1)
     servers = inproc_factory(2, tables=(cfg,))
