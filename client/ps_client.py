@@ -11,7 +11,7 @@ Hot path. Rows cross the client once each way: a pull reads the rows in place
 from gRPC's response buffer (``codec.decode_pull_response``, no protobuf
 object) and gathers them into the one array it returns; a push copies the
 summed gradients once, into the request bytes (``codec.encode_push_request``).
-Dedup and routing take one pass, no sort (``embps.client.dedup``): each shard
+Dedup and routing take one pass, no sort (``embps.protos.routing.dedup_route``, planned in ``embps.client.plan``): each shard
 gets its distinct keys in the order of their first occurrence in the batch, so
 distinct keys for one shard go out as they are and their rows come back in
 place (a copy, no gather). A call to a single shard runs in the calling thread

@@ -201,6 +201,14 @@ class ReplicaTable:
         )
 
     # ---------------------------------------------------------------- following
+    def fit(self) -> None:
+        """Shrink the own rows' arena to what the first round filled, and 1/16 more (it grew
+        by half as the feed filled it). Called on a fresh table before it serves."""
+        part: DynamicPart | None = getattr(self.inner, "part", None)
+        if part is not None:
+            with self.inner._lock.write():
+                part.compact(headroom=1 / 16)
+
     def apply(self, page: pb.ChangesResponse, dims: list[int]) -> None:
         """Apply one feed page: its deletions, then its rows (under the inner lock)."""
         inner = self.inner
@@ -370,6 +378,7 @@ class Follower:
             fresh = ReplicaTable(cfg, self.source, self.engine.storage)
             if not self._round(fresh):
                 raise RuntimeError(f"table {cfg.name!r} keeps changing its epoch; retrying later")
+        fresh.fit()
         self.engine.put(fresh)
 
     def _round(self, table: ReplicaTable) -> bool:

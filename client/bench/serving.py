@@ -61,13 +61,13 @@ def _progress(what: str) -> None:
     print(f"  .. {what}", flush=True)
 
 
-def measure(train: list[str], replicas: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """The measurements against running training shards and their replicas."""
+def fill(train: list[str], args: argparse.Namespace) -> None:
+    """Create table "t" on the training shards and give each of its keys a row (before any
+    replica starts, so every replica group bootstraps the same full table)."""
     from embps.protos.config import Adagrad, TableConfig
 
-    rng = np.random.default_rng(0)
     keys = np.arange(args.keys, dtype=np.int64)
-    with PSClient(train, timeout=60) as ps, PSClient(replicas, timeout=60) as rep:
+    with PSClient(train, timeout=60) as ps:
         # each shard reserves rows for its own keys and a tenth more (initial_capacity is
         # per shard): the training shard's bytes per key are not inflated by a reserve
         per_shard = args.keys // NUM_SHARDS * 11 // 10
@@ -76,6 +76,14 @@ def measure(train: list[str], replicas: list[str], args: argparse.Namespace) -> 
         )
         for a in range(0, keys.size, 1 << 16):
             ps.pull("t", keys[a : a + (1 << 16)])
+
+
+def measure(train: list[str], replicas: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The measurements against running training shards and their replicas."""
+
+    rng = np.random.default_rng(0)
+    keys = np.arange(args.keys, dtype=np.int64)
+    with PSClient(train, timeout=60) as ps, PSClient(replicas, timeout=60) as rep:
         _progress("waiting for the replicas' first sync")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -237,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         _progress(f"start embps serve --shards {NUM_SHARDS} (training)")
         trainer.start()
+        fill(trainer.addresses, args)
         follow = ["--replica-of", ",".join(trainer.addresses), "--replica-poll-seconds", POLL_S]
         with LocalPS(NUM_SHARDS, Path(tmp) / "replicas.log", follow) as replicas:
             _progress(f"start embps serve --shards {NUM_SHARDS} --replica-of ...")

@@ -189,8 +189,9 @@ class DynamicPart:
         self.row_keys = keys
         self.meta[hm.M_ROW_CAP] = new
 
-    def compact(self) -> None:
-        """Move live rows into a dense prefix and shrink the arena and buckets to fit.
+    def compact(self, headroom: float = 0.25) -> None:
+        """Move live rows into a dense prefix and shrink the arena and buckets to fit them
+        and ``headroom`` (a fraction) more.
 
         Row numbers change; keys, values, slots and metadata move together.
 
@@ -202,7 +203,7 @@ class DynamicPart:
         live = self.live_rows()
         keys = self.keys_of(live)
         block = self.block.take(live)
-        row_cap = min(max(16, len(live) + len(live) // 4), self.block.rows)  # never grows
+        row_cap = min(max(16, len(live) + int(len(live) * headroom)), self.block.rows)  # never grows
         block.resize(row_cap)
         cap = min(hm.capacity_for(row_cap), self.n_buckets)
         self.buckets = hm.new_buckets(cap)
