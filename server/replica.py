@@ -59,9 +59,24 @@ import numpy as np
 
 from embps.protos import codec
 from embps.protos.config import SGD, Eviction, TableConfig, TableKind
+from embps.server.durability import (
+    MANIFEST,
+    latest_step,
+    read_manifest,
+    restore_tables,
+    shard_dir_name,
+)
 from embps.server.engine import Engine
 from embps.server.errors import FailedPrecondition
-from embps.server.tables import DynamicPart, EvictResult, Storage, Table, TableStats, make_table
+from embps.server.tables import (
+    DynamicPart,
+    EvictResult,
+    FeedPage,
+    Storage,
+    Table,
+    TableStats,
+    make_table,
+)
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
 
@@ -229,6 +244,64 @@ class ReplicaTable:
             inner.step = max(inner.step, int(page.step))
 
 
+def page_message(page: FeedPage) -> pb.ChangesResponse:
+    """A change-feed page as the ``Changes`` answer carries it."""
+    resp = pb.ChangesResponse(
+        epoch=page.epoch, version=page.version, step=page.step, part=page.part,
+        next_cursor=page.next_cursor, resync=page.resync,
+    )  # fmt: skip
+    if page.keys is not None:
+        resp.keys = codec.encode_keys(page.keys)
+    if page.rows is not None:
+        resp.rows = codec.encode_keys(page.rows)
+    if page.values is not None:
+        resp.values = np.ascontiguousarray(page.values, dtype="<f4").tobytes()
+    if page.deleted is not None:
+        resp.deleted = codec.encode_keys(page.deleted)
+    return resp
+
+
+def load_checkpoint(
+    engine: ReplicaEngine, root: str, shard: int, num_shards: int
+) -> tuple[int, int] | None:
+    """Fill ``engine`` from the newest complete checkpoint under ``root`` (the training
+    shards' checkpoint directory) for replica ``shard`` of ``num_shards``: (step, tables),
+    or None when there is none yet.
+
+    Each restored table is copied into a replica table through its own change feed (the
+    rows a follower would receive, in this process), stamped with the checkpoint's
+    version and epoch: the follower then asks the training shard only for what changed
+    since, or is told to resynchronise if the training shard restarted since (a new
+    epoch; also after a reshard, whose versions are of several shards). Its lag counts
+    from the checkpoint's writing. CheckpointError when the checkpoint is unreadable.
+    """
+    step = latest_step(root, shard, num_shards)
+    if step is None:
+        return None
+    tables, summary = restore_tables(root, step, shard, num_shards)
+    path = Path(root) / str(step) / shard_dir_name(shard, num_shards)
+    same = summary["old_shards"] == num_shards
+    entries = {e["config"]["name"]: e for e in read_manifest(path)["tables"]} if same else {}
+    written = (path / MANIFEST).stat().st_mtime if same else 0.0
+    for t in tables:
+        rt = ReplicaTable(t.config, engine.source, engine.storage)
+        dims = part_dims(t.config, rt.inner)
+        cursor = 0
+        while True:
+            page = t.changes(0, cursor, FEED_PAGE_ROWS, "", "")
+            rt.apply(page_message(page), dims)
+            cursor = page.next_cursor
+            if cursor == 0:
+                break
+        rt.fit()
+        entry = entries.get(t.name, {})
+        rt.version = int(t.version)
+        rt.epoch = str(entry.get("epoch", ""))  # "" after a reshard: the feed resyncs
+        rt.round_started = written
+        engine.put(rt)
+    return step, len(tables)
+
+
 def part_dims(config: TableConfig, table: Table) -> list[int]:
     """Row width of each feed part of ``table``."""
     return [int(p.block.values.shape[1] if isinstance(p, DynamicPart) else p.values.shape[1])
@@ -278,8 +351,13 @@ class Follower:
         timeout: float = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        checkpoint_dir: str | None = None,
+        shard: int = 0,
     ) -> None:
         self.engine = engine
+        self.checkpoint_dir = checkpoint_dir  # start from its newest checkpoint, if any
+        self.shard = shard
+        self.checkpoint_step: int | None = None  # the step it started from
         self.source = source
         self.num_shards = num_shards
         self.name = name
@@ -321,7 +399,32 @@ class Follower:
         return max(0.0, time.time() - min(t.round_started for t in tables))
 
     # ---------------------------------------------------------------- loop
+    def _start_from_checkpoint(self) -> None:
+        """Serve the newest checkpoint at once (``load_checkpoint``); on any failure, say so
+        and follow the feed from scratch instead."""
+        assert self.checkpoint_dir
+        t0 = time.monotonic()
+        try:
+            got = load_checkpoint(self.engine, self.checkpoint_dir, self.shard, self.num_shards)
+        except Exception as e:
+            self.last_error = f"checkpoint {self.checkpoint_dir}: {type(e).__name__}: {e}"
+            log.warning("replica %s: %s; following the feed from scratch", self.name,
+                        self.last_error)  # fmt: skip
+            return
+        if got is None:
+            log.info("replica %s: no complete checkpoint under %s yet", self.name,
+                     self.checkpoint_dir)  # fmt: skip
+            return
+        self.checkpoint_step = got[0]
+        log.info("replica %s: serving checkpoint step %d (%d tables, %.2f s); following %s",
+                 self.name, got[0], got[1], time.monotonic() - t0, self.source)  # fmt: skip
+        self.ready.set()
+        if self.on_ready is not None:
+            self.on_ready()
+
     def _loop(self) -> None:
+        if self.checkpoint_dir:
+            self._start_from_checkpoint()
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:

@@ -60,7 +60,8 @@ def _load_entry(
     by_name = dict(zip(names, loaded, strict=True))
     arrays = {n: by_name[n] for n in metas}  # manifest order
     deleted = arrays.pop("deleted.keys", None)
-    return Snapshot(config, arrays, dict(entry["state"]), entry["base_version"], deleted)
+    return Snapshot(config, arrays, dict(entry["state"]), entry["base_version"], deleted,
+                    str(entry.get("epoch", "")))  # fmt: skip
 
 
 def chain_entries(

@@ -202,6 +202,7 @@ def write_shard(
                     "full": snap.base_version is None,
                     "base_version": snap.base_version,
                     "version": snap.version,
+                    "epoch": snap.epoch,
                     "arrays": files,
                 }
             )

@@ -149,6 +149,13 @@ class ShardConfig:
         "key at dim 16) (default {default})",
         metavar="DTYPE",
     )
+    replica_checkpoint_dir: str | None = option(
+        None,
+        "a replica starts from the newest complete checkpoint of its training shard "
+        "under DIR (the training shards' --checkpoint-dir), serves it at once, then follows "
+        "the feed from its version",
+        metavar="DIR",
+    )
     replica_token_file: str | None = option(
         None,
         "a replica presents the bearer token in FILE to its training shard (a read token suffices)",
@@ -224,6 +231,8 @@ class ShardConfig:
             raise ValueError(
                 f"replica_dtype {self.replica_dtype!r}: use one of {', '.join(ROW_DTYPES)}"
             )
+        if self.replica_checkpoint_dir and self.replica_of is None:
+            raise ValueError("replica_checkpoint_dir (--replica-checkpoint-dir) needs replica_of")
         if self.replica_of is not None:
             clash = [n for n, on in (("tables", bool(self.tables)),
                                      ("checkpoint_dir", bool(self.checkpoint_dir)),

@@ -386,6 +386,7 @@ def build_server(config: ShardConfig, engine: Engine | None = None) -> ShardServ
                 config.replica_tls_ca, config.replica_tls_cert, config.replica_tls_key
             ),
             token=read_token(config.replica_token_file),
+            checkpoint_dir=config.replica_checkpoint_dir, shard=config.shard_id,
         )  # fmt: skip
         shard.follower = follower
         servicer.follower = follower

@@ -31,7 +31,7 @@ from embps.server.errors import (
 )
 from embps.server.eviction import Evictor
 from embps.server.replay import ReplayGuard
-from embps.server.replica import Follower
+from embps.server.replica import Follower, page_message
 from embps.server.service.config import ShardConfig
 from embps.server.tables import as_grads
 from embps.v1 import embps_pb2 as pb
@@ -220,19 +220,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             int(request.since_version), int(request.cursor), int(request.max_rows or 1 << 16),
             request.epoch, request.follower,
         )  # fmt: skip
-        resp = pb.ChangesResponse(
-            epoch=page.epoch, version=page.version, step=page.step, part=page.part,
-            next_cursor=page.next_cursor, resync=page.resync,
-        )  # fmt: skip
-        if page.keys is not None:
-            resp.keys = codec.encode_keys(page.keys)
-        if page.rows is not None:
-            resp.rows = codec.encode_keys(page.rows)
-        if page.values is not None:
-            resp.values = np.ascontiguousarray(page.values, dtype="<f4").tobytes()
-        if page.deleted is not None:
-            resp.deleted = codec.encode_keys(page.deleted)
-        return resp
+        return page_message(page)
 
     # ---------------------------------------------------------------- tables
     def CreateTable(

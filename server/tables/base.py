@@ -172,7 +172,10 @@ class Snapshot:
     ``dynamic.keys``), ``static``, ``quotient``, ``remainder`` (whole blocks, or
     only the rows in ``<part>.rows`` for an incremental snapshot), and
     ``sketch.counters``. ``deleted`` holds keys deleted since ``base_version``
-    (incremental snapshots only). Every array is a private copy.
+    (incremental snapshots only). ``epoch``: the table's incarnation when the snapshot was
+    taken (the change feed's; a replica bootstrapped from this snapshot follows on from
+    ``version`` when the training table is still in that epoch). Every array is a private
+    copy.
     """
 
     config: TableConfig
@@ -180,6 +183,7 @@ class Snapshot:
     state: dict[str, int]
     base_version: int | None = None
     deleted: np.ndarray | None = None
+    epoch: str = ""
 
     @property
     def version(self) -> int:
@@ -609,7 +613,7 @@ class Table:
             state = {"step": self.step, "auto_step": self._auto_step, "version": self.version}
             with self._count_lock:
                 state.update(self.counters)
-            return Snapshot(self.config, arrays, state, since_version, deleted)
+            return Snapshot(self.config, arrays, state, since_version, deleted, self.epoch)
 
     def prepare_adopt(self, keys: np.ndarray) -> RowIndex | None:
         """Build the hash map that ``load(snap, adopt=True, index=...)`` of a full snapshot

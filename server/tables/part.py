@@ -203,7 +203,9 @@ class DynamicPart:
         live = self.live_rows()
         keys = self.keys_of(live)
         block = self.block.take(live)
-        row_cap = min(max(16, len(live) + int(len(live) * headroom)), self.block.rows)  # never grows
+        row_cap = min(
+            max(16, len(live) + int(len(live) * headroom)), self.block.rows
+        )  # never grows
         block.resize(row_cap)
         cap = min(hm.capacity_for(row_cap), self.n_buckets)
         self.buckets = hm.new_buckets(cap)

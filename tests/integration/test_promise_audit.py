@@ -1171,6 +1171,30 @@ def check_replica_dtype(ctx: Ctx) -> None:
         assert r8.stats("t")[0].tables["t"]["bytes"] < r32.stats("t")[0].tables["t"]["bytes"]
 
 
+def check_replica_checkpoint_dir(ctx: Ctx) -> None:
+    """A replica given the training shard's checkpoint directory serves the checkpoint's
+    rows with the training shard gone (without the flag it has nothing to serve)."""
+    root = ctx.tmp / "replica-ck"
+    trainer = ctx.shard("--checkpoint-dir", str(root), "--no-checkpoint-on-exit")
+    keys = np.arange(50)
+    with PSClient(trainer.addresses, timeout=10) as ps:
+        ps.create_table(TableConfig("t", DIM, optimizer=SGD(lr=1.0)))
+        ps.pull("t", keys)
+        ps.push("t", keys, np.ones((50, DIM), np.float32))
+        ps.checkpoint(1)
+        want = ps.pull("t", keys, train=False)
+    trainer.kill_all()
+    follow = ("--replica-of", trainer.addresses[0])
+    with_ck = ctx.shard(*follow, "--replica-checkpoint-dir", str(root))
+    serving = health_pb2.HealthCheckResponse.SERVING
+    wait_until(lambda: health(with_ck.addresses[0]) == serving, 20, "serving the checkpoint")
+    with PSClient(with_ck.addresses, timeout=10) as rep:
+        np.testing.assert_array_equal(rep.pull("t", keys, train=False), want)
+    without = ctx.shard(*follow)
+    time.sleep(1.0)
+    assert health(without.addresses[0]) != serving
+
+
 def check_max_lag(ctx: Ctx) -> None:
     """The training shard gone, the replica's lag grows: past 1 s it reports NOT_SERVING,
     and still answers inference pulls."""
@@ -1401,6 +1425,11 @@ PROMISES: list[Promise] = [
     P("--replica-poll-seconds", "S=2: the state served ages to ~S", check_replica_poll_seconds),
     P("--max-lag", "NOT_SERVING once the lag passes S", check_max_lag),
     P("--replica-dtype", "int8 rows: within half a step, fewer bytes", check_replica_dtype),
+    P(
+        "--replica-checkpoint-dir",
+        "serves the checkpoint, trainer gone",
+        check_replica_checkpoint_dir,
+    ),
     P("--replica-token-file", "the read token lets a replica sync", check_replica_token_file),
     P("--replica-tls-ca", "a replica syncs over mutual TLS", check_replica_tls),
     P("--replica-tls-cert", "without the client certificate: no sync", check_replica_tls),

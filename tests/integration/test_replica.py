@@ -259,6 +259,46 @@ def test_a_killed_replica_restarts_and_catches_up(cluster_factory, tmp_path: Pat
                 r.kill_all()
 
 
+def test_a_replica_starts_from_the_training_checkpoint(cluster_factory, tmp_path: Path) -> None:
+    """--replica-checkpoint-dir: the replica serves the newest checkpoint at once, then asks
+    the training shard only for what changed since (no resync: same epoch); with the
+    training shards gone, it serves the checkpoint and reports its age as lag."""
+    ck = tmp_path / "ck"
+    trainer = cluster_factory(2, "--evict-every", "0", "--checkpoint-dir", str(ck),
+                              "--no-checkpoint-on-exit")  # fmt: skip
+    follow = ("--replica-of", ",".join(trainer.addresses), *REPLICA_ARGS,
+              "--replica-checkpoint-dir", str(ck))  # fmt: skip
+    with PSClient(trainer.addresses) as ps:
+        for cfg in CONFIGS:
+            ps.create_table(cfg)
+        train(ps, range(0, 3), seed=7)
+        ps.checkpoint(3)
+        at_checkpoint = rows(ps)
+        train(ps, range(3, 6), seed=8)  # changes after the checkpoint: the feed brings them
+        reps = cluster_factory(2, *follow)
+        with PSClient(reps.addresses) as rep:
+            wait_converged(ps, rep, "a replica started from the checkpoint")
+        for stub in _stubs(reps.addresses):
+            assert stub.Stats(pb.StatsRequest(), timeout=5).resyncs == 0  # followed on
+    trainer.kill_all()
+    t0 = time.monotonic()
+    alone = cluster_factory(2, *follow)  # nothing to follow: the checkpoint alone
+    with PSClient(alone.addresses, retry_deadline=1.0) as rep:
+
+        def loaded() -> bool:
+            try:
+                return bool(rows(rep))
+            except EmbpsError:
+                return False
+
+        wait_until(loaded, timeout=20, what="the checkpoint loaded", interval=0.05)
+        got = rows(rep)
+    for t in at_checkpoint:
+        np.testing.assert_array_equal(got[t], at_checkpoint[t])
+    lag = _stubs(alone.addresses)[0].Stats(pb.StatsRequest(), timeout=5).lag_seconds
+    assert lag > time.monotonic() - t0  # at least as old as this part of the test
+
+
 def test_a_restored_training_shard_resynchronises_its_replicas(
     cluster_factory, tmp_path: Path
 ) -> None:
