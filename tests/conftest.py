@@ -1,7 +1,7 @@
 """Shared fixtures: real `embps serve` clusters and in-process shards, stopped at the end.
 
 Helpers (free ports, readiness parsing, bounded waits) live in
-tests/integration/cluster.py.
+tests/support/cluster.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from integration.cluster import Cluster, launch, start_cluster, stop_all
+from support.cluster import Cluster, launch, start_cluster, stop_all
 
 
 @pytest.fixture

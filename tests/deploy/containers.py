@@ -68,7 +68,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -264,15 +263,6 @@ def loopback_addresses(n: int, ports: tuple[int, ...] = (GRPC_PORT, METRICS_PORT
             continue
         return addrs
     raise AssertionError(f"no block of {n} loopback addresses with ports {ports} free")
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> float:
-    """Poll ``pred`` until true (seconds it took) or fail after ``timeout``."""
-    t0 = time.monotonic()
-    while not pred():
-        assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout:.0f}s"
-        time.sleep(every)
-    return time.monotonic() - t0
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:

@@ -228,7 +228,7 @@ def shard():
 
 @pytest.fixture(scope="module")
 def tls_shard(tmp_path_factory):
-    from integration.certs import make_certs
+    from support.certs import make_certs
 
     certs = make_certs(tmp_path_factory.mktemp("certs"))
     yield from _serve(tls_cert=certs.server_cert, tls_key=certs.server_key, tls_client_ca=certs.ca)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support.cluster import wait_until
 
 from .containers import (
     GRPC_PORT,
@@ -43,7 +44,6 @@ from .containers import (
     probe,
     statefulset_pods,
     wait_started,
-    wait_until,
 )
 
 pytestmark = pytest.mark.container

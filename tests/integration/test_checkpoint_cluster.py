@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.cluster import Cluster, launch, start_cluster
 
 from embps.client.ps_client import PSClient
 from embps.client.serving import ExportedModel
@@ -26,8 +27,6 @@ from embps.protos.config import TableConfig
 from embps.protos.routing import shard_of
 from embps.server.durability import CheckpointError, latest_step, list_steps, restore_tables
 from embps.server.durability.export import export
-
-from .cluster import Cluster, launch, start_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 8

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.cluster import wait_until
 
 from embps.client.exceptions import CheckpointFailedError, UnavailableError
 from embps.client.ps_client import PSClient
@@ -30,8 +31,6 @@ from embps.server.durability import latest_step, restore_tables, shard_count_at
 from embps.server.service import ShardConfig, ShardServer, build_server
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .cluster import wait_until
 
 TABLES = (
     TableConfig.from_dict({"name": "user", "dim": 4, "optimizer": {"name": "adagrad", "lr": 0.1}}),

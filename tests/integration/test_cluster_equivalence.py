@@ -15,13 +15,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from support.cluster import Cluster, running_cluster
+from support.sharded_model import ShardedModel
 
 from embps.client import FTRL, SGD, Adagrad, Adam, PSClient, TableConfig
 from embps.protos import codec
 from embps.server.engine import Engine
-
-from .cluster import Cluster, running_cluster
-from .sharded_model import ShardedModel
 
 DIM = 4
 OPTIMIZERS = {

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch)")
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
 
-from .cluster import pid_alive
+from support.cluster import pid_alive
 
 DEMO_TIMEOUT_S = 110.0  # --quick is budgeted at 60 s on 2 cores (numba compile included)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from support.cluster import Cluster, free_port, running_cluster
 
 from embps.client import (
     SGD,
@@ -34,8 +35,6 @@ from embps.protos import codec, limits
 from embps.protos.routing import shard_of
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .cluster import Cluster, free_port, running_cluster
 
 N_SHARDS = 2
 MAX_KEYS = 64

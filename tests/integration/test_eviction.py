@@ -12,14 +12,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from support.cluster import wait_until
 
 from embps.client import SGD, Adagrad, PSClient, TableConfig
 from embps.client.exceptions import ShardMismatchError, TableNotFoundError
 from embps.protos.config import Initializer
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .cluster import wait_until
 
 DIM = 4
 KEYS = np.arange(1, 401, dtype=np.int64)

@@ -31,6 +31,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from support.cluster import Cluster, start_shard, stop_all, wait_until
+from support.sharded_model import ShardedModel
 
 from embps.client import PSClient, TableConfig
 from embps.client.exceptions import (
@@ -40,9 +42,6 @@ from embps.client.exceptions import (
 )
 from embps.protos.routing import shard_of
 from embps.server.durability import latest_step, list_steps, restore_tables
-
-from .cluster import Cluster, start_shard, stop_all, wait_until
-from .sharded_model import ShardedModel
 
 DIM = 4
 TABLE = TableConfig.from_dict({"name": "emb", "dim": DIM, "optimizer": {"name": "sgd", "lr": 0.5}})

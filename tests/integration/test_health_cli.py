@@ -1,7 +1,7 @@
 """`embps health`: real subprocesses against real in-process shards (build_server on port 0).
 
 Plaintext, TLS and mutual-TLS shards with certificates generated per run
-(tests/integration/certs.py); a draining shard (health NOT_SERVING, as
+(tests/support/certs.py); a draining shard (health NOT_SERVING, as
 ``ShardServer.stop`` leaves it); a closed port. Exit codes: 0 SERVING, 1 not
 serving, 2 unreachable or a bad option. stderr holds embps's own one line, not
 gRPC's C-core log lines (unless the user set GRPC_VERBOSITY).
@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.certs import Certs, make_certs
 
 from embps.protos.limits import SERVICE_NAME
 from embps.server.service import ShardConfig, ShardServer, build_server
-
-from .certs import Certs, make_certs
 
 TIMEOUT_S = 3.0  # --timeout of every check
 RUN_LIMIT_S = 30.0  # a hung subprocess fails the test instead of hanging it

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.cluster import free_port
 
 from embps.client import (
     InternalError,
@@ -33,8 +34,6 @@ from embps.server.service import (
 )
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .cluster import free_port
 
 Factory = Callable[..., list[ShardServer]]
 

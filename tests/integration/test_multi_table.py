@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from support.cluster import Cluster, running_cluster
 
 from embps.client import (
     SGD,
@@ -30,8 +31,6 @@ from embps.protos import codec, limits
 from embps.protos.routing import shard_of
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .cluster import Cluster, running_cluster
 
 N_SHARDS = 2
 MAX_KEYS = 256

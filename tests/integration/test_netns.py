@@ -36,12 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.cluster import Cluster, start_shard, stop_all
 
 from embps.client import PSClient, TableConfig
 from embps.client.exceptions import DeadlineExceededError, UnavailableError
 from embps.protos.routing import shard_of
-
-from .cluster import Cluster, start_shard, stop_all
 
 PORT = 50051  # each shard is alone in its namespace
 TABLE = TableConfig.from_dict({"name": "emb", "dim": 4, "optimizer": {"name": "sgd", "lr": 0.5}})

@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from support.cluster import start_shard
 
 from embps.client import SGD, PSClient, TableConfig
 from embps.server.durability import is_private, latest_step
-
-from .cluster import start_shard
 
 DIM = 4
 KEYS = np.arange(300)

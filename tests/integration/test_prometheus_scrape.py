@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from support.cluster import start_cluster
 
 from embps.client import Adagrad, PSClient
-
-from .cluster import start_cluster
 
 LOAD_SECONDS_MAX = 40.0
 

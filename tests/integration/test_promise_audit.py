@@ -39,6 +39,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.certs import Certs, make_certs
+from support.cluster import Cluster, free_port_range, running_cluster, wait_ready, wait_until
 
 from embps.client import (
     FTRL,
@@ -61,9 +63,6 @@ from embps.protos.config import Initializer, TableConfig
 from embps.protos.routing import shard_of
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .certs import Certs, make_certs
-from .cluster import Cluster, free_port_range, running_cluster, wait_ready, wait_until
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 DIM = 4

@@ -24,13 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 from prometheus_client.parser import text_string_to_metric_families
+from support.cluster import wait_until
 
 from embps.client.ps_client import PSClient
 from embps.protos.config import TableConfig
 from embps.server.metrics import ShardMetrics
 from embps.server.service import ShardConfig, ShardServer, build_server
-
-from .cluster import wait_until
 
 TABLE = TableConfig.from_dict({"name": "t", "dim": 4, "optimizer": {"name": "adagrad"}})
 KEYS = np.arange(1000)

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from support.cluster import start_shard, wait_until
 
 from embps.client import Adagrad, PSClient, TableConfig
 from embps.client.exceptions import (
@@ -28,8 +29,6 @@ from embps.client.exceptions import (
 from embps.protos.config import Initializer
 from embps.v1 import embps_pb2 as pb
 from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .cluster import start_shard, wait_until
 
 DIM = 8
 CONFIGS = [
@@ -397,9 +396,9 @@ def test_replica_flags_are_checked(cluster_factory) -> None:
 def test_a_replica_follows_a_mutual_tls_shard_with_a_read_token(
     cluster_factory, tmp_path: Path
 ) -> None:
-    from embps.client import TLSConfig
+    from support.certs import make_certs
 
-    from .certs import make_certs
+    from embps.client import TLSConfig
 
     certs = make_certs(tmp_path / "certs")
     tokens = tmp_path / "tokens"

@@ -2,7 +2,7 @@
 
 Real gRPC servers on 127.0.0.1 (in-process ``build_server`` shards, so the tests
 read the engine directly), real certificates generated per run
-(tests/integration/certs.py), and one real ``embps serve`` process with the
+(tests/support/certs.py), and one real ``embps serve`` process with the
 flags. Every refused call is checked to change nothing in the tables.
 """
 
@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support.certs import Certs, make_certs
+from support.cluster import wait_until
 
 from embps.client import (
     SGD,
@@ -41,9 +43,6 @@ from embps.server.service.auth import (
     load_token_file,
     required_permission,
 )
-
-from .certs import Certs, make_certs
-from .cluster import wait_until
 
 TOKENS = {
     "read": "read-0123456789abcdef-TOKEN",

@@ -29,14 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-
-from embps.client import PSClient, ResourceExhaustedError, UnavailableError
-from embps.protos import codec
-from embps.protos.routing import shard_of
-from embps.v1 import embps_pb2 as pb
-from embps.v1 import embps_pb2_grpc as pb_grpc
-
-from .cluster import (
+from support.cluster import (
     READY_RE,
     START_TIMEOUT_S,
     Cluster,
@@ -45,6 +38,12 @@ from .cluster import (
     wait_ready,
     wait_until,
 )
+
+from embps.client import PSClient, ResourceExhaustedError, UnavailableError
+from embps.protos import codec
+from embps.protos.routing import shard_of
+from embps.v1 import embps_pb2 as pb
+from embps.v1 import embps_pb2_grpc as pb_grpc
 
 Factory = Callable[..., Cluster]
 

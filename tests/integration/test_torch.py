@@ -10,11 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch)")
 
+from support.cluster import Cluster, start_cluster  # noqa: E402
+
 from embps.client import SGD, Adagrad, PSClient, TableConfig  # noqa: E402
 from embps.client.torch import RemoteEmbedding, RemoteEmbeddingBag, unique_inverse  # noqa: E402
 from embps.protos.config import Initializer  # noqa: E402
-
-from .cluster import Cluster, start_cluster  # noqa: E402
 
 V, D = 60, 8
 

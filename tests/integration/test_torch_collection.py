@@ -15,6 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch)")
 
+from support.cluster import Cluster, start_cluster  # noqa: E402
+
 from embps.client import SGD, Adagrad, Adam, PSClient, TableConfig  # noqa: E402
 from embps.client.torch import (  # noqa: E402
     FieldColumns,
@@ -25,8 +27,6 @@ from embps.client.torch import (  # noqa: E402
     RemoteTableConfig,
 )
 from embps.protos.config import Initializer  # noqa: E402
-
-from .cluster import Cluster, start_cluster  # noqa: E402
 
 # torch's own sparse Adagrad (the local reference) warns about its invariant checks
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")

@@ -8,6 +8,15 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from support.reference import (
+    INT64_MAX,
+    INT64_MIN,
+    RefTable,
+    check_map,
+    initial_values,
+    make_reference,
+    reachable_nbytes,
+)
 
 from embps.protos.config import (
     FTRL,
@@ -24,16 +33,6 @@ from embps.server import errors
 from embps.server.engine import Engine
 from embps.server.kernels import hashmap as hm
 from embps.server.tables import Snapshot, Table, make_table
-
-from .reference import (
-    INT64_MAX,
-    INT64_MIN,
-    RefTable,
-    check_map,
-    initial_values,
-    make_reference,
-    reachable_nbytes,
-)
 
 RTOL, ATOL = 1e-6, 1e-7
 DIM = 4

@@ -135,13 +135,17 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``pred()`` until true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+def wait_until(
+    pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> float:
+    """Poll ``pred()`` until true and return the seconds it took; fail the test after
+    ``timeout`` seconds (every test's one polling loop: processes, pods, replicas)."""
+    t0 = time.monotonic()
     while not pred():
-        if time.monotonic() > deadline:
+        if time.monotonic() - t0 > timeout:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+    return time.monotonic() - t0
 
 
 def launch(

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.reference import INT64_MAX, INT64_MIN, check_map, fmix64, home_bucket, slot_hash
 
 from embps.protos.routing import fmix64_one
 from embps.server.kernels import hashmap as hm
-
-from .reference import INT64_MAX, INT64_MIN, check_map, fmix64, home_bucket, slot_hash
 
 EMPTY = INT64_MIN
 

@@ -6,14 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from support.reference import initial_slots, initial_values, n_slots, optimizer_step, sum_by
 
 from embps.protos.config import FTRL, SGD, Adagrad, Adam, Initializer, TableConfig
 from embps.server import optimizers as opt_mod
 from embps.server.kernels import optim as kernels_optim
 from embps.server.kernels import rows as kernels_rows
 from embps.server.tables import make_table
-
-from .reference import initial_slots, initial_values, n_slots, optimizer_step, sum_by
 
 RTOL, ATOL = 1e-6, 1e-7
 DIM = 5

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support.reference import CountMin, initial_values, optimizer_step
 
 from embps.protos.config import SGD, Adagrad, Initializer, TableConfig
 from embps.server.tables import AdaptiveTable, FrequencySketch, make_table
-
-from .reference import CountMin, initial_values, optimizer_step
 
 DIM = 3
 ADAGRAD = Adagrad(lr=0.1, initial_accumulator_value=0.1)

@@ -11,11 +11,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from support.reference import check_map
 
 from embps.protos.config import SGD, Initializer, TableConfig
 from embps.server.tables import Table, make_table
-
-from .reference import check_map
 
 THREADS = 8
 PUSHES = 150

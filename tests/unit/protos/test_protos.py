@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GENERATED = ("embps_pb2.py", "embps_pb2.pyi", "embps_pb2_grpc.py")
 CONSTRAINTS = ROOT / "requirements" / "constraints-dev.txt"
 
