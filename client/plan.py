@@ -78,6 +78,15 @@ def plan_keys(keys: np.ndarray, num_shards: int, first: bool = False) -> Plan:
     return Plan(keys if same else uniq, where, bounds.tolist(), index if first else None, same)
 
 
+def distinct_plan(keys: np.ndarray, bounds: list[int]) -> Plan:
+    """The plan of ``keys`` int64 (u,) that a ``plan_keys`` pass already made distinct and
+    grouped by shard (``bounds``): nothing left to dedup, route or put back. A caller that
+    planned a batch itself (the PyTorch collections) passes it to ``pull_many``,
+    ``push_many`` or ``push_pull`` in place of the keys, so the batch is deduplicated once."""
+    ident = np.arange(keys.shape[0], dtype=np.int64)
+    return Plan(keys, ident, list(bounds), ident, True)
+
+
 def plan_groups(keys: list[np.ndarray], num_shards: int, first: int = 0) -> list[Plan]:
     """``plan_keys`` of many groups of keys in one numba call (``routing.dedup_route_groups``);
     the first ``first`` groups keep their first occurrences (pushes)."""

@@ -794,14 +794,17 @@ class PSClient:
         if unknown:
             raise InvalidArgumentError(f"masks for tables {unknown} that are not pulled")
         itemsize = codec.ITEMSIZE[self.dtype]
-        # Check every group, then dedup and route them all in one numba pass.
+        # Check every group, then dedup and route them all in one numba pass (groups the
+        # caller planned itself, given as a Plan, are taken as they are).
+        given_plans: dict[int, Plan] = {}
         push_in: list[tuple[str, np.ndarray, np.ndarray, int]] = []  # table, keys, grads, dim
         for table, item in push.items():
             if not (isinstance(item, tuple | list) and len(item) == 2):
                 raise InvalidArgumentError(
                     f"push[{table!r}] must be a (keys, grads) pair, got {type(item).__name__}"
                 )
-            karr = np.asarray(item[0])
+            given = item[0]
+            karr = given.keys if isinstance(given, Plan) else np.asarray(given)
             k = as_keys(karr)
             dim = self._dim(table)
             g = as_grads(item[1], karr.shape, k.shape[0], dim)
@@ -810,7 +813,14 @@ class PSClient:
                     f"table {table!r} has dim {dim}; gradients have dim {g.shape[1]}"
                 )
             push_in.append((table, k, g, dim))
-        pull_in = [(table, as_keys(keys)) for table, keys in pull.items()]
+            if isinstance(given, Plan):
+                given_plans[len(push_in) - 1] = given
+        pull_in: list[tuple[str, np.ndarray]] = []
+        for table, keys in pull.items():
+            if isinstance(keys, Plan):
+                given_plans[len(push) + len(pull_in)] = keys
+                keys = keys.keys
+            pull_in.append((table, as_keys(keys)))
         for table, k in pull_in:
             if table in masks and (
                 (m := np.asarray(masks[table])).dtype != np.bool_ or m.size != k.shape[0]
@@ -819,8 +829,18 @@ class PSClient:
                     f"masks[{table!r}] must be a bool array with one entry per key "
                     f"({k.shape[0]}), got {m.dtype} {m.shape}"
                 )
-        plans = plan_groups([k for _, k, _, _ in push_in] + [k for _, k in pull_in], self.num_shards,
-                       first=len(push_in))  # fmt: skip
+        groups = [k for _, k, _, _ in push_in] + [k for _, k in pull_in]
+        todo = [i for i in range(len(groups)) if i not in given_plans]
+        planned = plan_groups([groups[i] for i in todo], self.num_shards,
+                              first=sum(1 for i in todo if i < len(push_in)))  # fmt: skip
+        rest = iter(planned)
+        plans = [given_plans[i] if i in given_plans else next(rest) for i in range(len(groups))]
+        for p in given_plans.values():
+            if len(p.bounds) != self.num_shards + 1:
+                raise InvalidArgumentError(
+                    f"a Plan for {len(p.bounds) - 1} shards given to a client of "
+                    f"{self.num_shards}; plan the keys with this client's shard count"
+                )
         # (table, plan, wire gradients (u, dim), dim) and (table, plan, mask (u,) or None, dim)
         pushes: list[tuple[str, Plan, np.ndarray, int]] = []
         for (table, k, g, dim), plan in zip(push_in, plans, strict=False):

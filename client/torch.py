@@ -75,6 +75,7 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
         "(or the extra: `pip install 'embps[torch]'`)"
     ) from e
 
+from embps.client.plan import Plan, distinct_plan, plan_keys
 from embps.client.ps_client import PSClient
 
 __all__ = [
@@ -421,8 +422,9 @@ class RemoteEmbeddingBag(_RemoteBase):
 # share one), ``forward({feature: ids})`` returns ``{feature: rows}``.
 #
 # Grouping. Per table, the keys of its features are concatenated (in config
-# order) and made distinct once (``unique_inverse``): the table's rows U (m, dim)
-# are pulled once, every feature indexes U with its slice of the inverse, and the
+# order) and made distinct and routed once (``plan.plan_keys``: one numba pass; the
+# client takes that plan as it is, for the pull and for the push, and deduplicates
+# nothing again): the table's rows U (m, dim) are pulled once, every feature indexes U with its slice of the inverse, and the
 # gradient of U (m, dim), which autograd sums over every feature and duplicate,
 # is that table's one push group. One autograd node covers every table, so one
 # ``backward`` is one push of all tables.
@@ -555,14 +557,15 @@ class _Batch:
 class _Gathered:
     """The rows of one batch, per table in config order, and where each feature reads.
 
-    uniq:    per table its distinct keys, int64 (m_t,)
+    uniq:    per table the plan of its distinct keys (``plan.keys`` int64 (m_t,), grouped
+             by shard: the client sends them as they are, and the backward's push too)
     inverse: per table int64 (sum of its features' n_f,): position in uniq of each key,
              its features' keys one after another
     spans:   feature -> (table index, a, b): its keys are inverse[table][a:b]
     rows:    per table float32 (m_t, dim)
     """
 
-    uniq: list[np.ndarray]
+    uniq: list[Plan]
     inverse: list[np.ndarray]
     spans: dict[str, tuple[int, int, int]]
     rows: list[np.ndarray]
@@ -570,10 +573,11 @@ class _Gathered:
 
 @dataclass(frozen=True)
 class _HeldPush:
-    """A backward's push not sent yet: its step and {table: (keys (m,), grads (m, dim))}."""
+    """A backward's push not sent yet: its step and {table: (the plan of its keys (m,),
+    grads (m, dim))}."""
 
     step: int
-    grads: dict[str, tuple[np.ndarray, np.ndarray]]
+    grads: dict[str, tuple[Plan, np.ndarray]]
 
 
 class _BatchPrefetch:
@@ -599,9 +603,7 @@ class _TablesLookup:
 
     __slots__ = ("keys", "owner", "rows")
 
-    def __init__(
-        self, owner: _CollectionBase, keys: list[np.ndarray], rows: list[torch.Tensor]
-    ) -> None:
+    def __init__(self, owner: _CollectionBase, keys: list[Plan], rows: list[torch.Tensor]) -> None:
         self.owner = owner
         self.keys = keys
         self.rows = rows
@@ -731,24 +733,27 @@ class _CollectionBase(_DeviceModule):
     ) -> _Gathered:
         """Group the keys per table, make them distinct, pull every table in one call
         (carrying ``held``, applied first). Runs in the caller or on the pull thread."""
-        uniq: list[np.ndarray] = []
         inverse: list[np.ndarray] = []
+        plans: list[Plan] = []
         spans: dict[str, tuple[int, int, int]] = {}
         for ti, c in enumerate(self.tables):
             parts = [keys[f] for f in c.feature_names]
-            u, inv = unique_inverse(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            # one dedup + route pass per table; the client takes the plan as it is
+            plan = plan_keys(parts[0] if len(parts) == 1 else np.concatenate(parts),
+                             self.client.num_shards)  # fmt: skip
+            u = plan.keys.copy() if plan.same else plan.keys  # never the caller's buffer
+            plans.append(distinct_plan(u, plan.bounds))
+            inverse.append(plan.where)
             a = 0
-            for f, p in zip(c.feature_names, parts, strict=True):
-                spans[f] = (ti, a, a + p.shape[0])
-                a += p.shape[0]
-            uniq.append(u)
-            inverse.append(inv)
-        pull = {c.name: u for c, u in zip(self.tables, uniq, strict=True)}
+            for f, part in zip(c.feature_names, parts, strict=True):
+                spans[f] = (ti, a, a + part.shape[0])
+                a += part.shape[0]
+        pull = {c.name: p for c, p in zip(self.tables, plans, strict=True)}
         if held is None:
             rows = self.client.pull_many(pull, train=train)
         else:
             rows = self.client.push_pull(held.grads, pull, step=held.step, train=train)[1]
-        return _Gathered(uniq, inverse, spans, [rows[c.name] for c in self.tables])
+        return _Gathered(plans, inverse, spans, [rows[c.name] for c in self.tables])
 
     def _take_held(self) -> _HeldPush | None:
         with self._lock:
@@ -845,7 +850,7 @@ class _CollectionBase(_DeviceModule):
         push = {
             c.name: (k, _grad_array(g))
             for c, k, g in zip(self.tables, lookup.keys, grads, strict=True)
-            if g is not None and k.shape[0]
+            if g is not None and k.keys.shape[0]
         }
         if not push:
             return

@@ -463,7 +463,7 @@ def _kept_rows(ps: PSClient, table: str, kept: np.ndarray, staleness: int) -> An
     import torch
     from torch import nn
 
-    from .torch import RemoteEmbedding
+    from embps.client.torch import RemoteEmbedding
 
     class KeptRows(nn.Module):
         def __init__(self) -> None:

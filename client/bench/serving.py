@@ -114,13 +114,8 @@ def measure(train: list[str], replicas: list[str], args: argparse.Namespace) -> 
         best = {"replica": 0.0, "training": 0.0}
         try:
             for _ in range(args.rounds):
-                for name, client in (("replica", rep), ("training", ps)):
-                    t0 = time.perf_counter()
-                    for b in batches:
-                        client.pull("t", b, train=False)
-                    rate = len(batches) * args.batch / (time.perf_counter() - t0)
-                    best[name] = max(best[name], rate)
-                lags += [s_lag for s_lag in _lags(rep)]
+                _pull_round(rep, ps, batches, best)
+                lags += _lags(rep)
             end = time.monotonic() + args.lag_seconds
             while time.monotonic() < end:
                 lags += _lags(rep)
@@ -176,14 +171,22 @@ def measure_dtype(
         if pulls:
             best = {"replica": 0.0, "training": 0.0}
             for _ in range(args.rounds):
-                for name, client in (("replica", rep), ("training", ps)):
-                    t0 = time.perf_counter()
-                    for b in batches:
-                        client.pull("t", b, train=False)
-                    rate = len(batches) * args.batch / (time.perf_counter() - t0)
-                    best[name] = max(best[name], rate)
+                _pull_round(rep, ps, batches, best)
             out["pull_rows_s"], out["training_pull_rows_s"] = best["replica"], best["training"]
     return out
+
+
+def _pull_round(
+    rep: PSClient, ps: PSClient, batches: list[np.ndarray], best: dict[str, float]
+) -> None:
+    """One round of inference pulls of ``batches`` on the replicas, then the same on the
+    training shards; ``best`` keeps each side's best rows/s."""
+    for name, client in (("replica", rep), ("training", ps)):
+        t0 = time.perf_counter()
+        for b in batches:
+            client.pull("t", b, train=False)
+        rate = sum(b.size for b in batches) / (time.perf_counter() - t0)
+        best[name] = max(best[name], rate)
 
 
 def _lags(rep: PSClient) -> list[float]:

@@ -323,6 +323,30 @@ def test_held_push_is_sent_by_the_next_pull_flush_or_eval(ps: PSClient) -> None:
     assert ps.pull(t, [7], train=False)[0, 0] == -10  # no_grad: nothing pushed
 
 
+def test_a_batch_is_deduplicated_once(ps: PSClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collection plans each table's keys (dedup + route) and the client takes the plan
+    as it is, for the pull and for the fused push: the client plans no group again."""
+    import embps.client.ps_client as ps_client
+
+    t = _table(ps, dim=2)
+    ec = RemoteEmbeddingCollection(ps, [RemoteTableConfig(t, ["f", "g"])])
+    replanned: list[int] = []
+    real = ps_client.plan_groups
+
+    def spy(keys: list[np.ndarray], num_shards: int, first: int = 0) -> Any:
+        replanned.extend(k.shape[0] for k in keys)
+        return real(keys, num_shards, first)
+
+    monkeypatch.setattr(ps_client, "plan_groups", spy)
+    for _ in range(3):
+        out = ec({"f": torch.tensor([3, 1, 3, 5]), "g": torch.tensor([[1], [9]])})
+        (out["f"].sum() + out["g"].sum()).backward()
+    ec.flush()
+    assert replanned == [], replanned
+    # and the rows are right: keys 1 and 3 were pulled and pushed twice a step (SGD lr 1)
+    np.testing.assert_array_equal(ps.pull(t, [1, 3, 5, 9], train=False)[:, 0], [-6, -6, -3, -3])
+
+
 def test_two_backwards_before_the_next_pull_send_the_first_alone(ps: PSClient) -> None:
     t = _table(ps, dim=2)
     ec = RemoteEmbeddingCollection(ps, [RemoteTableConfig(t, ["f"])])
