@@ -575,7 +575,13 @@ class PSClient:
         )
 
     # ---------------------------------------------------------------- data
-    def pull(self, table: str, keys: Any, train: bool = True, mask: Any = None) -> np.ndarray:
+    def pull(
+        self,
+        table: str,
+        keys: Any,  # integers, any shape: n keys, duplicates allowed
+        train: bool = True,
+        mask: Any = None,  # bool (n,): True promotes (adaptive tables)
+    ) -> np.ndarray:  # float32 (n, dim)
         """Rows of ``keys``: float32 (n, dim), in the keys' order (n = keys.size).
 
         keys: integer array of any shape, duplicates allowed (flattened).
@@ -634,7 +640,13 @@ class PSClient:
                 self._dims[table] = width
         return assemble_rows(plan, parts, width)
 
-    def push(self, table: str, keys: Any, grads: Any, step: int | None = None) -> PushResult:
+    def push(
+        self,
+        table: str,
+        keys: Any,  # integers, any shape: n keys, duplicates allowed (summed)
+        grads: Any,  # float (n, dim) or keys.shape + (dim,)
+        step: int | None = None,
+    ) -> PushResult:
         """Apply gradients: grads float (n, dim) (or keys.shape + (dim,)), one row per key.
 
         Duplicate keys' gradients are summed. step: the trainer's 0-based global

@@ -311,11 +311,11 @@ class Table:
     # ---------------------------------------------------------------- API
     def pull(
         self,
-        keys: object,
+        keys: object,  # integers, any shape: n keys
         train: bool = True,
-        mask: object | None = None,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
+        mask: object | None = None,  # bool (n,): True promotes (adaptive tables)
+        out: np.ndarray | None = None,  # float32 (n, dim) to fill, else a new array
+    ) -> np.ndarray:  # float32 (n, dim)
         """Rows of ``keys`` (any integer shape, flattened): float32 (n, dim).
 
         train=True creates rows (dynamic), counts sightings (admission,
@@ -342,8 +342,8 @@ class Table:
 
     def push(
         self,
-        keys: object,
-        grads: object,
+        keys: object,  # integers, any shape: n keys
+        grads: object,  # float (n, dim) or keys.shape + (dim,)
         step: int | None = None,
         client_id: str = "",
         sequence: int = 0,
@@ -512,13 +512,13 @@ class Table:
             seconds=time.monotonic() - t0,
         )
 
-    def erase(self, keys: object) -> int:
+    def erase(self, keys: object) -> int:  # keys: integers (n,)
         """Delete the own rows of ``keys`` (dynamic parts only); returns how many were deleted."""
         k = as_keys(keys)
         with self._lock.write():
             return self._erase(k)
 
-    def frequencies(self, keys: object) -> np.ndarray:
+    def frequencies(self, keys: object) -> np.ndarray:  # keys: integers (n,) -> int64 (n,)
         """Training sightings of each key: int64 (n,), in the keys' order. Read only.
 
         A key with an own (dynamic) row reads the row's count (``freq``: training
