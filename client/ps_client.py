@@ -841,18 +841,18 @@ class PSClient:
                     f"masks[{table!r}] must be a bool array with one entry per key "
                     f"({k.shape[0]}), got {m.dtype} {m.shape}"
                 )
-        groups = [k for _, k, _, _ in push_in] + [k for _, k in pull_in]
-        todo = [i for i in range(len(groups)) if i not in given_plans]
-        planned = plan_groups([groups[i] for i in todo], self.num_shards,
-                              first=sum(1 for i in todo if i < len(push_in)))  # fmt: skip
-        rest = iter(planned)
-        plans = [given_plans[i] if i in given_plans else next(rest) for i in range(len(groups))]
         for p in given_plans.values():
             if len(p.bounds) != self.num_shards + 1:
                 raise InvalidArgumentError(
                     f"a Plan for {len(p.bounds) - 1} shards given to a client of "
                     f"{self.num_shards}; plan the keys with this client's shard count"
                 )
+        groups = [k for _, k, _, _ in push_in] + [k for _, k in pull_in]
+        todo = [i for i in range(len(groups)) if i not in given_plans]
+        planned = plan_groups([groups[i] for i in todo], self.num_shards,
+                              first=sum(1 for i in todo if i < len(push_in)))  # fmt: skip
+        rest = iter(planned)
+        plans = [given_plans[i] if i in given_plans else next(rest) for i in range(len(groups))]
         # (table, plan, wire gradients (u, dim), dim) and (table, plan, mask (u,) or None, dim)
         pushes: list[tuple[str, Plan, np.ndarray, int]] = []
         for (table, k, g, dim), plan in zip(push_in, plans, strict=False):

@@ -39,9 +39,11 @@ plus a client certificate for mutual TLS), and a bearer token (``--replica-token
 a ``read`` token suffices: DescribeTables and Changes are reads).
 
 LIMITATIONS. Optimizer slots are not kept, so a replica cannot take over training. A
-float16 replica turns values beyond 65504 into inf. A round reads each changed row once per round, so a table under heavy churn costs
-the training shard about one scan of its arena per ``poll_seconds`` (FEED_SCAN_ROWS rows
-per call, under the shared lock).
+float16 replica turns values beyond 65504 into inf. A round reads each changed row once
+per round, so a table under heavy churn costs the training shard about one scan of its
+arena per ``poll_seconds`` (FEED_SCAN_ROWS rows per call, under the shared lock).
+Starting from a checkpoint restores the training tables whole (slots and metadata
+included) before copying their values: for a moment the replica holds both.
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ import numpy as np
 from embps.protos import codec
 from embps.protos.config import SGD, Eviction, TableConfig, TableKind
 from embps.server.durability import (
-    MANIFEST,
     latest_step,
     read_manifest,
     restore_tables,
@@ -282,7 +283,7 @@ def load_checkpoint(
     path = Path(root) / str(step) / shard_dir_name(shard, num_shards)
     same = summary["old_shards"] == num_shards
     entries = {e["config"]["name"]: e for e in read_manifest(path)["tables"]} if same else {}
-    written = (path / MANIFEST).stat().st_mtime if same else 0.0
+    written = (Path(root) / str(step)).stat().st_mtime  # its shard directories' last rename
     for t in tables:
         rt = ReplicaTable(t.config, engine.source, engine.storage)
         dims = part_dims(t.config, rt.inner)

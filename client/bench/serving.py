@@ -80,19 +80,11 @@ def fill(train: list[str], args: argparse.Namespace) -> None:
 
 def measure(train: list[str], replicas: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """The measurements against running training shards and their replicas."""
-
     rng = np.random.default_rng(0)
     keys = np.arange(args.keys, dtype=np.int64)
     with PSClient(train, timeout=60) as ps, PSClient(replicas, timeout=60) as rep:
         _progress("waiting for the replicas' first sync")
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if sum(s.tables.get("t", {}).get("keys", 0) for s in rep.stats()) == keys.size:
-                    break
-            except Exception:
-                pass
-            time.sleep(0.2)
+        _synced(rep, keys.size)
         stop = threading.Event()
         pushed = [0]
 
