@@ -473,7 +473,12 @@ def load_serve_file(path: str | Path) -> ServeFile:
             )
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"config file {p} is not valid {suffix[1:].upper()}: {e}") from None
-    return parse_serve_doc(doc if doc is not None else {}, source=str(p))
+    if doc is None:  # nothing but blanks and comments: a truncated file or a missing key
+        raise ValueError(
+            f"config file {p} is empty; it must hold a mapping with 'server' and/or 'tables' "
+            "('{}' for none)"
+        )
+    return parse_serve_doc(doc, source=str(p))
 
 
 def parse_serve_doc(doc: Any, source: str = "config") -> ServeFile:

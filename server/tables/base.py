@@ -801,7 +801,11 @@ class Table:
         except those a change-feed follower seen in the last FOLLOWER_TTL_S still needs."""
         with self._lock.write():
             now = time.monotonic()
-            live = [v for v, t in self._followers.values() if now - t < FOLLOWER_TTL_S]
+            with self._count_lock:  # a follower away FOLLOWER_TTL_S is forgotten
+                self._followers = {
+                    f: (v, t) for f, (v, t) in self._followers.items() if now - t < FOLLOWER_TTL_S
+                }
+                live = [v for v, _ in self._followers.values()]
             upto_version = min([upto_version, *live])
             self._trimmed_upto = max(self._trimmed_upto, upto_version)
             self._deleted = [(v, k) for v, k in self._deleted if v > upto_version]

@@ -21,7 +21,12 @@ StatefulSet controller and the kubelet would run, for ``podman kube play``:
 - each ``volumeClaimTemplate`` a PersistentVolumeClaim ``<claim>-<sts>-<i>``,
   mounted through the template's volume name (played only when the volume does
   not exist yet: the controller never re-creates a claim);
-- the ConfigMaps as they are rendered (one volume each, shared by the pods).
+- the ConfigMaps as they are rendered, one volume per pod and ConfigMap (as the
+  kubelet projects a ConfigMap into each pod): podman 4.3's ``kube play``
+  rewrites a ConfigMap's volume in place (truncate, then write) whenever a pod
+  that mounts it is played, so a volume shared by the pods let a shard started
+  a moment earlier read an empty config file (it then served no tables; an
+  empty config file is now an error, server/serve.py).
 
 and does, explicitly, what the kubelet does that podman 4.3 does not:
 
@@ -407,7 +412,7 @@ def statefulset_pods(
             if "configMap" in v:
                 cm = copy.deepcopy(config_maps[v["configMap"]["name"]])
                 cm["metadata"]["name"] = v["configMap"]["name"] = podman.name(
-                    f"{group}-{cm['metadata']['name']}"
+                    f"{group}-{pod_name}-{cm['metadata']['name']}"
                 )
                 out_docs.append(cm)
                 volumes.append(cm["metadata"]["name"])

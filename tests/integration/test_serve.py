@@ -277,6 +277,10 @@ def test_bad_config_file_exits_2(cluster_factory: Factory, tmp_path: Path) -> No
     c = cluster_factory(None, "--config", str(bad))
     assert c.wait() == 2
     assert "dim must be" in c.log()
+    bad.write_text("# nothing but a comment\n")  # a truncated file: never an empty shard
+    c = cluster_factory(None, "--config", str(bad))
+    assert c.wait() == 2
+    assert f"config file {bad} is empty" in c.log()
 
 
 def test_port_in_use_is_a_shard_failure(cluster_factory: Factory) -> None:

@@ -798,3 +798,26 @@ def test_push_replay_windows_travel_with_the_snapshot():
     assert (res.applied, res.dropped, res.replayed) == (0, 0, True)
     np.testing.assert_array_equal(copy.pull(keys, train=False), before)
     assert not copy.push(keys, g, client_id="c", sequence=4).replayed  # the snapshot lacks it
+
+
+def test_trim_keeps_deletions_a_recent_follower_needs_and_forgets_gone_followers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkpoint's trim keeps deletions a follower seen within FOLLOWER_TTL_S still
+    needs; a follower away longer is forgotten (its entry dropped, its deletions trimmed)."""
+    import embps.server.tables.base as base
+
+    t = make_table(TableConfig("t", DIM, optimizer=SGD(lr=0.1)))
+    t.pull(np.arange(10, dtype=np.int64))
+    t.changes(0)  # deletions are kept for the feed from here on
+    t.changes(t.version, epoch=t.epoch, follower="r1")
+    seen = t.version
+    t.erase(np.array([3, 4], dtype=np.int64))
+    t.trim_deleted(t.version)
+    page = t.changes(seen, epoch=t.epoch)
+    assert not page.resync and sorted(page.deleted.tolist()) == [3, 4]  # r1 needs them
+    clock = [base.time.monotonic() + base.FOLLOWER_TTL_S + 1]
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock[0])
+    t.trim_deleted(t.version)
+    assert t._followers == {}
+    assert t.changes(seen, epoch=t.epoch).resync  # r1's deletions are gone: it starts over
