@@ -17,10 +17,23 @@ OptEmbed trains one *supernet* and reads three answers from it:
               and the learned thresholds: ``auc_scorer``), optionally under a bytes
               budget; it returns the best dim per field.
 
-Then ``apply_optembed`` makes it real on the PS: ``Prune`` deletes every row under its
-field's threshold (norms of the full rows, as the mask saw them in training), then
+Then the found architecture trains on (the paper's retraining stage, here in the same
+pass): ``OptEmbedSupernet.fix(dims)`` stops the sampling (field f at d_f in training
+too) and freezes the thresholds, and training goes on over the rest of the data, so the
+dense part learns the architecture it will serve with and the rows it will keep.
+
+Finally ``apply_optembed`` makes it real on the PS: ``Prune`` deletes every row under
+its field's threshold (norms of the full rows, as the mask saw them in training), then
 ``Narrow`` keeps the first d_f columns of every row of field f's table and of its
 optimizer slots, freeing the rest.
+
+WHY RETRAIN IN THE SAME PASS, NOT FROM SCRATCH OR AGAIN. Recommendation models are
+trained one pass over a stream; measured on ``embps bench memory`` (docs/benchmarks.md):
+a second pass of the trained supernet over the same samples overfits (AUC -0.013),
+and a fresh model trained from scratch at the found dims with the pruned ids held at
+zero loses to the supernet (-0.004). Searching part-way (``embps bench memory``: after
+60% of the steps) and training the fixed architecture on the remaining 40% recovered
+most of what the dimension sampling costs.
 
 WHY A SERVER OPERATION (``Narrow``), NOT NEW TABLES FILLED FROM THE OLD. Copying would
 pull every row to the trainer and push it back into a new table: twice the memory on
@@ -135,6 +148,7 @@ class DimensionMask(nn.Module):
         self.schedule = schedule or DimSchedule()
         self.register_buffer("dims", torch.full((num_fields,), dim, dtype=torch.int64))
         self.steps = [0] * num_fields  # training forwards per field
+        self.fixed = False  # ``fix``: training uses ``dims`` too, no sampling
         self._rng = np.random.default_rng(seed)
 
     def sample(self, field: int) -> int:
@@ -146,11 +160,25 @@ class DimensionMask(nn.Module):
             return self.dim
         return self.candidates[int(self._rng.integers(len(self.candidates)))]
 
+    def fix(self, dims: Sequence[int]) -> None:
+        """Stop sampling: from now on training uses ``dims`` (one per field, each a
+        candidate) too, so the model trains the found architecture (columns >= d_f get
+        no gradient) until it is applied."""
+        d = [int(x) for x in dims]
+        if len(d) != self.num_fields or any(x not in self.candidates for x in d):
+            raise ValueError(
+                f"dims must be one of {list(self.candidates)} per field ({self.num_fields}), "
+                f"got {d}"
+            )
+        self.dims[:] = torch.as_tensor(d, dtype=torch.int64)
+        self.fixed = True
+
     def forward(self, field: int, emb: torch.Tensor) -> torch.Tensor:
         """emb float (B, dim) -> (B, dim) with columns >= d_field zero."""
         if emb.dim() != 2 or emb.shape[1] != self.dim:
             raise ValueError(f"emb must be (B, {self.dim}), got {tuple(emb.shape)}")
-        d = self.sample(field) if self.training else int(self.dims[field])
+        sampling = self.training and not self.fixed
+        d = self.sample(field) if sampling else int(self.dims[field])
         if d >= self.dim:
             return emb
         keep = (torch.arange(self.dim, device=emb.device) < d).to(emb.dtype)
@@ -193,8 +221,19 @@ class OptEmbedSupernet(nn.Module):
         return self.dim_mask.num_fields
 
     def regularization(self) -> torch.Tensor:
-        """The threshold regularizer (``OptEmbedMask.regularization``): add it to the loss."""
+        """The threshold regularizer (``OptEmbedMask.regularization``): add it to the loss.
+        Zero once ``fix`` froze the thresholds."""
+        if not self.mask.threshold.requires_grad:
+            return torch.zeros((), dtype=self.mask.threshold.dtype)
         return self.mask.regularization()
+
+    def fix(self, dims: Sequence[int]) -> None:
+        """Fix the found architecture for training on before ``apply_optembed``: field f
+        at width ``dims[f]`` (``DimensionMask.fix``: no more sampling) and the thresholds
+        frozen where they are (no gradient, ``regularization()`` 0), so the rows a later
+        prune keeps, and hence the bytes the search budgeted, stop moving."""
+        self.dim_mask.fix(dims)
+        self.mask.threshold.requires_grad_(False)
 
     def field_forward(self, field: int, emb: torch.Tensor) -> torch.Tensor:
         """One field's rows float (B, d) (d <= dim) -> (B, dim): zero-padded; before

@@ -24,21 +24,22 @@ are paired. Kinds, each with one table set per categorical field (dim 16, Adagra
             thresholds set to the row-norm quantile that fits the budget (magnitude
             pruning after training, no retraining; pruned ids read zeros). Not OptEmbed:
             nothing is learned, the thresholds are read off the row norms.
-  optembed  the whole of OptEmbed (``embps.client.optembed``): dynamic tables trained as
-            a supernet (learned per-field thresholds with their regularizer, uniform
-            dimension sampling over OPTEMBED_DIMS), an evolutionary search of a dim per
-            field (SEARCH / QUICK_SEARCH: held-out AUC on validation samples that follow
-            the test samples, so the test samples never choose; candidates over
-            OPTEMBED_AIM of the dynamic bytes, estimated from the rows the thresholds
-            keep, are not scored), then on the PS: prune under the thresholds and
+  optembed  the whole of OptEmbed (``embps.client.optembed``), in one pass over the same
+            training data: dynamic tables trained as a supernet (learned per-field
+            thresholds with their regularizer, uniform dimension sampling over
+            OPTEMBED_DIMS after OPTEMBED_WARMUP of the steps at full width) for
+            OPTEMBED_SEARCH_AT of the steps; an evolutionary search of a dim per field
+            (``search_budget``: held-out AUC on validation samples that follow the test
+            samples, so the test samples never choose; candidates over OPTEMBED_AIM of
+            the dynamic bytes are not scored, the bytes estimated from the rows the
+            thresholds keep, projected to the end of the pass); the found architecture
+            (``OptEmbedSupernet.fix``: dims fixed, thresholds frozen) trained on the
+            rest of the steps; then on the PS: prune under the thresholds and
             ``Narrow`` each table to its dim. Bytes and AUC are measured after that;
             its target: <= OPTEMBED_BUDGET (35%) of dynamic within OPTEMBED_TOLERANCE
             (0.001) AUC. The search's seconds are reported, and the held-out AUC after
-            each stage (``stages`` in the JSON: supernet, searched dims, applied) with
-            the thresholds over training. OPTEMBED_RETRAIN_STEPS > 0 adds the paper's
-            retraining stage (rows and dense part trained on at the found architecture,
-            pruned ids held at zeros through ``_kept_rows``, never re-admitted); it is
-            off: every retraining measured so far lost AUC (docs/benchmarks.md).
+            each stage (``stages`` in the JSON: supernet at the search, searched dims,
+            found dims trained, applied) with the thresholds over training.
 
 Memory is what the shards report (``PSClient.stats``: every array a table owns,
 index, arena, optimizer slots, metadata, sketch, free list) summed over the kind's
@@ -97,12 +98,13 @@ MIXED_SHARES = (0.45, 0.25, 0.30)  # of a field's budget: dim-16 rows, dim-8 row
 ADAPTIVE_OWN_SHARE = 0.6  # of a field's budget (after the sketch) for own rows at most
 OPTEMBED_BUDGET = 0.35  # OptEmbed's target: bytes <= this fraction of dynamic ...
 OPTEMBED_TOLERANCE = 0.001  # ... within this AUC of dynamic
-OPTEMBED_AIM = 0.32  # the search's bytes limit (estimated), below OPTEMBED_BUDGET
+OPTEMBED_AIM = 0.30  # the search's bytes limit (estimated), below OPTEMBED_BUDGET
 OPTEMBED_DIMS = (1, 2, 4, 8, 16)
-OPTEMBED_WEIGHT = 1e-3  # threshold regularizer weight (2e-3 kept 14% of rows, 4e-4 88%)
-OPTEMBED_RETRAIN_STEPS = 0  # retraining after prune + narrow (off: it lost AUC, see the doc)
+OPTEMBED_WEIGHT = 2e-3  # threshold regularizer weight (docs/benchmarks.md: 1e-3 .. 5e-3)
 OPTEMBED_WARMUP = 0.2  # of the training steps at full width before dims are sampled
 OPTEMBED_FULL_PROB = 0.0  # after warmup: chance a batch uses the full width anyway
+OPTEMBED_SEARCH_AT = 0.6  # of the steps: search, then the found dims train on the rest
+OPTEMBED_FREEZE = True  # after the search the thresholds stay where they are
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,36 @@ class _Session:
     def budget(self, f: int) -> float:
         return AIM * self.profiles[f].bytes
 
+    def model_for(self, embeddings: list[Any]) -> Any:
+        """A DLRM over ``embeddings``, the same dense initialisation for every kind."""
+        import torch
+
+        from embps.client.demo.models import DLRM
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        return DLRM(embeddings, self.data.num_dense, DIM, cfg.bottom, cfg.top,
+                    cfg.concat_embeddings)  # fmt: skip
+
+    def train_part(
+        self,
+        run: KindRun,
+        model: Any,
+        embeddings: list[Any],
+        steps: int,
+        start_step: int = 0,
+        optimizer: Any = None,
+        extra_loss: Callable[[], Any] | None = None,
+    ) -> None:
+        """Train ``model`` on batches ``start_step .. start_step + steps`` (adds the
+        seconds to ``run.train_seconds``)."""
+        cfg = dataclasses.replace(self.cfg, steps=steps, stats_every=max(steps, 1))
+        t0 = time.monotonic()
+        with open(os.devnull, "w") as quiet:
+            train(cfg, self.data, model, embeddings, [], self.ps, self.curve,
+                  Progress(cfg.steps, quiet), extra_loss, start_step, optimizer)  # fmt: skip
+        run.train_seconds += time.monotonic() - t0
+
     def train_eval(
         self,
         run: KindRun,
@@ -308,19 +340,8 @@ class _Session:
 
         Returns the model, closed (its embeddings' threads stopped) unless ``keep``.
         """
-        import torch
-
-        from embps.client.demo.models import DLRM
-
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)  # the same dense initialisation for every kind
-        model = DLRM(embeddings, self.data.num_dense, DIM, cfg.bottom, cfg.top,
-                     cfg.concat_embeddings)  # fmt: skip
-        t0 = time.monotonic()
-        with open(os.devnull, "w") as quiet:
-            train(cfg, self.data, model, embeddings, [], self.ps, self.curve,
-                  Progress(cfg.steps, quiet), extra_loss)  # fmt: skip
-        run.train_seconds = time.monotonic() - t0
+        model = self.model_for(embeddings)
+        self.train_part(run, model, embeddings, self.cfg.steps, extra_loss=extra_loss)
         self.score(run, model)
         if not keep:
             model.close()
@@ -452,59 +473,6 @@ def run_mixed(s: _Session) -> KindRun:
     return run
 
 
-PRUNED_KEY = -1  # the one row every pruned id reads while retraining (times 0: zeros)
-
-
-def _kept_rows(ps: PSClient, table: str, kept: np.ndarray, staleness: int) -> Any:
-    """A ``RemoteEmbedding`` of ``table`` through which only ``kept`` ids (int64 (k,),
-    sorted) read their rows; every other id (pruned, or never seen) reads zeros and gets
-    no row: it is pulled as ``PRUNED_KEY`` (one shared row) and multiplied by 0, so its
-    gradient is 0. Retraining through it cannot re-admit a pruned id."""
-    import torch
-    from torch import nn
-
-    from embps.client.torch import RemoteEmbedding
-
-    class KeptRows(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = RemoteEmbedding(ps, table, staleness=staleness)
-
-        def _keys(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
-            k = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, np.int64)
-            pos = np.minimum(np.searchsorted(kept, k), max(kept.shape[0] - 1, 0))
-            hit = kept[pos] == k if kept.shape[0] else np.zeros(k.shape, bool)
-            return np.where(hit, k, PRUNED_KEY), hit
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            keys, hit = self._keys(ids)
-            rows = self.inner(torch.from_numpy(keys))
-            return rows * torch.from_numpy(hit).to(rows.dtype).unsqueeze(-1)
-
-        def prefetch(self, ids: Any) -> None:
-            self.inner.prefetch(self._keys(ids)[0])
-
-        @property
-        def staleness(self) -> int:
-            return self.inner.staleness
-
-        @property
-        def step(self) -> int:
-            return self.inner.step
-
-        @step.setter
-        def step(self, value: int) -> None:
-            self.inner.step = value
-
-        def flush(self) -> None:
-            self.inner.flush()
-
-        def close(self) -> None:
-            self.inner.close()
-
-    return KeptRows()
-
-
 def optembed_bytes(kept: int, d: int) -> int:
     """Bytes of one shard's dynamic table of ``kept`` rows narrowed to ``d`` after a prune's
     compaction (arena 1.25x rows of values + Adagrad slot + metadata, row keys, buckets)."""
@@ -515,8 +483,8 @@ def optembed_bytes(kept: int, d: int) -> int:
 
 
 def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
-    """Supernet training, evolutionary search, prune + narrow on the PS, then retraining
-    (module doc). ``run.stages``: held-out AUC after each stage, thresholds over training."""
+    """Supernet training, evolutionary search, the found architecture trained on, then
+    prune + narrow on the PS (module doc). ``run.stages``: held-out AUC after each stage, thresholds over training."""
     import torch
 
     from embps.client.optembed import (
@@ -552,22 +520,31 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
         steps_seen[0] += 1
         return net.regularization()
 
-    model = s.train_eval(run, embs, extra_loss=extra, keep=True)
+    model = s.model_for(embs)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.dense_lr)  # one, through every phase
+    search_step = max(1, round(OPTEMBED_SEARCH_AT * cfg.steps))
+    s.train_part(run, model, embs, search_step, optimizer=opt, extra_loss=extra)
     trace.append([round(float(t), 4) for t in net.mask.threshold.detach()])
-    stages: dict[str, Any] = {"thresholds": trace, "supernet": run.auc}
-    # rows each field's learned threshold keeps (full rows, as prune judges them)
-    ids = _distinct_ids(s.data, cfg.train_samples)
-    kept = []
-    kept_ids = []
-    norm_q = []
-    for f, t in enumerate(run.tables):
-        norms = np.linalg.norm(ps.pull(t, ids[f], train=False), axis=1)
-        kept_ids.append(ids[f][norms >= max(float(net.mask.threshold[f].detach()), 0.0)])
-        kept.append(int(kept_ids[-1].shape[0]))
-        norm_q.append([round(float(q), 3) for q in np.quantile(norms, [0.1, 0.5, 0.9, 0.99])])
-    stages["norm_quantiles_10_50_90_99"] = norm_q
-    stages["kept"] = kept
-    stages["rows"] = [int(i.shape[0]) for i in ids]
+    s.score(run, model)
+    stages: dict[str, Any] = {"thresholds": trace, "supernet": run.auc, "search_step": search_step}
+
+    def kept_rows(samples: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(distinct ids, the ids the learned thresholds keep) per field: full rows,
+        as prune judges them."""
+        ids = _distinct_ids(s.data, samples)
+        kept_ids = []
+        for f, t in enumerate(run.tables):
+            norms = np.linalg.norm(ps.pull(t, ids[f], train=False), axis=1)
+            kept_ids.append(ids[f][norms >= max(float(net.mask.threshold[f].detach()), 0.0)])
+        return ids, kept_ids
+
+    ids, kept_ids = kept_rows(search_step * cfg.batch_size)
+    stages["kept_at_search"] = [int(k.shape[0]) for k in kept_ids]
+    # rows at the end of the pass: the share of the ids seen so far that the thresholds
+    # keep, times the field's ids in the whole pass (the dynamic run's profile)
+    kept = [int(k.shape[0] / max(i.shape[0], 1) * p.ids.shape[0])
+            for k, i, p in zip(kept_ids, ids, s.profiles, strict=True)]  # fmt: skip
+    stages["kept_projected"] = kept
     dyn_bytes = sum(p.bytes for p in s.profiles)
 
     def cost(dims: np.ndarray) -> float:
@@ -588,6 +565,20 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     stages["supernet_full"] = test_score(np.full(nf, DIM))
     stages["supernet_searched_dims"] = test_score(found.dims)
     stages["estimated_bytes_fraction"] = cost(found.dims) / dyn_bytes
+    if search_step < cfg.steps:  # the found architecture trains on the rest of the pass
+        if OPTEMBED_FREEZE:
+            net.fix(found.dims.tolist())  # dims and thresholds
+        else:
+            net.dim_mask.fix(found.dims.tolist())  # dims only: the thresholds go on learning
+        s.train_part(run, model, embs, cfg.steps - search_step, start_step=search_step,
+                     optimizer=opt, extra_loss=extra)  # fmt: skip
+        trace.append([round(float(t), 4) for t in net.mask.threshold.detach()])
+        s.score(run, model)
+        stages["found_dims_trained"] = run.auc
+        ids, kept_ids = kept_rows(cfg.train_samples)
+        kept = [int(k.shape[0]) for k in kept_ids]
+    stages["kept"] = kept
+    stages["rows"] = [int(i.shape[0]) for i in ids]
     applied = apply_optembed(ps, run.tables, net, found.dims.tolist())
     with torch.no_grad():
         net.mask.threshold.clamp_(min=0.0)  # as prune read them: a negative one prunes nothing
@@ -599,19 +590,6 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     )
     s.score(run, model)
     stages["applied"] = run.auc
-    if OPTEMBED_RETRAIN_STEPS:
-        model.close()
-        rows = [OptEmbedField(_kept_rows(ps, t, k, cfg.staleness), net, f)
-                for f, (t, k) in enumerate(zip(run.tables, kept_ids, strict=True))]  # fmt: skip
-        model.embeddings = torch.nn.ModuleList(rows)
-        r_cfg = dataclasses.replace(cfg, steps=OPTEMBED_RETRAIN_STEPS,
-                                    stats_every=OPTEMBED_RETRAIN_STEPS)  # fmt: skip
-        t1 = time.monotonic()
-        with open(os.devnull, "w") as quiet:
-            train(r_cfg, s.data, model, rows, [], ps, s.curve, Progress(r_cfg.steps, quiet))
-        run.train_seconds += time.monotonic() - t1
-        s.score(run, model)
-        stages["retrained"] = run.auc
     model.close()
     run.stages = stages
     run.search_seconds = search_s

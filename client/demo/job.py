@@ -439,11 +439,16 @@ def train(
     curve: Any,
     progress: Progress,
     extra_loss: Callable[[], Any] | None = None,
+    start_step: int = 0,
+    optimizer: Any = None,
 ) -> TrainLog:
     """Train ``model`` on ``cfg.steps`` batches; evaluate on ``curve`` and sample memory as it goes.
 
     extra_loss: a term added to each step's loss (e.g. ``OptEmbedMask.regularization``);
-    the logged losses stay the log loss.
+    the logged losses stay the log loss. start_step: the first batch (training goes on
+    where an earlier call stopped: batches ``start_step ..``, the embeddings' step
+    counters from there); optimizer: the dense part's optimizer to go on with (None: a
+    new Adam at ``cfg.dense_lr``).
 
     Pipelined steps (staleness >= 1) pull the next batch's rows while the current
     batch's backward runs; steps ``[steps/2, steps/2 + sync_steps)`` use the
@@ -453,7 +458,11 @@ def train(
 
     log = TrainLog()
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.dense_lr)
+    opt = (
+        optimizer
+        if optimizer is not None
+        else torch.optim.Adam(model.parameters(), lr=cfg.dense_lr)
+    )
     sync_lo = cfg.steps // 2 if cfg.sync_steps and cfg.staleness else cfg.steps
     sync_hi = min(cfg.steps, sync_lo + cfg.sync_steps)
     eval_at = {max(1, round(k * cfg.steps / cfg.evals)) for k in range(1, cfg.evals + 1)}
@@ -486,8 +495,10 @@ def train(
 
     sample_memory(0)
     evaluate(0)
-    _use_embeddings(model, synchronous if is_sync(0) else pipelined, 0)
-    batches = _BatchThread(data.batches(cfg.batch_size, cfg.steps, start=0))
+    _use_embeddings(model, synchronous if is_sync(0) else pipelined, start_step)
+    batches = _BatchThread(
+        data.batches(cfg.batch_size, cfg.steps, start=start_step * cfg.batch_size)
+    )
     try:
         batch = batches.get()
         if not is_sync(0) and cfg.staleness:
@@ -496,7 +507,9 @@ def train(
             ts = time.monotonic()
             if step == sync_lo or (step == sync_hi and step > sync_lo):
                 model.flush()
-                _use_embeddings(model, synchronous if is_sync(step) else pipelined, step)
+                _use_embeddings(
+                    model, synchronous if is_sync(step) else pipelined, start_step + step
+                )
             logits = model(torch.from_numpy(batch.sparse), torch.from_numpy(batch.dense))
             labels = torch.from_numpy(batch.labels)
             nxt = batches.get() if step + 1 < cfg.steps else None

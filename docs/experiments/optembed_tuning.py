@@ -3,11 +3,11 @@
 Runs the dynamic baseline once, then each variant given on the command line (JSON
 objects of ``Variant`` fields) against the same local 2-shard PS, data and held-out
 samples as the benchmark, and prints for each: the thresholds over training, rows kept,
-the held-out AUC of the supernet (full width, thresholds on), at the searched dims
-before and after prune + narrow, after the retraining stage, and the bytes.
+the held-out AUC of the supernet (full width, thresholds on) at the search, at the
+searched dims, after the found dims trained on, after prune + narrow, and the bytes.
 
     OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python docs/experiments/optembed_tuning.py \
-        '{"weight": 2e-3}' '{"weight": 2e-2, "retrain_steps": 300}'
+        '{"weight": 2e-3}' '{"search_at": 1.0}'
 
 ``--steps N`` shortens every training run (the bytes fractions then differ from the
 full run's).
@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from embps.client import optembed as oe
 from embps.client.bench import memory as bm
 from embps.client.demo.job import NUM_SHARDS
 from embps.client.demo.localps import LocalPS
@@ -34,24 +36,38 @@ from embps.client.ps_client import PSClient
 class Variant:
     weight: float = bm.OPTEMBED_WEIGHT
     aim: float = bm.OPTEMBED_AIM
-    retrain_steps: int | None = None  # None: the bench's default
+    search_at: float = bm.OPTEMBED_SEARCH_AT
+    freeze: bool = bm.OPTEMBED_FREEZE
     warmup: float = bm.OPTEMBED_WARMUP
     full_prob: float = bm.OPTEMBED_FULL_PROB
+    eval_samples: int | None = None  # the search's validation samples (None: the bench's)
+    dims: list[int] | None = None  # skip the search: these dims (what would they give?)
 
 
 def run_variant(s: Any, v: Variant, dyn: Any, say: Any) -> dict[str, Any]:
-    old = (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_RETRAIN_STEPS,
+    old = (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE,
            bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB)  # fmt: skip
     bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM = v.weight, v.aim
     bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB = v.warmup, v.full_prob
-    if v.retrain_steps is not None:
-        bm.OPTEMBED_RETRAIN_STEPS = v.retrain_steps
+    bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE = v.search_at, v.freeze
+    search, budget = oe.evolutionary_search, bm.search_budget
+    if v.dims is not None:
+        forced = np.array(v.dims, dtype=np.int64)
+
+        def fixed(score: Any, *a: Any, **k: Any) -> oe.SearchResult:
+            return oe.SearchResult(forced, score(forced), [], 1)
+
+        oe.evolutionary_search = fixed  # type: ignore[assignment]
+    if v.eval_samples is not None:
+        n = v.eval_samples
+        bm.search_budget = lambda quick: dataclasses.replace(budget(quick), eval_samples=n)  # type: ignore[assignment]
     try:
         t0 = time.monotonic()
         run = bm.run_optembed(s, say)
         s.drop(run)
     finally:
-        (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_RETRAIN_STEPS,
+        oe.evolutionary_search, bm.search_budget = search, budget  # type: ignore[assignment]
+        (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE,
          bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB) = old  # fmt: skip
     se = bm.auc_difference_se(s.heldout.labels, run.probs, dyn.probs)
     return {

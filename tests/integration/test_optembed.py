@@ -193,30 +193,3 @@ def test_regularizer_moves_the_thresholds_up_from_their_init() -> None:
     assert moved[1] > 0.3, moved  # 100 Adam steps of 5e-3 at most: 0.5
     assert moved[0] < moved[1] - 0.2, moved  # the task loss holds the useful field back
     assert trained(0.0)[1] < moved[1] - 0.2
-
-
-def test_retraining_rows_never_readmit_a_pruned_id(inproc_factory: Factory) -> None:
-    """The bench's retraining stage trains rows through ``_kept_rows``: kept ids learn,
-    every other id reads zeros and gets no row (only the one shared PRUNED_KEY row)."""
-    torch = pytest.importorskip("torch")
-    from embps.client.bench import memory as bm
-
-    cfg = TableConfig("t", 4, optimizer=Adagrad(lr=0.1), seed=1)
-    servers = inproc_factory(2, tables=(cfg,))
-    ids = np.arange(100, dtype=np.int64)
-    kept = ids[::2]
-    with PSClient([s.address for s in servers]) as ps:
-        ps.pull("t", kept)  # the kept ids have rows, the others were pruned
-        before = ps.pull("t", kept, train=False)
-        emb = bm._kept_rows(ps, "t", kept, staleness=1)
-        for _ in range(3):
-            batch = torch.from_numpy(np.concatenate([ids, ids[::-1]]))
-            emb.prefetch(batch)
-            out = emb(batch)
-            np.testing.assert_array_equal(out[batch % 2 == 1].detach().numpy(), 0.0)
-            out.sum().backward()
-        emb.close()
-        rows = sum(s.tables["t"]["keys"] for s in ps.stats("t"))
-        assert rows == kept.shape[0] + 1  # the kept ids and PRUNED_KEY, no pruned id
-        np.testing.assert_array_equal(ps.pull("t", ids[1::2], train=False), 0.0)
-        assert (ps.pull("t", kept, train=False) != before).all()

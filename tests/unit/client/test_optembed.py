@@ -68,6 +68,41 @@ def test_eval_uses_the_fixed_architecture() -> None:
     assert dm(0, x).sum().item() == 3 * 2 and dm(1, x).sum().item() == 3 * 6
 
 
+def test_fixed_dims_train_the_found_architecture_without_sampling() -> None:
+    """After ``fix``, training forwards use the fixed dims (no draw, step counters stay),
+    so only each field's first d_f columns learn; dims outside the candidates are refused."""
+    dm = DimensionMask(2, DIM, candidates=(1, 2, 4, DIM)).train()
+    dm.fix([2, 4])
+    for _ in range(20):
+        emb = torch.randn(3, DIM, requires_grad=True)
+        (dm(0, emb) * torch.randn(3, DIM)).sum().backward()
+        assert emb.grad is not None
+        np.testing.assert_array_equal(emb.grad[:, 2:].numpy(), 0.0)
+        assert (emb.grad[:, :2] != 0).all()
+        assert dm(1, torch.ones(3, DIM)).sum().item() == 3 * 4
+    assert dm.steps == [0, 0]
+    with pytest.raises(ValueError, match=r"dims must be one of \[1, 2, 4, 8\] per field \(2\)"):
+        dm.fix([3, 4])
+    with pytest.raises(ValueError, match="per field"):
+        dm.fix([2])
+    assert dm.dims.tolist() == [2, 4]  # a refused fix changes nothing
+
+
+def test_a_fixed_supernet_freezes_its_thresholds() -> None:
+    """``OptEmbedSupernet.fix``: dims fixed and thresholds frozen: no gradient reaches
+    them, the regularizer is 0, so the rows a prune will keep stop moving."""
+    net = OptEmbedSupernet(num_fields=1, dim=DIM, candidates=(2, DIM), init_threshold=0.01)
+    table = torch.nn.Embedding(10, DIM)
+    assert net.regularization().item() > 0
+    net.fix([2])
+    out = OptEmbedField(table, net, 0)(torch.tensor([1, 4, 7]))
+    ((out**2).sum() + net.regularization()).backward()
+    assert net.regularization().item() == 0.0
+    assert net.mask.threshold.grad is None and not net.mask.threshold.requires_grad
+    assert net.dim_mask.fixed and net.dim_mask.dims.tolist() == [2]
+    np.testing.assert_array_equal(out[:, 2:].detach().numpy(), 0.0)
+
+
 def test_bad_masks_are_refused() -> None:
     with pytest.raises(ValueError, match="candidates must be dims in"):
         DimensionMask(2, DIM, candidates=(0, 4))
