@@ -193,3 +193,43 @@ def test_regularizer_moves_the_thresholds_up_from_their_init() -> None:
     assert moved[1] > 0.3, moved  # 100 Adam steps of 5e-3 at most: 0.5
     assert moved[0] < moved[1] - 0.2, moved  # the task loss holds the useful field back
     assert trained(0.0)[1] < moved[1] - 0.2
+
+
+def test_training_goes_on_where_an_earlier_call_stopped(inproc_factory: Factory) -> None:
+    """``train(start_step=k, optimizer=opt)`` (how the bench's OptEmbed trains the found
+    architecture after its search): batches from k on, the same dense optimizer going on
+    (its step count adds up), the embeddings' step counters from k."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    from embps.client.bench import memory as bm
+    from embps.client.demo.job import Progress, train
+    from embps.client.torch import RemoteEmbedding
+
+    cfg = bm.demo_config(bm.Preset(steps=3, batch_size=64, eval_samples=256), 0, quick=True)
+    data = bm.make_data(0)
+    tables = tuple(TableConfig(f"f{f}", bm.DIM, optimizer=Adagrad(lr=0.05)) for f in range(4))
+    servers = inproc_factory(2, tables=tables)
+    starts: list[int] = []
+
+    class Spy:
+        num_fields, num_dense = data.num_fields, data.num_dense
+
+        def batches(self, batch_size: int, n: int, start: int = 0) -> Any:
+            starts.append(start)
+            return data.batches(batch_size, n, start)
+
+    with PSClient([s.address for s in servers]) as ps:
+        embs = [RemoteEmbedding(ps, t.name, staleness=1) for t in tables]
+        s = bm._Session(ps, cfg, data, data.generate(10_000, 256))
+        model = s.model_for(embs)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.dense_lr)
+        curve = s.curve
+        train(cfg, Spy(), model, embs, [], ps, curve, Progress(3, io.StringIO()), optimizer=opt)
+        train(cfg, Spy(), model, embs, [], ps, curve, Progress(3, io.StringIO()),
+              start_step=3, optimizer=opt)  # fmt: skip
+        model.close()
+    assert starts == [0, 3 * 64]
+    first = next(p for p in model.parameters() if p in opt.state)
+    assert int(opt.state[first]["step"]) == 6  # one optimizer through both calls
+    assert [e.step for e in embs] == [6] * 4  # counted on from 3, not restarted at 0
