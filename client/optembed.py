@@ -190,6 +190,13 @@ class OptEmbedSupernet(nn.Module):
     dimension mask. ``deployed`` (set by ``apply_optembed``): the PS tables are pruned and
     narrowed, so fields only pad their rows back to ``dim``.
 
+    masked_rows_learn: a row under its threshold reads zeros but still gets the whole
+    gradient of its output (besides the step's; a dense straight-through gradient, as in
+    dynamic sparse training), so it can learn its way over the threshold. False (the paper's mask): it
+    gets only the step's straight-through gradient through its norm, so it can only grow
+    or shrink along the direction it has; a new id admitted after the thresholds rose
+    (ids keep arriving in a stream) starts under them and stays nearly frozen.
+
     Example::
 
         net = OptEmbedSupernet(num_fields=4, dim=16, candidates=(1, 2, 4, 8, 16))
@@ -209,11 +216,13 @@ class OptEmbedSupernet(nn.Module):
         init_threshold: float = 0.0,
         weight: float = 1e-4,
         seed: int = 0,
+        masked_rows_learn: bool = False,
     ) -> None:
         super().__init__()
         self.mask = OptEmbedMask(num_fields, norm, init_threshold, weight)
         self.dim_mask = DimensionMask(num_fields, dim, candidates, schedule, seed)
         self.dim = dim
+        self.masked_rows_learn = masked_rows_learn
         self.deployed = False
 
     @property
@@ -243,8 +252,11 @@ class OptEmbedSupernet(nn.Module):
         if self.deployed:
             return emb
         norms = torch.linalg.vector_norm(emb, ord=_NORM_ORD[self.mask.norm], dim=-1)
-        keep = _StraightThroughStep.apply(norms - self.mask.threshold[field])
-        return self.dim_mask(field, emb * keep.unsqueeze(-1))
+        keep = _StraightThroughStep.apply(norms - self.mask.threshold[field]).unsqueeze(-1)
+        out = emb * keep
+        if self.masked_rows_learn:  # value unchanged (0 added); masked rows' gradient: whole
+            out = out + (emb - emb.detach()) * (1.0 - keep.detach())
+        return self.dim_mask(field, out)
 
 
 class OptEmbedField(nn.Module):

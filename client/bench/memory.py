@@ -105,6 +105,7 @@ OPTEMBED_WARMUP = 0.2  # of the training steps at full width before dims are sam
 OPTEMBED_FULL_PROB = 0.0  # after warmup: chance a batch uses the full width anyway
 OPTEMBED_SEARCH_AT = 0.6  # of the steps: search, then the found dims train on the rest
 OPTEMBED_FREEZE = True  # after the search the thresholds stay where they are
+OPTEMBED_MASKED_ROWS_LEARN = False  # rows under a threshold get their whole gradient
 
 
 @dataclass(frozen=True)
@@ -505,7 +506,7 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     schedule = DimSchedule(warmup_steps=int(OPTEMBED_WARMUP * cfg.steps),
                            full_prob=OPTEMBED_FULL_PROB)  # fmt: skip
     net = OptEmbedSupernet(nf, DIM, OPTEMBED_DIMS, schedule, weight=OPTEMBED_WEIGHT,
-                           seed=cfg.seed)  # fmt: skip
+                           seed=cfg.seed, masked_rows_learn=OPTEMBED_MASKED_ROWS_LEARN)  # fmt: skip
     embs = [
         OptEmbedField(RemoteEmbedding(ps, t, staleness=cfg.staleness), net, f)
         for f, t in enumerate(run.tables)

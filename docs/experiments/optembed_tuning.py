@@ -38,6 +38,7 @@ class Variant:
     aim: float = bm.OPTEMBED_AIM
     search_at: float = bm.OPTEMBED_SEARCH_AT
     freeze: bool = bm.OPTEMBED_FREEZE
+    masked_rows_learn: bool = bm.OPTEMBED_MASKED_ROWS_LEARN
     warmup: float = bm.OPTEMBED_WARMUP
     full_prob: float = bm.OPTEMBED_FULL_PROB
     eval_samples: int | None = None  # the search's validation samples (None: the bench's)
@@ -45,11 +46,12 @@ class Variant:
 
 
 def run_variant(s: Any, v: Variant, dyn: Any, say: Any) -> dict[str, Any]:
-    old = (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE,
+    old = (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE, bm.OPTEMBED_MASKED_ROWS_LEARN,
            bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB)  # fmt: skip
     bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM = v.weight, v.aim
     bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB = v.warmup, v.full_prob
     bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE = v.search_at, v.freeze
+    bm.OPTEMBED_MASKED_ROWS_LEARN = v.masked_rows_learn
     search, budget = oe.evolutionary_search, bm.search_budget
     if v.dims is not None:
         forced = np.array(v.dims, dtype=np.int64)
@@ -67,7 +69,7 @@ def run_variant(s: Any, v: Variant, dyn: Any, say: Any) -> dict[str, Any]:
         s.drop(run)
     finally:
         oe.evolutionary_search, bm.search_budget = search, budget  # type: ignore[assignment]
-        (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE,
+        (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE, bm.OPTEMBED_MASKED_ROWS_LEARN,
          bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB) = old  # fmt: skip
     se = bm.auc_difference_se(s.heldout.labels, run.probs, dyn.probs)
     return {

@@ -103,6 +103,26 @@ def test_a_fixed_supernet_freezes_its_thresholds() -> None:
     np.testing.assert_array_equal(out[:, 2:].detach().numpy(), 0.0)
 
 
+@pytest.mark.parametrize("learn", [False, True])
+def test_rows_under_the_threshold_read_zeros_and_learn_only_if_asked(learn: bool) -> None:
+    """A row under its threshold reads zeros either way. Its gradient: with
+    ``masked_rows_learn`` also the whole gradient of its output (it can turn towards what
+    the loss wants); without, only the step's straight-through part along the row."""
+    net = OptEmbedSupernet(1, DIM, candidates=(DIM,), init_threshold=10.0, masked_rows_learn=learn)
+    row = torch.full((1, DIM), 0.1, requires_grad=True)  # norm 0.28 < 10
+    out = net.field_forward(0, row)
+    np.testing.assert_array_equal(out.detach().numpy(), 0.0)
+    want = torch.arange(DIM, dtype=torch.float32).unsqueeze(0)  # d loss / d out
+    (out * want).sum().backward()
+    assert row.grad is not None
+    # the step's straight-through part, (want . row) * row / |row|: parallel to the row
+    r = row.detach()
+    par = float((want * r).sum()) * r / float(r.norm())
+    expected = par + want if learn else par
+    np.testing.assert_allclose(row.grad.numpy(), expected.numpy(), rtol=1e-5)
+    assert net.mask.threshold.grad is not None and net.mask.threshold.grad.item() != 0
+
+
 def test_bad_masks_are_refused() -> None:
     with pytest.raises(ValueError, match="candidates must be dims in"):
         DimensionMask(2, DIM, candidates=(0, 4))
