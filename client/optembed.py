@@ -197,6 +197,12 @@ class OptEmbedSupernet(nn.Module):
     or shrink along the direction it has; a new id admitted after the thresholds rose
     (ids keep arriving in a stream) starts under them and stays nearly frozen.
 
+    step_grad_to_rows: the step's straight-through gradient reaches the rows as well as
+    the thresholds (the paper's mask: each row also gets (g . e) e / |e|, a push along
+    itself, kept or not). False: the row norms the step compares are constants to
+    autograd, so only the thresholds learn from the step; a kept row's gradient is
+    then exactly the model's (measured: docs/benchmarks.md, "OptEmbed on a second seed").
+
     Example::
 
         net = OptEmbedSupernet(num_fields=4, dim=16, candidates=(1, 2, 4, 8, 16))
@@ -217,12 +223,14 @@ class OptEmbedSupernet(nn.Module):
         weight: float = 1e-4,
         seed: int = 0,
         masked_rows_learn: bool = False,
+        step_grad_to_rows: bool = True,
     ) -> None:
         super().__init__()
         self.mask = OptEmbedMask(num_fields, norm, init_threshold, weight)
         self.dim_mask = DimensionMask(num_fields, dim, candidates, schedule, seed)
         self.dim = dim
         self.masked_rows_learn = masked_rows_learn
+        self.step_grad_to_rows = step_grad_to_rows
         self.deployed = False
 
     @property
@@ -251,7 +259,8 @@ class OptEmbedSupernet(nn.Module):
             emb = nn.functional.pad(emb, (0, self.dim - emb.shape[-1]))
         if self.deployed:
             return emb
-        norms = torch.linalg.vector_norm(emb, ord=_NORM_ORD[self.mask.norm], dim=-1)
+        rows = emb if self.step_grad_to_rows else emb.detach()
+        norms = torch.linalg.vector_norm(rows, ord=_NORM_ORD[self.mask.norm], dim=-1)
         keep = _StraightThroughStep.apply(norms - self.mask.threshold[field]).unsqueeze(-1)
         out = emb * keep
         if self.masked_rows_learn:  # value unchanged (0 added); masked rows' gradient: whole

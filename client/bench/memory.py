@@ -106,6 +106,7 @@ OPTEMBED_FULL_PROB = 0.5  # after warmup: chance a batch uses the full width any
 OPTEMBED_SEARCH_AT = 0.6  # of the steps: search, then the found dims train on the rest
 OPTEMBED_FREEZE = True  # after the search the thresholds stay where they are
 OPTEMBED_MASKED_ROWS_LEARN = True  # rows under a threshold get their whole gradient too
+OPTEMBED_STEP_GRAD_TO_ROWS = True  # the mask's straight-through gradient reaches the rows too
 
 
 @dataclass(frozen=True)
@@ -506,7 +507,8 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     schedule = DimSchedule(warmup_steps=int(OPTEMBED_WARMUP * cfg.steps),
                            full_prob=OPTEMBED_FULL_PROB)  # fmt: skip
     net = OptEmbedSupernet(nf, DIM, OPTEMBED_DIMS, schedule, weight=OPTEMBED_WEIGHT,
-                           seed=cfg.seed, masked_rows_learn=OPTEMBED_MASKED_ROWS_LEARN)  # fmt: skip
+                           seed=cfg.seed, masked_rows_learn=OPTEMBED_MASKED_ROWS_LEARN,
+                           step_grad_to_rows=OPTEMBED_STEP_GRAD_TO_ROWS)  # fmt: skip
     embs = [
         OptEmbedField(RemoteEmbedding(ps, t, staleness=cfg.staleness), net, f)
         for f, t in enumerate(run.tables)

@@ -39,6 +39,7 @@ class Variant:
     search_at: float = bm.OPTEMBED_SEARCH_AT
     freeze: bool = bm.OPTEMBED_FREEZE
     masked_rows_learn: bool = bm.OPTEMBED_MASKED_ROWS_LEARN
+    step_grad_to_rows: bool = bm.OPTEMBED_STEP_GRAD_TO_ROWS
     warmup: float = bm.OPTEMBED_WARMUP
     full_prob: float = bm.OPTEMBED_FULL_PROB
     eval_samples: int | None = None  # the search's validation samples (None: the bench's)
@@ -46,12 +47,13 @@ class Variant:
 
 
 def run_variant(s: Any, v: Variant, dyn: Any, say: Any) -> dict[str, Any]:
-    old = (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE, bm.OPTEMBED_MASKED_ROWS_LEARN,
+    old = (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE, bm.OPTEMBED_MASKED_ROWS_LEARN, bm.OPTEMBED_STEP_GRAD_TO_ROWS,
            bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB)  # fmt: skip
     bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM = v.weight, v.aim
     bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB = v.warmup, v.full_prob
     bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE = v.search_at, v.freeze
     bm.OPTEMBED_MASKED_ROWS_LEARN = v.masked_rows_learn
+    bm.OPTEMBED_STEP_GRAD_TO_ROWS = v.step_grad_to_rows
     search, budget = oe.evolutionary_search, bm.search_budget
     if v.dims is not None:
         forced = np.array(v.dims, dtype=np.int64)
@@ -69,7 +71,7 @@ def run_variant(s: Any, v: Variant, dyn: Any, say: Any) -> dict[str, Any]:
         s.drop(run)
     finally:
         oe.evolutionary_search, bm.search_budget = search, budget  # type: ignore[assignment]
-        (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE, bm.OPTEMBED_MASKED_ROWS_LEARN,
+        (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE, bm.OPTEMBED_MASKED_ROWS_LEARN, bm.OPTEMBED_STEP_GRAD_TO_ROWS,
          bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB) = old  # fmt: skip
     se = bm.auc_difference_se(s.heldout.labels, run.probs, dyn.probs)
     return {

@@ -123,6 +123,26 @@ def test_rows_under_the_threshold_read_zeros_and_learn_only_if_asked(learn: bool
     assert net.mask.threshold.grad is not None and net.mask.threshold.grad.item() != 0
 
 
+@pytest.mark.parametrize("to_rows", [True, False])
+def test_the_steps_gradient_reaches_the_rows_only_if_asked(to_rows: bool) -> None:
+    """A kept row's gradient: the model's, plus, with ``step_grad_to_rows`` (the paper's
+    mask), the step's straight-through push along the row, (g . e) e / |e|. The
+    threshold learns from the step either way."""
+    net = OptEmbedSupernet(1, DIM, candidates=(DIM,), init_threshold=0.01,
+                           step_grad_to_rows=to_rows)  # fmt: skip
+    row = torch.full((1, DIM), 0.1, requires_grad=True)  # norm 0.28 > 0.01: kept
+    out = net.field_forward(0, row)
+    np.testing.assert_allclose(out.detach().numpy(), row.detach().numpy())
+    want = torch.arange(DIM, dtype=torch.float32).unsqueeze(0)  # d loss / d out
+    (out * want).sum().backward()
+    assert row.grad is not None
+    r = row.detach()
+    par = float((want * r).sum()) * r / float(r.norm())
+    expected = want + par if to_rows else want
+    np.testing.assert_allclose(row.grad.numpy(), expected.numpy(), rtol=1e-5)
+    assert net.mask.threshold.grad is not None and net.mask.threshold.grad.item() != 0
+
+
 def test_bad_masks_are_refused() -> None:
     with pytest.raises(ValueError, match="candidates must be dims in"):
         DimensionMask(2, DIM, candidates=(0, 4))
