@@ -192,10 +192,11 @@ class OptEmbedSupernet(nn.Module):
 
     masked_rows_learn: a row under its threshold reads zeros but still gets the whole
     gradient of its output (besides the step's; a dense straight-through gradient, as in
-    dynamic sparse training), so it can learn its way over the threshold. False (the paper's mask): it
-    gets only the step's straight-through gradient through its norm, so it can only grow
-    or shrink along the direction it has; a new id admitted after the thresholds rose
-    (ids keep arriving in a stream) starts under them and stays nearly frozen.
+    dynamic sparse training), so it can learn its way over the threshold. False (the
+    paper's mask): it gets only the step's straight-through gradient through its norm,
+    so it can only grow or shrink along the direction it has; a new id admitted after
+    the thresholds rose (ids keep arriving in a stream) starts under them and stays
+    nearly frozen.
 
     step_grad_to_rows: the step's straight-through gradient reaches the rows as well as
     the thresholds (the paper's mask: each row also gets (g . e) e / |e|, a push along

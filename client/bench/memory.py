@@ -486,7 +486,8 @@ def optembed_bytes(kept: int, d: int) -> int:
 
 def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     """Supernet training, evolutionary search, the found architecture trained on, then
-    prune + narrow on the PS (module doc). ``run.stages``: held-out AUC after each stage, thresholds over training."""
+    prune + narrow on the PS (module doc). ``run.stages``: held-out AUC after each stage,
+    thresholds over training."""
     import torch
 
     from embps.client.optembed import (
@@ -515,11 +516,14 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     ]
     trace: list[list[float]] = []
 
+    def snap_thresholds() -> None:
+        trace.append([round(float(t), 4) for t in net.mask.threshold.detach()])
+
     steps_seen = [0]
 
     def extra() -> Any:
         if steps_seen[0] % max(cfg.steps // 10, 1) == 0:
-            trace.append([round(float(t), 4) for t in net.mask.threshold.detach()])
+            snap_thresholds()
         steps_seen[0] += 1
         return net.regularization()
 
@@ -527,21 +531,24 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.dense_lr)  # one, through every phase
     search_step = max(1, round(OPTEMBED_SEARCH_AT * cfg.steps))
     s.train_part(run, model, embs, search_step, optimizer=opt, extra_loss=extra)
-    trace.append([round(float(t), 4) for t in net.mask.threshold.detach()])
+    snap_thresholds()
     s.score(run, model)
     stages: dict[str, Any] = {"thresholds": trace, "supernet": run.auc, "search_step": search_step}
 
-    def kept_rows(samples: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(distinct ids, the ids the learned thresholds keep) per field: full rows,
-        as prune judges them."""
-        ids = _distinct_ids(s.data, samples)
+    def kept_rows(ids: list[np.ndarray]) -> list[np.ndarray]:
+        """Of each field's ``ids``, those the learned thresholds keep: full rows, as
+        prune judges them."""
         kept_ids = []
         for f, t in enumerate(run.tables):
             norms = np.linalg.norm(ps.pull(t, ids[f], train=False), axis=1)
             kept_ids.append(ids[f][norms >= max(float(net.mask.threshold[f].detach()), 0.0)])
-        return ids, kept_ids
+        return kept_ids
 
-    ids, kept_ids = kept_rows(search_step * cfg.batch_size)
+    pass_ids = [p.ids for p in s.profiles]  # every training id (the dynamic run's profile)
+    ids = (
+        _distinct_ids(s.data, search_step * cfg.batch_size) if search_step < cfg.steps else pass_ids
+    )
+    kept_ids = kept_rows(ids)
     stages["kept_at_search"] = [int(k.shape[0]) for k in kept_ids]
     # rows at the end of the pass: the share of the ids seen so far that the thresholds
     # keep, times the field's ids in the whole pass (the dynamic run's profile)
@@ -575,11 +582,11 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
             net.dim_mask.fix(found.dims.tolist())  # dims only: the thresholds go on learning
         s.train_part(run, model, embs, cfg.steps - search_step, start_step=search_step,
                      optimizer=opt, extra_loss=extra)  # fmt: skip
-        trace.append([round(float(t), 4) for t in net.mask.threshold.detach()])
+        snap_thresholds()
         s.score(run, model)
         stages["found_dims_trained"] = run.auc
-        ids, kept_ids = kept_rows(cfg.train_samples)
-        kept = [int(k.shape[0]) for k in kept_ids]
+        ids = pass_ids
+        kept = [int(k.shape[0]) for k in kept_rows(ids)]
     stages["kept"] = kept
     stages["rows"] = [int(i.shape[0]) for i in ids]
     applied = apply_optembed(ps, run.tables, net, found.dims.tolist())

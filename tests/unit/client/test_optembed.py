@@ -103,24 +103,34 @@ def test_a_fixed_supernet_freezes_its_thresholds() -> None:
     np.testing.assert_array_equal(out[:, 2:].detach().numpy(), 0.0)
 
 
+def _row_grad(
+    net: OptEmbedSupernet,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A row of 0.1s (norm 0.28) through field 0 with d loss / d out = 0, 1, ..., DIM-1:
+    (the row, what the field output, its gradient, the step's straight-through part of
+    it, (want . row) row / |row|, parallel to the row)."""
+    row = torch.full((1, DIM), 0.1, requires_grad=True)
+    out = net.field_forward(0, row)
+    want = torch.arange(DIM, dtype=torch.float32).unsqueeze(0)
+    (out * want).sum().backward()
+    assert row.grad is not None
+    assert net.mask.threshold.grad is not None and net.mask.threshold.grad.item() != 0
+    r = row.detach()
+    return r, out.detach(), row.grad, float((want * r).sum()) * r / float(r.norm())
+
+
 @pytest.mark.parametrize("learn", [False, True])
 def test_rows_under_the_threshold_read_zeros_and_learn_only_if_asked(learn: bool) -> None:
     """A row under its threshold reads zeros either way. Its gradient: with
     ``masked_rows_learn`` also the whole gradient of its output (it can turn towards what
-    the loss wants); without, only the step's straight-through part along the row."""
+    the loss wants); without, only the step's straight-through part along the row. The
+    threshold learns from the step either way."""
     net = OptEmbedSupernet(1, DIM, candidates=(DIM,), init_threshold=10.0, masked_rows_learn=learn)
-    row = torch.full((1, DIM), 0.1, requires_grad=True)  # norm 0.28 < 10
-    out = net.field_forward(0, row)
-    np.testing.assert_array_equal(out.detach().numpy(), 0.0)
-    want = torch.arange(DIM, dtype=torch.float32).unsqueeze(0)  # d loss / d out
-    (out * want).sum().backward()
-    assert row.grad is not None
-    # the step's straight-through part, (want . row) * row / |row|: parallel to the row
-    r = row.detach()
-    par = float((want * r).sum()) * r / float(r.norm())
+    _, out, grad, par = _row_grad(net)  # norm 0.28 < 10: masked
+    np.testing.assert_array_equal(out.numpy(), 0.0)
+    want = torch.arange(DIM, dtype=torch.float32).unsqueeze(0)
     expected = par + want if learn else par
-    np.testing.assert_allclose(row.grad.numpy(), expected.numpy(), rtol=1e-5)
-    assert net.mask.threshold.grad is not None and net.mask.threshold.grad.item() != 0
+    np.testing.assert_allclose(grad.numpy(), expected.numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("to_rows", [True, False])
@@ -130,17 +140,11 @@ def test_the_steps_gradient_reaches_the_rows_only_if_asked(to_rows: bool) -> Non
     threshold learns from the step either way."""
     net = OptEmbedSupernet(1, DIM, candidates=(DIM,), init_threshold=0.01,
                            step_grad_to_rows=to_rows)  # fmt: skip
-    row = torch.full((1, DIM), 0.1, requires_grad=True)  # norm 0.28 > 0.01: kept
-    out = net.field_forward(0, row)
-    np.testing.assert_allclose(out.detach().numpy(), row.detach().numpy())
-    want = torch.arange(DIM, dtype=torch.float32).unsqueeze(0)  # d loss / d out
-    (out * want).sum().backward()
-    assert row.grad is not None
-    r = row.detach()
-    par = float((want * r).sum()) * r / float(r.norm())
+    row, out, grad, par = _row_grad(net)  # norm 0.28 > 0.01: kept
+    np.testing.assert_allclose(out.numpy(), row.numpy())
+    want = torch.arange(DIM, dtype=torch.float32).unsqueeze(0)
     expected = want + par if to_rows else want
-    np.testing.assert_allclose(row.grad.numpy(), expected.numpy(), rtol=1e-5)
-    assert net.mask.threshold.grad is not None and net.mask.threshold.grad.item() != 0
+    np.testing.assert_allclose(grad.numpy(), expected.numpy(), rtol=1e-5)
 
 
 def test_bad_masks_are_refused() -> None:
