@@ -35,6 +35,17 @@ zero loses to the supernet (-0.004). Searching part-way (``embps bench memory``:
 60% of the steps) and training the fixed architecture on the remaining 40% recovered
 most of what the dimension sampling costs.
 
+WHAT COSTS AUC, MEASURED (``embps bench memory``, docs/benchmarks.md, "OptEmbed on six
+seeds"). Two things, besides the rows a prune removes:
+  - the paper's straight-through step also pushes every kept row along itself,
+    (g . e) e / |e|: with nothing pruned and no sampling that alone cost 0.0013 AUC on
+    one seed, and 0 with ``step_grad_to_rows=False`` (the thresholds still learn);
+  - dimension sampling costs in proportion to how long it lasts (about 0.001 for 40% of
+    the pass, 0.0004 for 15%), even when the found dims are the full width; drawing a
+    width per sample, or the sandwich rule (full width plus a sampled width every step),
+    cost as much. So sample briefly, just before the search: the search only ranks
+    widths, and the found architecture trains on.
+
 WHY A SERVER OPERATION (``Narrow``), NOT NEW TABLES FILLED FROM THE OLD. Copying would
 pull every row to the trainer and push it back into a new table: twice the memory on
 the shards while both exist, every row over the network twice, a new table name for
@@ -202,7 +213,7 @@ class OptEmbedSupernet(nn.Module):
     the thresholds (the paper's mask: each row also gets (g . e) e / |e|, a push along
     itself, kept or not). False: the row norms the step compares are constants to
     autograd, so only the thresholds learn from the step; a kept row's gradient is
-    then exactly the model's (measured: docs/benchmarks.md, "OptEmbed on a second seed").
+    then exactly the model's (measured: docs/benchmarks.md, "OptEmbed on six seeds").
 
     Example::
 

@@ -101,12 +101,13 @@ OPTEMBED_TOLERANCE = 0.001  # ... within this AUC of dynamic
 OPTEMBED_AIM = 0.30  # the search's bytes limit (estimated), below OPTEMBED_BUDGET
 OPTEMBED_DIMS = (1, 2, 4, 8, 16)
 OPTEMBED_WEIGHT = 2.5e-3  # threshold regularizer weight (docs/benchmarks.md: 1.5e-3 .. 5e-3)
-OPTEMBED_WARMUP = 0.2  # of the training steps at full width before dims are sampled
+OPTEMBED_WARMUP = 0.45  # of the steps at full width before dims are sampled (sampling costs
+# AUC in proportion to how long it lasts: docs/benchmarks.md, "OptEmbed on six seeds")
 OPTEMBED_FULL_PROB = 0.5  # after warmup: chance a batch uses the full width anyway
 OPTEMBED_SEARCH_AT = 0.6  # of the steps: search, then the found dims train on the rest
 OPTEMBED_FREEZE = True  # after the search the thresholds stay where they are
 OPTEMBED_MASKED_ROWS_LEARN = True  # rows under a threshold get their whole gradient too
-OPTEMBED_STEP_GRAD_TO_ROWS = True  # the mask's straight-through gradient reaches the rows too
+OPTEMBED_STEP_GRAD_TO_ROWS = False  # the mask's straight-through gradient: thresholds only
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ class KindRun:
             "fraction_of_dynamic": self.bytes / max(dynamic_bytes, 1),
             "trainer_bytes": self.trainer_bytes, "train_seconds": self.train_seconds,
             "search_seconds": self.search_seconds, "tables": self.tables, "note": self.note,
+            **({"stages": self.stages} if self.stages else {}),
         }  # fmt: skip
 
 
@@ -484,6 +486,29 @@ def optembed_bytes(kept: int, d: int) -> int:
     return cap * (8 * d + 24 + 8) + 16 * hm.capacity_for(cap) + 8 * hm.META_LEN
 
 
+def projected_kept(counts: np.ndarray, kept: np.ndarray, final_counts: np.ndarray) -> int:
+    """Rows a field will keep at the end of the pass: the share the thresholds keep
+    now among ids trained about as often (counts in powers of two), applied to every id
+    of the pass at its final count (the dynamic run's profile). A row's norm follows how
+    often it trained, so a flat share over-counts the rare ids that keep arriving when
+    rows stay small and under-counts them when they grow.
+
+    counts: int (n,) training counts so far of the ids seen so far; kept: bool (n,)
+    whether each is over its threshold now; final_counts: int (u,) every pass id's
+    count at the end."""
+
+    def bucket(c: np.ndarray) -> np.ndarray:
+        return np.floor(np.log2(np.maximum(c, 1))).astype(np.int64)
+
+    b, fb = bucket(counts), bucket(final_counts)
+    nb = int(max(b.max(initial=0), fb.max(initial=0))) + 1
+    seen = np.bincount(b, minlength=nb).astype(np.float64)
+    share = np.bincount(b, weights=kept.astype(np.float64), minlength=nb) / np.maximum(seen, 1)
+    top = int(b.max(initial=0))
+    share[top + 1 :] = share[top]  # counts never reached yet: as the most trained ids
+    return int(share[fb].sum())
+
+
 def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     """Supernet training, evolutionary search, the found architecture trained on, then
     prune + narrow on the PS (module doc). ``run.stages``: held-out AUC after each stage,
@@ -550,11 +575,15 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     )
     kept_ids = kept_rows(ids)
     stages["kept_at_search"] = [int(k.shape[0]) for k in kept_ids]
-    # rows at the end of the pass: the share of the ids seen so far that the thresholds
-    # keep, times the field's ids in the whole pass (the dynamic run's profile)
-    kept = [int(k.shape[0] / max(i.shape[0], 1) * p.ids.shape[0])
-            for k, i, p in zip(kept_ids, ids, s.profiles, strict=True)]  # fmt: skip
+    kept = [
+        projected_kept(ps.frequencies(t, i), np.isin(i, k), p.counts)
+        for t, i, k, p in zip(run.tables, ids, kept_ids, s.profiles, strict=True)
+    ]
     stages["kept_projected"] = kept
+    stages["kept_projected_flat"] = [
+        int(k.shape[0] / max(i.shape[0], 1) * p.ids.shape[0])
+        for k, i, p in zip(kept_ids, ids, s.profiles, strict=True)
+    ]  # the share of ids seen so far, times the pass's ids (kept for comparison)
     dyn_bytes = sum(p.bytes for p in s.profiles)
 
     def cost(dims: np.ndarray) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -61,18 +62,19 @@ def run_variant(s: Any, v: Variant, dyn: Any, say: Any) -> dict[str, Any]:
         def fixed(score: Any, *a: Any, **k: Any) -> oe.SearchResult:
             return oe.SearchResult(forced, score(forced), [], 1)
 
-        oe.evolutionary_search = fixed  # type: ignore[assignment]
+        oe.evolutionary_search = fixed
     if v.eval_samples is not None:
         n = v.eval_samples
-        bm.search_budget = lambda quick: dataclasses.replace(budget(quick), eval_samples=n)  # type: ignore[assignment]
+        bm.search_budget = lambda quick: dataclasses.replace(budget(quick), eval_samples=n)
     try:
         t0 = time.monotonic()
         run = bm.run_optembed(s, say)
         s.drop(run)
     finally:
-        oe.evolutionary_search, bm.search_budget = search, budget  # type: ignore[assignment]
+        oe.evolutionary_search, bm.search_budget = search, budget
         (bm.OPTEMBED_WEIGHT, bm.OPTEMBED_AIM, bm.OPTEMBED_SEARCH_AT, bm.OPTEMBED_FREEZE, bm.OPTEMBED_MASKED_ROWS_LEARN, bm.OPTEMBED_STEP_GRAD_TO_ROWS,
          bm.OPTEMBED_WARMUP, bm.OPTEMBED_FULL_PROB) = old  # fmt: skip
+    assert run.probs is not None and dyn.probs is not None
     se = bm.auc_difference_se(s.heldout.labels, run.probs, dyn.probs)
     return {
         "variant": dataclasses.asdict(v), "fraction": run.bytes / dyn.bytes,
@@ -93,7 +95,7 @@ def main() -> None:
     data = bm.make_data(args.seed)
     heldout = data.generate(cfg.train_samples, cfg.eval_samples)
     out = []
-    with LocalPS(NUM_SHARDS, Path("/tmp/optembed-tuning-serve.log")) as local:
+    with LocalPS(NUM_SHARDS, Path(f"/tmp/optembed-tuning-serve-{os.getpid()}.log")) as local:
         local.start()
         with PSClient(local.addresses, timeout=60.0) as ps:
             ps.wait_ready(timeout=30.0)

@@ -65,6 +65,10 @@ def test_budget_kinds_stay_within_the_stated_fraction(
     # OptEmbed pruned and narrowed its tables on the PS, and timed its search
     assert runs["optembed"]["bytes"] < 0.5 * dyn
     assert runs["optembed"]["search_seconds"] > 0
+    stages = runs["optembed"]["stages"]  # held-out AUC after each stage, in the JSON
+    assert stages["applied"] == pytest.approx(runs["optembed"]["auc"])
+    assert all(0.5 < stages[k] <= 1.0 for k in ("supernet", "found_dims_trained"))
+    assert len(stages["kept"]) == len(stages["kept_projected"]) == 4
 
 
 def test_report_plot_and_targets(quick: tuple[dict[str, Any], Path, str]) -> None:
@@ -95,3 +99,15 @@ def test_delong_standard_error_matches_a_bootstrap() -> None:
         diffs.append(auc(y[i], a[i]) - auc(y[i], b[i]))
     assert se == pytest.approx(float(np.std(diffs)), rel=0.2)
     assert bench_memory.auc_difference_se(y, a, a) == 0.0
+
+
+def test_projected_kept_rows_follow_each_ids_count() -> None:
+    """The OptEmbed search prices rows kept at the end of the pass by each id's final
+    count: the share kept now among ids trained about as often (powers of two)."""
+    counts = np.array([1, 1, 2, 3, 4, 6])  # buckets 0, 0, 1, 1, 2, 2
+    kept = np.array([False, False, True, False, True, True])  # shares 0, 0.5, 1
+    final = np.array([1, 2, 3, 5, 9, 1, 40])  # buckets 0, 1, 1, 2, 3, 0, 5
+    assert bench_memory.projected_kept(counts, kept, final) == 4  # 0 + .5 + .5 + 1 + 1 + 0 + 1
+    # rare ids keep arriving: a flat share (3 of 6 -> 3.5 of 7) would miss how few survive
+    rare = np.ones(100, dtype=np.int64)
+    assert bench_memory.projected_kept(counts, kept, np.concatenate([final, rare])) == 4
