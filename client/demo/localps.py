@@ -133,7 +133,7 @@ class LocalPS:
                 # line that never reached the pipe reader cannot stall the start
                 for log_line in self.log_tail(10_000).splitlines():
                     m = READY_RE.search(log_line)
-                    if m:
+                    if m and _in_session(int(m.group(6)), proc.pid):
                         sid, _num, host, port, mport, pid = m.groups()
                         found[int(sid)] = ShardInfo(
                             int(sid), f"{host}:{port}", int(mport), int(pid)
@@ -180,6 +180,15 @@ class LocalPS:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no log)"
+
+
+def _in_session(pid: int, leader: int) -> bool:
+    """Is ``pid`` in session ``leader`` (our supervisor's: it starts one)? A log shared
+    with another LocalPS carries that one's ready lines too; they are not ours."""
+    try:
+        return os.getsid(pid) == leader
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _pid_alive(pid: int) -> bool:
