@@ -3,7 +3,7 @@
 Rendered with ``kubectl kustomize``; built-in kinds validated with
 kubernetes-validate --strict (unknown fields are errors) against the oldest
 supported and the newest known Kubernetes. The Prometheus operator's custom
-resources (ServiceMonitor, PrometheusRule) have no schema there: their
+resources (ServiceMonitor, PodMonitor, PrometheusRule) have no schema there: their
 structure is checked here against the objects they point at.
 """
 
@@ -35,7 +35,7 @@ from .artifacts import (
     require_module,
 )
 
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # monitoring.coreos.com/v1
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # monitoring.coreos.com/v1
 CHECKPOINT_DIR = "/var/lib/embps/checkpoints"
 POD_INDEX_LABEL = "metadata.labels['apps.kubernetes.io/pod-index']"
 Docs = dict[str, list[dict[str, Any]]]

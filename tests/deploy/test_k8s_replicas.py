@@ -29,15 +29,21 @@ from .artifacts import (
 )
 
 COMPONENT = K8S / "components" / "replicas"
+OPERATOR = K8S / "components" / "prometheus-operator"
 Docs = list[dict[str, Any]]
 
 
 @pytest.fixture(scope="module")
 def replicas_rendered(kubectl: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Docs]:
-    """``base+replicas`` and ``dev+replicas`` rendered."""
+    """``base+replicas``, ``dev+replicas`` and ``dev+replicas+operator`` (with the
+    prometheus-operator component too) rendered."""
     work = tmp_path_factory.mktemp("replicas-kustomize")
     out = {}
-    for name, target in (("base", K8S / "base"), ("dev", K8S / "overlays" / "dev")):
+    for name, target, extra in (
+        ("base+replicas", K8S / "base", []),
+        ("dev+replicas", K8S / "overlays" / "dev", []),
+        ("dev+replicas+operator", K8S / "overlays" / "dev", [OPERATOR]),
+    ):
         d = work / name
         d.mkdir()
         rel = Path(os.path.relpath(target, d))  # kustomize refuses absolute paths
@@ -45,10 +51,10 @@ def replicas_rendered(kubectl: str, tmp_path_factory: pytest.TempPathFactory) ->
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
             "resources": [str(rel)],
-            "components": [os.path.relpath(COMPONENT, d)],
+            "components": [os.path.relpath(c, d) for c in (COMPONENT, *extra)],
         }
         (d / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-        out[f"{name}+replicas"] = kustomize(kubectl, d)
+        out[name] = kustomize(kubectl, d)
     return out
 
 
@@ -137,3 +143,35 @@ def test_replica_pods_probe_readyz_and_run_as_the_shards(
         mounts = {m["mountPath"] for m in c["volumeMounts"]}
         assert {"/tmp", "/var/cache/embps/numba"} <= mounts  # the image's writable paths
         assert c["resources"]["limits"]["memory"] == c["resources"]["requests"]["memory"]
+
+
+def test_the_operator_scrapes_every_replica_pod_as_job_embps(
+    replicas_rendered: dict[str, Docs],
+) -> None:
+    """With the prometheus-operator component, the PodMonitor selects exactly the replica
+    pods (every group's, no training shard's), on their metrics port, and names the job
+    "embps", the job EmbpsReplicaLagging and the dashboard read."""
+    docs = replicas_rendered["dev+replicas+operator"]
+    pm = only(docs, "PodMonitor", "embps-replicas")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = pm["spec"]
+    assert set(spec) <= {"jobLabel", "selector", "podMetricsEndpoints", "namespaceSelector"}
+    sel = spec["selector"]["matchLabels"]
+    pods = [(d["metadata"]["name"], d["spec"]["template"]) for d in docs
+            if d["kind"] in ("Deployment", "StatefulSet")]  # fmt: skip
+    chosen = [
+        n for n, t in pods if all(t["metadata"]["labels"].get(k) == v for k, v in sel.items())
+    ]
+    assert sorted(chosen) == [d["metadata"]["name"] for d in groups(docs)]
+    assert len(chosen) == only(docs, "StatefulSet", "embps")["spec"]["replicas"]
+    for dep in groups(docs):
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert labels[spec["jobLabel"]] == "embps"
+        names = {p["name"] for p in container(dep)["ports"]}
+        for ep in spec["podMetricsEndpoints"]:
+            assert ep["port"] in names and ep.get("path", "/metrics") == "/metrics"
+    # the ServiceMonitor still scrapes only the training shards (no replica twice)
+    sm_sel = only(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    svc = [d for d in docs if d["kind"] == "Service"
+           and all(d["metadata"]["labels"].get(k) == v for k, v in sm_sel.items())]  # fmt: skip
+    assert [d["metadata"]["name"] for d in svc] == ["embps-metrics"]

@@ -45,7 +45,7 @@ from .artifacts import (
 COMPONENT = K8S / "components" / "tls"
 TLS_SECRET, TOKEN_SECRET = "embps-tls", "embps-tokens"
 TLS_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file")
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 POD_INDEX_LABEL = "metadata.labels['apps.kubernetes.io/pod-index']"
 Docs = list[dict[str, Any]]
 
