@@ -27,6 +27,7 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(PY) -m mypy docs/experiments docs/examples
 	$(VENV)/bin/lint-imports
 
 test: lint

@@ -48,7 +48,7 @@ def serve() -> None:
     from embps.v1 import embps_pb2 as pb
 
     engine = Engine()
-    engine.create_table(TableConfig(name="t", dim=DIM, kind="dynamic"))
+    engine.create_table(TableConfig(name="t", dim=DIM))  # dynamic, the default kind
     table = engine.table("t")
     for b in bs.make_batches(8, ROWS, 1):
         table.pull(b, train=True)
@@ -98,7 +98,7 @@ def serve() -> None:
 
     class Handler(grpc.GenericRpcHandler):
         def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-            return handlers.get(details.method)  # type: ignore[attr-defined]
+            return handlers.get(details.method)
 
     server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[Handler()], options=OPTIONS)
     port = server.add_insecure_port("127.0.0.1:0")
