@@ -501,10 +501,10 @@ def projected_kept(counts: np.ndarray, kept: np.ndarray, final_counts: np.ndarra
         return np.floor(np.log2(np.maximum(c, 1))).astype(np.int64)
 
     b, fb = bucket(counts), bucket(final_counts)
-    nb = int(max(b.max(initial=0), fb.max(initial=0))) + 1
+    top = int(b.max(initial=0))
+    nb = max(top, int(fb.max(initial=0))) + 1
     seen = np.bincount(b, minlength=nb).astype(np.float64)
     share = np.bincount(b, weights=kept.astype(np.float64), minlength=nb) / np.maximum(seen, 1)
-    top = int(b.max(initial=0))
     share[top + 1 :] = share[top]  # counts never reached yet: as the most trained ids
     return int(share[fb].sum())
 
@@ -561,28 +561,28 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
     stages: dict[str, Any] = {"thresholds": trace, "supernet": run.auc, "search_step": search_step}
 
     def kept_rows(ids: list[np.ndarray]) -> list[np.ndarray]:
-        """Of each field's ``ids``, those the learned thresholds keep: full rows, as
-        prune judges them."""
-        kept_ids = []
-        for f, t in enumerate(run.tables):
-            norms = np.linalg.norm(ps.pull(t, ids[f], train=False), axis=1)
-            kept_ids.append(ids[f][norms >= max(float(net.mask.threshold[f].detach()), 0.0)])
-        return kept_ids
+        """Per field, bool (len(ids[f]),): which of ``ids[f]`` the learned thresholds
+        keep (full rows, as prune judges them)."""
+        return [
+            np.linalg.norm(ps.pull(t, ids[f], train=False), axis=1)
+            >= max(float(net.mask.threshold[f].detach()), 0.0)
+            for f, t in enumerate(run.tables)
+        ]
 
     pass_ids = [p.ids for p in s.profiles]  # every training id (the dynamic run's profile)
     ids = (
         _distinct_ids(s.data, search_step * cfg.batch_size) if search_step < cfg.steps else pass_ids
     )
-    kept_ids = kept_rows(ids)
-    stages["kept_at_search"] = [int(k.shape[0]) for k in kept_ids]
+    keep = kept_rows(ids)
+    stages["kept_at_search"] = [int(k.sum()) for k in keep]
     kept = [
-        projected_kept(ps.frequencies(t, i), np.isin(i, k), p.counts)
-        for t, i, k, p in zip(run.tables, ids, kept_ids, s.profiles, strict=True)
+        projected_kept(ps.frequencies(t, i), k, p.counts)
+        for t, i, k, p in zip(run.tables, ids, keep, s.profiles, strict=True)
     ]
     stages["kept_projected"] = kept
     stages["kept_projected_flat"] = [
-        int(k.shape[0] / max(i.shape[0], 1) * p.ids.shape[0])
-        for k, i, p in zip(kept_ids, ids, s.profiles, strict=True)
+        int(k.mean() * p.ids.shape[0]) if k.shape[0] else 0
+        for k, p in zip(keep, s.profiles, strict=True)
     ]  # the share of ids seen so far, times the pass's ids (kept for comparison)
     dyn_bytes = sum(p.bytes for p in s.profiles)
 
@@ -615,7 +615,7 @@ def run_optembed(s: _Session, say: Callable[[str], None]) -> KindRun:
         s.score(run, model)
         stages["found_dims_trained"] = run.auc
         ids = pass_ids
-        kept = [int(k.shape[0]) for k in kept_rows(ids)]
+        kept = [int(k.sum()) for k in kept_rows(ids)]
     stages["kept"] = kept
     stages["rows"] = [int(i.shape[0]) for i in ids]
     applied = apply_optembed(ps, run.tables, net, found.dims.tolist())
