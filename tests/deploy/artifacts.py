@@ -121,6 +121,11 @@ def only(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
     return found[0]
 
 
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Does an equality label selector (matchLabels, a Service's selector) match ``labels``?"""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
 def container(sts: dict[str, Any], name: str = "embps") -> dict[str, Any]:
     """The named container of a StatefulSet's pod template."""
     for c in sts["spec"]["template"]["spec"]["containers"]:

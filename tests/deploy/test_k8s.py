@@ -33,6 +33,7 @@ from .artifacts import (
     kustomize,
     only,
     require_module,
+    selects,
 )
 
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # monitoring.coreos.com/v1
@@ -51,10 +52,6 @@ def pod_spec(rendered: Docs, name: str) -> dict[str, Any]:
 
 def port_of(c: dict[str, Any], name: str) -> int:
     return next(int(p["containerPort"]) for p in c["ports"] if p["name"] == name)
-
-
-def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 # --------------------------------------------------------------------------

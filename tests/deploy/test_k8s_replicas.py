@@ -26,6 +26,7 @@ from .artifacts import (
     kustomize,
     only,
     require_module,
+    selects,
 )
 
 COMPONENT = K8S / "components" / "replicas"
@@ -109,17 +110,17 @@ def test_one_group_per_training_shard_following_it(
         svc = only(docs, "Service", f"embps-replica-{i}")
         pod_labels = dep["spec"]["template"]["metadata"]["labels"]
         assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-        assert all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+        assert selects(svc["spec"]["selector"], pod_labels)
         for other in deps:  # no Service of a group selects another group's pods
             if other is not dep:
                 labels = other["spec"]["template"]["metadata"]["labels"]
-                assert not all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+                assert not selects(svc["spec"]["selector"], labels)
         ports = {p["name"]: p for p in svc["spec"]["ports"]}
         assert ports["grpc"]["targetPort"] == "grpc"
         # the training shards' Services do not select replica pods
         for train_svc in ("embps-headless", "embps-metrics"):
             sel = only(docs, "Service", train_svc)["spec"]["selector"]
-            assert not all(pod_labels.get(k) == v for k, v in sel.items())
+            assert not selects(sel, pod_labels)
 
 
 def test_replica_pods_probe_readyz_and_run_as_the_shards(
@@ -159,9 +160,7 @@ def test_the_operator_scrapes_every_replica_pod_as_job_embps(
     sel = spec["selector"]["matchLabels"]
     pods = [(d["metadata"]["name"], d["spec"]["template"]) for d in docs
             if d["kind"] in ("Deployment", "StatefulSet")]  # fmt: skip
-    chosen = [
-        n for n, t in pods if all(t["metadata"]["labels"].get(k) == v for k, v in sel.items())
-    ]
+    chosen = [n for n, t in pods if selects(sel, t["metadata"]["labels"])]
     assert sorted(chosen) == [d["metadata"]["name"] for d in groups(docs)]
     assert len(chosen) == only(docs, "StatefulSet", "embps")["spec"]["replicas"]
     for dep in groups(docs):
@@ -172,6 +171,5 @@ def test_the_operator_scrapes_every_replica_pod_as_job_embps(
             assert ep["port"] in names and ep.get("path", "/metrics") == "/metrics"
     # the ServiceMonitor still scrapes only the training shards (no replica twice)
     sm_sel = only(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
-    svc = [d for d in docs if d["kind"] == "Service"
-           and all(d["metadata"]["labels"].get(k) == v for k, v in sm_sel.items())]  # fmt: skip
+    svc = [d for d in docs if d["kind"] == "Service" and selects(sm_sel, d["metadata"]["labels"])]
     assert [d["metadata"]["name"] for d in svc] == ["embps-metrics"]
